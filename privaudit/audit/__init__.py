@@ -1,0 +1,9 @@
+"""The audit engine: utility, fairness and privacy from prediction tables (numpy/pandas/scipy only).
+
+Importing this package imports neither torch nor tensorflow.
+"""
+
+from privaudit.audit.engine import run_audit
+from privaudit.audit.results import SCHEMA_VERSION, AuditReport
+
+__all__ = ["run_audit", "AuditReport", "SCHEMA_VERSION"]

@@ -1,0 +1,56 @@
+"""Recompute a run's epsilon from its dp block with independent accountants (Opacus and dp_accounting).
+
+Imported lazily, and only for a model that has a dp block, because Opacus imports torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+CROSS_CHECKS = ("rdp", "prv", "gdp", "dp_accounting_rdp", "dp_accounting_pld")
+
+
+def opacus_epsilon(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps under one of Opacus' accountants."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def dp_accounting_epsilon(kind: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The same composition with Google's dp_accounting (RDP or PLD)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+    acc = (rdp_privacy_accountant.RdpAccountant() if kind == "rdp"
+           else pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3))
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def cross_checks(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[dict, list[str]]:
+    """Every accountant's epsilon; an accountant that fails gives ``None`` and a warning, never a crash."""
+    out, warns = {}, []
+    args = dict(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
+    for name in CROSS_CHECKS:
+        try:
+            if name.startswith("dp_accounting_"):
+                eps = dp_accounting_epsilon(name.rsplit("_", 1)[1], **args)
+            else:
+                eps = opacus_epsilon(name, **args)
+            out[name] = eps if eps == eps and eps != float("inf") else None
+            if out[name] is None:
+                warns.append(f"accountant {name} gave no finite epsilon for sigma={noise_multiplier:g}, "
+                             f"q={sample_rate:g}, steps={steps}")
+        except Exception as e:  # e.g. PRV's domain error at large epsilon
+            out[name] = None
+            warns.append(f"accountant {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                         "its cross-check is null")
+    return out, warns

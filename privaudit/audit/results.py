@@ -1,0 +1,100 @@
+"""Audit results: the versioned ``audit.json`` document, its JSON Schema, and a tidy-frame view."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from privaudit._fs import to_jsonable, write_json
+from privaudit.errors import DataError
+
+SCHEMA_VERSION = 1
+
+
+def load_schema() -> dict:
+    return json.loads(resources.files("privaudit.audit").joinpath("audit.schema.json").read_text())
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """One study's audit: ``data`` follows the ``audit.json`` contract (ARCHITECTURE.md) exactly."""
+
+    data: dict = field(repr=False)
+
+    @property
+    def models(self) -> dict:
+        return self.data["models"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.data["warnings"]
+
+    def to_json(self, path: Path | None = None) -> str:
+        doc = to_jsonable(self.data)
+        if path is not None:
+            write_json(Path(path), doc)
+        return json.dumps(doc, indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, source) -> "AuditReport":
+        """Read an ``audit.json`` path (or a JSON string); refuse a newer schema than this version knows."""
+        text = source
+        name = "audit.json text"
+        if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+            name = str(source)
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except OSError as e:
+                raise DataError(f"{source}: cannot read ({e.strerror})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}); is the file truncated?") from None
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if not isinstance(version, int):
+            raise DataError(f"{name}: no integer 'schema_version'; this is not an audit.json")
+        if version > SCHEMA_VERSION:
+            raise DataError(f"{name}: schema_version {version} is newer than this privaudit understands "
+                            f"({SCHEMA_VERSION}); upgrade privaudit")
+        return cls(data)
+
+    def validate(self) -> None:
+        """Validate against the shipped JSON Schema (raises ``jsonschema.ValidationError``)."""
+        import jsonschema
+
+        jsonschema.validate(to_jsonable(self.data), load_schema())
+
+    def to_frame(self) -> pd.DataFrame:
+        """One tidy row per model x metric x label x group: estimate and CI."""
+        rows = []
+
+        def add(model, section, metric, label, attribute, group, est):
+            if isinstance(est, dict) and "estimate" in est:
+                rows.append({"model": model, "section": section, "metric": metric, "label": label,
+                             "attribute": attribute, "group": group, "estimate": est.get("estimate"),
+                             "ci_low": est.get("ci_low"), "ci_high": est.get("ci_high"), "n": est.get("n")})
+
+        for name, m in self.models.items():
+            util = m.get("utility") or {}
+            for lab, res in (util.get("labels") or {}).items():
+                for metric, est in res.items():
+                    add(name, "utility", metric, lab, None, None, est)
+            add(name, "utility", "auroc", "macro", None, None, util.get("macro_auroc"))
+            for attr, per_label in (m.get("fairness") or {}).items():
+                if attr == "pearson_r" or not isinstance(per_label, dict):
+                    continue
+                for lab, res in per_label.items():
+                    for grp, g in (res.get("groups") or {}).items():
+                        add(name, "fairness", "auroc", lab, attr, grp, g.get("auroc"))
+                    for grp, est in (res.get("performance_parity") or {}).items():
+                        add(name, "fairness", "performance_parity", lab, attr, grp, est)
+        for cname, c in (self.data.get("comparisons") or {}).items():
+            for lab, res in (c.get("labels") or {}).items():
+                add(cname, "comparison", "auroc_difference", lab, None, None, res.get("auroc_difference"))
+            add(cname, "comparison", "auroc_difference", "macro", None, None, c.get("macro_auroc_difference"))
+        return pd.DataFrame(rows, columns=["model", "section", "metric", "label", "attribute", "group",
+                                           "estimate", "ci_low", "ci_high", "n"])

@@ -1,0 +1,351 @@
+"""PyTorch + Opacus backend: DP-SGD with Poisson sampling, per-sample clipping and a PRV/RDP/GDP accountant."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import pickle
+import platform
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from privaudit import __version__
+from privaudit._fs import private_mkdir, write_json
+from privaudit.backends.torch_models import create_model
+from privaudit.config import TrainConfig
+from privaudit.data.images import load_images
+from privaudit.data.manifest import Manifest
+from privaudit.errors import CheckpointError, ConfigError, DPError
+from privaudit.predictions import build_predictions, write_predictions
+from privaudit.tasks import create_task
+
+# Images are read in [0, 1]; the network sees (x - MEAN) / STD.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+BATCHNORM_WHY = (
+    "BatchNorm mixes the samples of a batch, so a sample's gradient depends on the others and per-sample "
+    "clipping no longer bounds its influence: the DP guarantee would not hold. Use GroupNorm "
+    "(--arch resnet9-gn) instead"
+)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    import opacus
+
+    return {"privaudit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "opacus": opacus.__version__, "numpy": np.__version__}
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE averaged over the sample's known labels (NaN = unknown, masked out)."""
+    known = ~torch.isnan(targets)
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(targets, nan=0.0), reduction="none"
+    )
+    return (loss * known).sum(dim=1) / known.sum(dim=1).clamp(min=1)
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Refuse a model that breaks DP-SGD's assumptions, with the reason (Opacus' ModuleValidator)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        if any("BatchNorm" in str(e) for e in errors):
+            raise DPError(f"the model has BatchNorm layers and cannot be trained with DP: {BATCHNORM_WHY}")
+        raise DPError(f"the model cannot be trained with DP: {errors[0]}; see Opacus' ModuleValidator.fix")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load weights with ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds pickled Python objects besides tensors (possibly code), and privaudit "
+            "never unpickles those; save a plain state_dict with torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
+                              "save one with torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors); got {type(obj).__name__}")
+    # Weights saved from DDP or an Opacus GradSampleModule carry a wrapper prefix.
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("_module.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _load_into(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"{path}: weights do not fit the architecture ({detail}); check --arch and --width") from None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: np.ndarray, y: np.ndarray, device, batch: int = 256):
+    model.eval()
+    probs, losses = [], []
+    for i in range(0, len(x), batch):
+        xb = (torch.from_numpy(x[i:i + batch]).to(device) - PIXEL_MEAN) / PIXEL_STD
+        yb = torch.from_numpy(y[i:i + batch]).to(device)
+        logits = model(xb)
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+        losses.append(masked_bce(logits, yb).cpu().numpy())
+    return np.concatenate(probs), np.concatenate(losses)
+
+
+def _progress(console, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)
+
+
+class OpacusBackend:
+    name = "opacus"
+
+    def load_data(self, manifest: Manifest, size: int, *, console=None, quiet=False):
+        frame = manifest.frame
+        with _progress(console, quiet) as prog:
+            t = prog.add_task("loading images", total=len(frame), info="")
+            x = load_images(manifest.image_paths(), size, progress=lambda k: prog.update(t, completed=k))
+        y = frame[list(manifest.labels)].to_numpy(dtype=np.float32)
+        return x, y
+
+    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        task = create_task(config.task)
+        arch = config.arch or task.default_arch
+        size = config.image_size or task.input_size
+        dp = config.dp
+        frame = manifest.frame
+        train_mask = (frame["split"] == "train").to_numpy()
+        n_train = int(train_mask.sum())
+        if config.batch_size > n_train:
+            raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
+                              "use a smaller batch size")
+        if dp.enabled:
+            dp = dp.resolve_delta(n_train)
+        sample_rate = config.batch_size / n_train
+        if dp.enabled and sample_rate >= 1:
+            raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
+                              "below 1 for DP amplification by sampling; use a smaller --batch-size")
+
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        device = pick_device(config.device)
+        model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
+                             width=config.width, spatial_dims=task.spatial_dims)
+        init_info = None
+        if config.init:
+            init_path = Path(config.init)
+            _load_into(model, load_state_dict(init_path), init_path)
+            init_info = {"path": str(init_path), "sha256": sha256(init_path)}
+        if dp.enabled:
+            check_dp_compatible(model)
+        model.to(device)
+
+        x, y = self.load_data(manifest, size, console=console, quiet=quiet)
+        xt = (torch.from_numpy(x[train_mask]) - PIXEL_MEAN) / PIXEL_STD
+        yt = torch.from_numpy(y[train_mask])
+        gen = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(TensorDataset(xt, yt), batch_size=config.batch_size, shuffle=True, generator=gen)
+        optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
+
+        engine = None
+        if dp.enabled:
+            from opacus import PrivacyEngine
+
+            engine = PrivacyEngine(accountant=dp.accountant)
+            common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=dp.max_grad_norm,
+                          poisson_sampling=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+                warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+                if dp.epsilon is not None:
+                    model, optimizer, loader = engine.make_private_with_epsilon(
+                        target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs, **common)
+                else:
+                    model, optimizer, loader = engine.make_private(noise_multiplier=dp.noise_multiplier, **common)
+
+        history = []
+        x_val, y_val = x[frame["split"].to_numpy() == "val"], y[frame["split"].to_numpy() == "val"]
+        steps = 0
+        t0 = time.perf_counter()
+        with _progress(console, quiet) as prog:
+            ep_task = prog.add_task("epochs", total=config.epochs, info="")
+            for epoch in range(config.epochs):
+                model.train()
+                st = prog.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
+                losses = []
+                if dp.enabled:
+                    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
+                                             optimizer=optimizer)
+                else:
+                    ctx = contextlib.nullcontext(loader)
+                with ctx as batches:
+                    for xb, yb in batches:
+                        xb, yb = xb.to(device), yb.to(device)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = masked_bce(model(xb), yb).mean() if len(xb) else None
+                        if loss is not None:
+                            loss.backward()
+                            losses.append(float(loss.detach()))
+                        optimizer.step()
+                        if dp.enabled and optimizer._is_last_step_skipped:
+                            continue
+                        steps += 1
+                        prog.update(st, advance=1)
+                prog.remove_task(st)
+                rec = {"epoch": epoch + 1, "steps": steps, "train_loss": float(np.mean(losses)) if losses else None,
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                if len(x_val):
+                    _, vl = _predict(model, x_val, y_val, device)
+                    rec["val_loss"] = float(np.mean(vl))
+                if engine is not None:
+                    rec["epsilon"] = float(engine.get_epsilon(dp.delta))
+                history.append(rec)
+                info = f"loss {rec['train_loss']:.3f}" if rec["train_loss"] is not None else ""
+                if "epsilon" in rec:
+                    info += f"  ε {rec['epsilon']:.2f}"
+                prog.update(ep_task, advance=1, info=info)
+        train_seconds = time.perf_counter() - t0
+
+        base = model._module if hasattr(model, "_module") else model
+        probs, losses = _predict(base, x, y, device)
+        preds = build_predictions(frame, manifest.labels, probs, losses)
+
+        private_mkdir(out)
+        model_dir = private_mkdir(out / "model")
+        weights = model_dir / "weights.pt"
+        torch.save({k: v.detach().cpu() for k, v in base.state_dict().items()}, weights)
+        model_json = {
+            "backend": self.name, "architecture": arch, "task": task.name, "width": config.width,
+            "input_shape": [task.in_channels] + [size] * task.spatial_dims, "labels": list(manifest.labels),
+            "weights": "weights.pt", "weights_format": "torch state_dict (load with weights_only=True)",
+            "weights_sha256": sha256(weights),
+            "preprocessing": {"range": [0, 1], "mean": PIXEL_MEAN, "std": PIXEL_STD, "image_size": size},
+        }
+        write_json(model_dir / "model.json", model_json)
+        write_predictions(preds, out / "predictions.csv")
+
+        privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
+                   "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
+        if engine is not None:
+            history_acc = engine.accountant.history  # [(noise_multiplier, sample_rate, steps)]
+            nm, q = float(optimizer.noise_multiplier), float(history_acc[0][1]) if history_acc else float(loader.sample_rate)
+            privacy = {
+                "dp": True, "epsilon": float(engine.get_epsilon(dp.delta)), "delta": dp.delta,
+                "accountant": dp.accountant, "noise_multiplier": nm, "max_grad_norm": dp.max_grad_norm,
+                "sample_rate": q, "steps": int(sum(h[2] for h in history_acc)), "poisson_sampling": True,
+                "target_epsilon": dp.epsilon, "accountant_history": [list(h) for h in history_acc],
+                "clipping": "flat", "grad_sample_mode": "hooks",
+            }
+        train_json = {
+            "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
+            "privacy": privacy, "history": history,
+            "n_train": n_train, "n_val": int((frame["split"] == "val").sum()), "n_test": int((frame["split"] == "test").sum()),
+            "optimizer": {"name": "NAdam", "lr": config.lr, "schedule": "constant"},
+            "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
+            "epochs": config.epochs, "device": str(device), "train_seconds": round(train_seconds, 2),
+            "init": init_info, "versions": versions(),
+        }
+        train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
+        write_json(out / "train.json", train_json)
+        return train_json
+
+    def predict_checkpoint(self, checkpoint: Path, manifest: Manifest, *, task: str, arch: str,
+                           image_size: int | None = None, trust: bool = False, width: int | None = None):
+        """Predict with weights trained elsewhere: a state_dict, or TorchScript when trusted."""
+        task = create_task(task)
+        size = image_size or task.input_size
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise CheckpointError(f"{checkpoint}: checkpoint not found")
+        if _is_torchscript(checkpoint):
+            if not trust:
+                raise CheckpointError(f"{checkpoint} is a TorchScript file, which contains code; load it only if you "
+                                      "trust its source, with --trust-checkpoint")
+            try:
+                model = torch.jit.load(str(checkpoint), map_location="cpu")
+            except Exception as e:
+                raise CheckpointError(f"{checkpoint}: not a loadable TorchScript file ({type(e).__name__})") from None
+            info = {"format": "torchscript", "architecture": "torchscript"}
+        else:
+            state = load_state_dict(checkpoint)
+            stem = state.get("stem.0.weight")
+            if stem is None:
+                raise CheckpointError(f"{checkpoint}: no 'stem.0.weight' tensor, so this is not a {arch} state_dict; "
+                                      "check --arch")
+            w = width or int(stem.shape[0])
+            n_out = int(state["fc.weight"].shape[0]) if "fc.weight" in state else -1
+            if n_out != len(manifest.labels):
+                raise CheckpointError(f"{checkpoint}: the model has {n_out} outputs but the data has "
+                                      f"{len(manifest.labels)} labels ({', '.join(manifest.labels)}); pick them with --labels")
+            model = create_model(arch, in_channels=int(stem.shape[1]), num_classes=n_out, width=w,
+                                 spatial_dims=stem.ndim - 2)
+            _load_into(model, state, checkpoint)
+            info = {"format": "state_dict", "architecture": arch, "width": w}
+        device = pick_device("auto")
+        model.to(device)
+        x, y = self.load_data(manifest, size, quiet=True)
+        try:
+            probs, losses = _predict(model, x, y, device)
+        except RuntimeError as e:
+            raise CheckpointError(f"{checkpoint}: the model fails on {size}x{size} inputs ({str(e).splitlines()[0]}); "
+                                  "check --image-size") from None
+        if probs.shape[1] != len(manifest.labels):
+            raise CheckpointError(f"{checkpoint}: the model has {probs.shape[1]} outputs but the data has "
+                                  f"{len(manifest.labels)} labels")
+        info.update({"checkpoint": str(checkpoint), "sha256": sha256(checkpoint), "backend": self.name})
+        return build_predictions(manifest.frame, manifest.labels, probs, losses), info
+

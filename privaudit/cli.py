@@ -1,0 +1,394 @@
+"""The ``privaudit`` command line: parse, validate into config objects, call one library function, print.
+
+Bad input (any :class:`~privaudit.errors.PrivauditError`) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privaudit import __version__
+from privaudit.config import AuditConfig, DPConfig, TrainConfig
+from privaudit.errors import PrivauditError
+
+app = typer.Typer(
+    name="privaudit",
+    help="Train and audit medical-imaging models: differential privacy, fairness and accuracy, with evidence.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Make and inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+class Accountant(str, Enum):
+    prv = "prv"
+    rdp = "rdp"
+    gdp = "gdp"
+
+
+def handle_errors(fn):
+    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrivauditError as e:
+            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"privaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    """privaudit: private, fair and accurate medical-imaging models, and the evidence for it."""
+
+
+# ---- shared options ------------------------------------------------------------------------------------------
+Backend_ = Annotated[str, typer.Option("--backend", "-b", help="Training backend: opacus (PyTorch + Opacus).")]
+Data_ = Annotated[Optional[Path], typer.Option("--data", help="A manifest.csv or a dataset folder (CheXpert, NIH, "
+                                               "MIMIC-CXR-JPG). Default: a freshly synthesised cohort.")]
+Preset_ = Annotated[Optional[str], typer.Option("--preset", help="Force a layout: manifest, chexpert, nih, mimic "
+                                                "(default: detected).")]
+Labels_ = Annotated[Optional[str], typer.Option("--labels", help="Comma-separated subset of the task's labels.")]
+Views_ = Annotated[str, typer.Option("--views", help="frontal (default) or all.")]
+Epsilon_ = Annotated[Optional[float], typer.Option("--epsilon", help="Target epsilon (default 8 unless "
+                                                   "--noise-multiplier is given).")]
+Delta_ = Annotated[Optional[float], typer.Option("--delta", help="Delta (default 1/N^1.1 rounded down, N = training "
+                                                 "samples).")]
+Noise_ = Annotated[Optional[float], typer.Option("--noise-multiplier", help="Use this noise multiplier instead of "
+                                                 "a target epsilon.")]
+Clip_ = Annotated[float, typer.Option("--max-grad-norm", help="Per-sample clipping norm C.")]
+Acc_ = Annotated[Accountant, typer.Option("--accountant", help="Privacy accountant.")]
+NoDP_ = Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")]
+Epochs_ = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
+Batch_ = Annotated[int, typer.Option("--batch-size", help="Logical (expected) batch size.")]
+PBatch_ = Annotated[Optional[int], typer.Option("--physical-batch-size", help="Largest batch held in memory at "
+                                                "once (default: the batch size).")]
+Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels (default: the task's, 64).")]
+NSamples_ = Annotated[int, typer.Option("--n-samples", help="Size of the synthetic cohort when --data is not given.")]
+Width_ = Annotated[int, typer.Option("--width", help="Channels of the network's first stage.")]
+Arch_ = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the task's, resnet9-gn).")]
+LR_ = Annotated[float, typer.Option("--lr", help="NAdam learning rate.")]
+Seed_ = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
+Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights (a state_dict).")]
+Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+Force_ = Annotated[bool, typer.Option("--force", help="Replace what --out already holds.")]
+Quiet_ = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+NBoot_ = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")]
+CI_ = Annotated[float, typer.Option("--ci", help="Confidence level of the intervals.")]
+
+
+def _labels(text: str | None):
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def _default_out(task: str, backend: str) -> Path:
+    return Path("runs") / f"{task}-{backend}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
+                  init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant) -> TrainConfig:
+    from privaudit.tasks import create_task
+
+    create_task(task)
+    if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
+        from privaudit.errors import ConfigError
+
+        raise ConfigError(f"--epsilon must be a positive, finite number, got {epsilon}; use --no-dp for no privacy")
+    if epsilon is None and noise_multiplier is None:
+        epsilon = 8.0
+    dp = DPConfig(enabled=not no_dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier,
+                  max_grad_norm=max_grad_norm, accountant=accountant.value)
+    return TrainConfig(task=task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
+                       batch_size=batch_size, physical_batch_size=physical_batch_size or batch_size, lr=lr, seed=seed,
+                       device=device, init=str(init) if init else None, dp=dp)
+
+
+def _print_headline(doc: dict) -> None:
+    from privaudit.reports.render import _ci
+
+    table = Table(title=f"privaudit: {doc['study'].get('task') or 'study'} (test AUROC, 95% CI)")
+    table.add_column("label")
+    for name in doc["models"]:
+        table.add_column(name)
+    for cname in doc["comparisons"]:
+        table.add_column(cname.replace(" vs ", " - "))
+    eps_row = ["epsilon"]
+    for m in doc["models"].values():
+        acc = m["privacy"]["accountant"]
+        eps_row.append(f"{acc['epsilon']:.2f} ({acc['accountant']}, δ={acc['delta']:.0e})" if acc else "∞ (no DP)")
+    table.add_row(*eps_row, *[""] * len(doc["comparisons"]))
+    labels = doc["study"]["labels"]
+    for lab in labels + ["macro"]:
+        row = [lab]
+        for m in doc["models"].values():
+            row.append(_ci(m["utility"]["macro_auroc"] if lab == "macro" else m["utility"]["labels"][lab]["auroc"]))
+        for c in doc["comparisons"].values():
+            row.append(_ci(c["macro_auroc_difference"] if lab == "macro" else c["labels"][lab]["auroc_difference"]))
+        table.add_row(*row, style="bold" if lab == "macro" else None)
+    console.print(table)
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+@app.command("train-and-audit")
+@handle_errors
+def train_and_audit_cmd(
+    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    backend: Backend_ = "opacus",
+    data: Data_ = None,
+    preset: Preset_ = None,
+    labels: Labels_ = None,
+    views: Views_ = "frontal",
+    epsilon: Epsilon_ = None,
+    delta: Delta_ = None,
+    noise_multiplier: Noise_ = None,
+    max_grad_norm: Clip_ = 1.0,
+    accountant: Acc_ = Accountant.prv,
+    no_dp: NoDP_ = False,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also train the non-private model "
+                                           "for comparison.")] = True,
+    pretrain: Annotated[Optional[bool], typer.Option("--pretrain/--no-pretrain", help="Pretrain without privacy "
+                        "on a separate synthetic public cohort first (default: on for the synthetic default data, "
+                        "as the paper pretrained on public data).")] = None,
+    epochs: Epochs_ = 5,
+    batch_size: Batch_ = 64,
+    physical_batch_size: PBatch_ = None,
+    image_size: Size_ = None,
+    n_samples: NSamples_ = 3000,
+    width: Width_ = 32,
+    arch: Arch_ = None,
+    lr: LR_ = 2e-3,
+    seed: Seed_ = 0,
+    init: Init_ = None,
+    device: Device_ = "auto",
+    n_boot: NBoot_ = 1000,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Study directory (default runs/<task>-<backend>-"
+                                                "<timestamp>/).")] = None,
+    force: Force_ = False,
+    quiet: Quiet_ = False,
+):
+    """Train a DP model and its non-private baseline, audit both, and write a study directory with a report.
+
+    Example:
+
+        privaudit train-and-audit cxr --backend opacus --epsilon 8
+
+        privaudit train-and-audit cxr --data CheXpert-v1.0-small/ --labels cardiomegaly,pleural_effusion
+    """
+    from privaudit.workflow import DataSpec, train_and_audit
+
+    cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant)
+    out = out or _default_out(task, backend)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
+    doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
+                          force=force, console=console, quiet=quiet)
+    _print_headline(doc)
+    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, private/, non_private/")
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    backend: Backend_ = "opacus",
+    data: Data_ = None,
+    preset: Preset_ = None,
+    labels: Labels_ = None,
+    views: Views_ = "frontal",
+    epsilon: Epsilon_ = None,
+    delta: Delta_ = None,
+    noise_multiplier: Noise_ = None,
+    max_grad_norm: Clip_ = 1.0,
+    accountant: Acc_ = Accountant.prv,
+    no_dp: NoDP_ = False,
+    epochs: Epochs_ = 5,
+    batch_size: Batch_ = 64,
+    physical_batch_size: PBatch_ = None,
+    image_size: Size_ = None,
+    n_samples: NSamples_ = 3000,
+    width: Width_ = 32,
+    arch: Arch_ = None,
+    lr: LR_ = 2e-3,
+    seed: Seed_ = 0,
+    init: Init_ = None,
+    device: Device_ = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<task>-<backend>-"
+                                                "<timestamp>/).")] = None,
+    force: Force_ = False,
+    quiet: Quiet_ = False,
+):
+    """Train one model into a run directory: model/, train.json, predictions.csv, config.json.
+
+    Example:
+
+        privaudit train cxr --data manifest.csv --epsilon 3 --out runs/eps3
+    """
+    from privaudit.workflow import DataSpec, train
+
+    cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant)
+    out = out or _default_out(task, backend)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
+    info = train(cfg, spec, out, force=force, console=console, quiet=quiet)
+    eps = f"ε = {info['epsilon']:.2f} (δ = {info['delta']:.0e}, {info['accountant']})" if info["dp"] else "no DP"
+    console.print(f"run written to [bold]{out}[/]: {info['steps']} steps, {eps}")
+
+
+@app.command("audit")
+@handle_errors
+def audit_cmd(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run directory written by 'privaudit train'.")] = None,
+    predictions: Annotated[Optional[list[Path]], typer.Option("--predictions", help="A prediction file "
+                           "(repeatable); any tool's, in the predictions.csv schema.")] = None,
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Model name per --predictions file "
+                    "(default: the file stem).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Model the others are compared "
+                         "against.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights trained elsewhere "
+                          "(a state_dict; TorchScript with --trust-checkpoint).")] = None,
+    data: Data_ = None,
+    preset: Preset_ = None,
+    labels: Labels_ = None,
+    task: Annotated[str, typer.Option("--task", help="Task of the checkpoint.")] = "cxr",
+    arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint.")] = "resnet9-gn",
+    backend: Backend_ = "opacus",
+    image_size: Size_ = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow TorchScript checkpoints, "
+                                "which contain code: only for files you trust.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (for --predictions and "
+                                                "--checkpoint).")] = None,
+    n_boot: NBoot_ = 1000,
+    ci: CI_ = 0.95,
+    seed: Seed_ = 0,
+    cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Resample patients rather than images "
+                                          "when patient_id repeats.")] = True,
+    force: Force_ = False,
+):
+    """Audit a run directory, prediction files, or a checkpoint trained elsewhere; writes audit.json and report.html.
+
+    Example:
+
+        privaudit audit runs/cxr-opacus-20261128/private
+
+        privaudit audit --predictions dp.csv --predictions base.csv --reference base --out audit/
+
+        privaudit audit --checkpoint model.pt --arch resnet9-gn --data manifest.csv --out audit/
+    """
+    from privaudit.errors import ConfigError
+    from privaudit.workflow import DataSpec, audit_checkpoint, audit_predictions, audit_run
+
+    config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster)
+    given = [x for x in (run_dir, predictions, checkpoint) if x]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of RUN_DIR, --predictions FILE or --checkpoint PATH")
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: not a directory; give a run directory, or a file with --predictions")
+        path = audit_run(run_dir, config=config)
+    elif predictions:
+        if out is None:
+            raise ConfigError("--predictions needs --out DIR for audit.json")
+        path = audit_predictions(predictions, name, out, config=config, reference=reference, force=force)
+    else:
+        if out is None:
+            raise ConfigError("--checkpoint needs --out DIR for the run directory it writes")
+        spec = DataSpec(path=data, preset=preset, labels=_labels(labels), seed=seed)
+        path = audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend, image_size=image_size,
+                                trust=trust_checkpoint, config=config, force=force)
+    from privaudit._fs import read_json
+
+    _print_headline(read_json(path))
+    console.print(f"audit written to [bold]{path}[/]")
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    source: Annotated[Path, typer.Argument(help="A study or run directory, or an audit.json.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default report.html beside "
+                                                "audit.json).")] = None,
+    template: Annotated[Optional[Path], typer.Option("--template", help="Folder with your own "
+                                                     "report.html.j2.")] = None,
+):
+    """Render report.html from an audit.json alone.
+
+    Example:
+
+        privaudit report runs/cxr-opacus-20261128/
+    """
+    from privaudit.errors import DataError
+    from privaudit.reports import write_report
+
+    path = source / "audit.json" if source.is_dir() else source
+    if not path.is_file():
+        raise DataError(f"{path}: not found; give a study directory or an audit.json")
+    console.print(f"report written to [bold]{write_report(path, out, template_dir=template)}[/]")
+
+
+@data_app.command("synth")
+@handle_errors
+def synth_cmd(
+    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for images, manifest.csv and cohort.json.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 3000,
+    image_size: Annotated[int, typer.Option("--image-size", help="Edge of each image in pixels.")] = 64,
+    seed: Seed_ = 0,
+    public: Annotated[bool, typer.Option("--public", help="Make a 'public' pretraining cohort instead.")] = False,
+    force: Force_ = False,
+    quiet: Quiet_ = False,
+):
+    """Write a synthetic cohort in the real file formats (PNG + manifest.csv + cohort.json).
+
+    Example:
+
+        privaudit data synth cxr --out cohort/ --n 500 --image-size 64 --seed 1
+    """
+    from privaudit._fs import staged_dir
+    from privaudit.errors import ConfigError
+    from privaudit.tasks import create_task
+    from privaudit.workflow import synthesize
+
+    create_task(task)
+    if n < 20:
+        raise ConfigError(f"--n {n} is too small for train/val/test splits; use at least 20")
+    if image_size < 16:
+        raise ConfigError(f"--image-size {image_size} is too small; use at least 16")
+    with staged_dir(out, force=force) as tmp:
+        synthesize(task, tmp, n=n, image_size=image_size, seed=seed, public=public, console=console, quiet=quiet)
+    console.print(f"cohort written to [bold]{out}[/]: manifest.csv, cohort.json, images/")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

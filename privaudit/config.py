@@ -1,0 +1,154 @@
+"""Configuration objects. Options are validated once, here, at the edge; everything else receives these.
+
+Each config is a frozen dataclass that round-trips through a plain dict (``config.json``) and can be read
+from a TOML file (``[dp]``, ``[train]``, ``[audit]`` tables).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privaudit.errors import ConfigError
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+
+def default_delta(n_train: int) -> float:
+    """The default delta, 1 / N^1.1, rounded down to one significant digit (N=2000 gives 2e-4).
+
+    The exponent keeps delta below 1/N, as DP requires for a meaningful guarantee; rounding down keeps it so.
+    """
+    if n_train < 1:
+        raise ConfigError("cannot choose delta for an empty training set")
+    x = 1.0 / n_train**1.1
+    exp = math.floor(math.log10(x))
+    mant = math.floor(x / 10**exp + 1e-9)
+    return float(f"{mant}e{exp}")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """How the model is made differentially private (DP-SGD through Opacus or TF-Privacy)."""
+
+    enabled: bool = True
+    epsilon: float | None = 8.0          # target epsilon; None when noise_multiplier is given
+    delta: float | None = None           # None: default_delta(n_train), fixed when the data is known
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0           # per-sample clipping norm C
+    accountant: str = "prv"              # prv (default, tight), rdp, gdp
+    poisson_sampling: bool = True        # the accountants assume it; turning it off forfeits the DP claim
+
+    def __post_init__(self):
+        if not self.enabled:
+            return
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"unknown accountant {self.accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ConfigError("give either --epsilon or --noise-multiplier for DP training (or --no-dp)")
+        if self.noise_multiplier is not None and self.epsilon is not None:
+            raise ConfigError("give --epsilon or --noise-multiplier, not both: one determines the other")
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}; use --no-dp for no privacy")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"--noise-multiplier must be > 0, got {self.noise_multiplier}")
+        if self.delta is not None and not (0 < self.delta < 1):
+            raise ConfigError(f"--delta must be in (0, 1), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not self.poisson_sampling:
+            raise ConfigError(
+                "DP training without Poisson sampling is refused: the accountants' epsilon assumes each sample "
+                "joins each batch independently, so the reported epsilon would not be earned"
+            )
+
+    def resolve_delta(self, n_train: int) -> "DPConfig":
+        """Fix delta for a training set of ``n_train`` samples and check delta < 1/N."""
+        if not self.enabled:
+            return self
+        delta = default_delta(n_train) if self.delta is None else self.delta
+        if delta >= 1.0 / n_train:
+            raise ConfigError(
+                f"--delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training samples); "
+                "a delta that large allows leaking whole records; use a smaller delta, e.g. the default 1/N^1.1"
+            )
+        return dataclasses.replace(self, delta=delta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run."""
+
+    task: str = "cxr"
+    backend: str = "opacus"
+    arch: str | None = None            # None: the task's default architecture
+    width: int = 32                    # channels of the first stage
+    image_size: int | None = None      # None: the task's input size
+    epochs: int = 5
+    batch_size: int = 64               # logical (expected) batch size
+    physical_batch_size: int = 64      # memory limit per forward/backward
+    lr: float = 2e-3
+    seed: int = 0
+    device: str = "auto"               # auto: CUDA when available
+    init: str | None = None            # path of weights to start from (state_dict)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.physical_batch_size < 1:
+            raise ConfigError(f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
+        if self.width < 4:
+            raise ConfigError(f"--width must be at least 4, got {self.width}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"--image-size must be at least 16, got {self.image_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        dp = DPConfig(**d.pop("dp", {}))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown training option {sorted(unknown)[0]!r}; valid: {', '.join(sorted(names))}")
+        return cls(dp=dp, **d)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How the audit resamples and summarises."""
+
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    cluster: bool = True               # resample patients, not images, when patient_id repeats
+    ci_method: str = "percentile"
+
+    def __post_init__(self):
+        if self.n_boot < 1:
+            raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+        if not 0 < self.ci < 1:
+            raise ConfigError(f"--ci must be in (0, 1), got {self.ci}")
+        if self.ci_method not in ("percentile",):
+            raise ConfigError(f"unknown CI method {self.ci_method!r}; use percentile")
+
+
+def load_toml(path: Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None

@@ -1,0 +1,253 @@
+"""The library functions behind the CLI: train a run, audit runs and prediction files, train-and-audit a study.
+
+Each function writes its output through :func:`privaudit._fs.staged_dir`, so an error leaves nothing behind
+and never touches an existing output unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from privaudit._fs import private_mkdir, read_json, staged_dir, write_json
+from privaudit.config import AuditConfig, TrainConfig
+from privaudit.errors import ConfigError, DataError
+from privaudit.tasks import create_task
+
+PUBLIC_COHORT_DOC = "synthetic 'public' chest radiographs, a separate cohort from the private one"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data come from: a manifest or preset folder, or (``path=None``) a fresh synthetic cohort."""
+
+    path: Path | None = None
+    preset: str | None = None
+    labels: tuple[str, ...] | None = None
+    views: str = "frontal"
+    n_samples: int = 3000          # synthetic cohort size
+    seed: int = 0
+
+
+def _command() -> str:
+    return " ".join(shlex.quote(a) for a in ["privaudit", *sys.argv[1:]]) if sys.argv else "privaudit"
+
+
+def load_data(spec: DataSpec, task: str):
+    from privaudit.data.presets import load_data as _load
+
+    return _load(Path(spec.path), task=create_task(task), preset=spec.preset, labels=spec.labels, views=spec.views,
+                 seed=spec.seed)
+
+
+def synthesize(task: str, out: Path, *, n: int, image_size: int, seed: int, public: bool = False,
+               console=None, quiet: bool = False) -> Path:
+    from rich.progress import Progress
+
+    if task != "cxr":
+        raise ConfigError(f"no synthetic cohort for task {task!r} yet; give --data")
+    from privaudit.data.synth_cxr import synthesize_cxr
+
+    private_mkdir(out)
+    what = "public" if public else "synthetic"
+    with Progress(console=console, disable=quiet) as prog:
+        t = prog.add_task(f"writing {what} cohort", total=n)
+        return synthesize_cxr(out, n=n, image_size=image_size, seed=seed, public=public,
+                              progress=lambda k: prog.update(t, completed=k))
+
+
+def _train_into(manifest, config: TrainConfig, out: Path, *, data_info: dict, console, quiet) -> dict:
+    from privaudit.backends import create_backend
+
+    backend = create_backend(config.backend)
+    private_mkdir(out)
+    write_json(out / "config.json", {"train": config.to_dict(), "data": data_info, "command": _command()})
+    return backend.train(manifest, config, out, console=console, quiet=quiet)
+
+
+def train(config: TrainConfig, data: DataSpec, out: Path, *, force: bool = False, console=None,
+          quiet: bool = False) -> dict:
+    """Train one model into run directory ``out`` (model/, train.json, predictions.csv, config.json)."""
+    from privaudit.backends import create_backend
+
+    create_task(config.task)
+    create_backend(config.backend)  # fail on an unknown backend before any work
+    with staged_dir(out, force=force) as tmp:
+        manifest, data_info = _prepare_data(config, data, tmp, console=console, quiet=quiet)
+        return _train_into(manifest, config, tmp, data_info=data_info, console=console, quiet=quiet)
+
+
+def _prepare_data(config: TrainConfig, data: DataSpec, workdir: Path, *, console, quiet):
+    task = create_task(config.task)
+    if data.path is None:
+        manifest_path = synthesize(config.task, workdir / "data", n=data.n_samples,
+                                   image_size=config.image_size or task.input_size, seed=data.seed,
+                                   console=console, quiet=quiet)
+        spec = dataclasses.replace(data, path=manifest_path, preset="manifest")
+        info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.n_samples, "seed": data.seed}
+    else:
+        spec = data
+        info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
+    manifest = load_data(spec, config.task)
+    info["n_images"] = len(manifest.frame)
+    return manifest, info
+
+
+def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference: str | None = None):
+    """Audit run directories (each with predictions.csv and train.json) as one study."""
+    from privaudit.audit import run_audit
+    from privaudit.predictions import read_predictions
+
+    preds, runs, task = {}, {}, None
+    for name, d in run_dirs.items():
+        d = Path(d)
+        if not (d / "predictions.csv").is_file():
+            raise DataError(f"{d}: no predictions.csv, so this is not a run directory; give a folder written by "
+                            "'privaudit train', or use --predictions FILE")
+        preds[name] = read_predictions(d / "predictions.csv")
+        if (d / "train.json").is_file():
+            runs[name] = read_json(d / "train.json")
+            task = task or runs[name].get("task")
+    return run_audit(preds, runs=runs, reference=reference, config=config, task=task)
+
+
+def audit_run(run_dir: Path, *, config: AuditConfig, force: bool = True) -> Path:
+    """Write ``audit.json`` and ``report.html`` into an existing run directory (replacing earlier ones)."""
+    from privaudit.reports import write_report
+
+    run_dir = Path(run_dir)
+    report = audit_run_dirs({run_dir.name or "model": run_dir}, config=config)
+    if (run_dir / "audit.json").exists() and not force:
+        raise ConfigError(f"{run_dir / 'audit.json'} exists; pass --force to replace it")
+    report.to_json(run_dir / "audit.json")
+    write_report(run_dir / "audit.json")
+    return run_dir / "audit.json"
+
+
+def audit_predictions(files: list[Path], names: list[str] | None, out: Path, *, config: AuditConfig,
+                      reference: str | None = None, force: bool = False) -> Path:
+    """Audit prediction files (from privaudit or elsewhere) into ``out/audit.json`` and ``out/report.html``."""
+    from privaudit.audit import run_audit
+    from privaudit.predictions import read_predictions
+    from privaudit.reports import write_report
+
+    names = list(names or [])
+    if names and len(names) != len(files):
+        raise ConfigError(f"{len(names)} --name value(s) for {len(files)} --predictions file(s); give one per file")
+    names = names or [Path(f).stem for f in files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names {names} repeat; give distinct names with --name")
+    preds = {name: read_predictions(Path(f)) for name, f in zip(names, files)}
+    report = run_audit(preds, reference=reference, config=config)
+    with staged_dir(out, force=force) as tmp:
+        report.to_json(tmp / "audit.json")
+        write_report(tmp / "audit.json")
+    return Path(out) / "audit.json"
+
+
+def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, arch: str, backend: str,
+                     image_size: int | None, trust: bool, config: AuditConfig, force: bool = False) -> Path:
+    """Predict with a checkpoint trained elsewhere, then audit it: writes a run directory at ``out``."""
+    from privaudit.audit import run_audit
+    from privaudit.backends import create_backend
+    from privaudit.predictions import write_predictions
+    from privaudit.reports import write_report
+
+    if data.path is None:
+        raise ConfigError("--checkpoint needs --data MANIFEST: the samples to score the model on")
+    be = create_backend(backend)
+    manifest = load_data(data, task)
+    with staged_dir(out, force=force) as tmp:
+        preds, info = be.predict_checkpoint(Path(checkpoint), manifest, task=task, arch=arch, image_size=image_size,
+                                            trust=trust)
+        write_predictions(preds, tmp / "predictions.csv")
+        write_json(tmp / "config.json", {"checkpoint": info, "data": {"manifest": str(data.path)},
+                                         "command": _command()})
+        run = {"backend": backend, "architecture": info.get("architecture"), "task": task, "seed": None, "dp": False}
+        report = run_audit({"model": preds}, runs={"model": run}, config=config, task=task,
+                           data={"manifest": str(data.path)})
+        report.data["warnings"].append("model trained elsewhere: privaudit cannot see how it was trained, so no "
+                                       "DP guarantee is reported for it")
+        report.to_json(tmp / "audit.json")
+        write_report(tmp / "audit.json")
+    return Path(out) / "audit.json"
+
+
+def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline: bool = True,
+                    pretrain: bool | None = None, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
+                    force: bool = False, console=None, quiet: bool = False) -> dict:
+    """Train the private model (and the non-private baseline), audit both, and write the study directory."""
+    from privaudit.backends import create_backend
+    from privaudit.reports import write_report
+
+    task = create_task(config.task)
+    create_backend(config.backend)
+    audit = audit or AuditConfig(seed=config.seed)
+    pretrain = (data.path is None and config.init is None) if pretrain is None else pretrain
+    with staged_dir(out, force=force) as tmp:
+        manifest, data_info = _prepare_data(config, data, tmp, console=console, quiet=quiet)
+        if pretrain:
+            if data.path is not None and config.task != "cxr":
+                raise ConfigError("--pretrain needs a synthetic public cohort, which exists for cxr only")
+            pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(1000, data.n_samples // 2),
+                                           image_size=config.image_size or task.input_size, seed=data.seed + 10_000,
+                                           public=True, console=console, quiet=quiet)
+            pub = load_data(DataSpec(path=pub_manifest_path, preset="manifest", seed=data.seed), config.task)
+            pre_cfg = dataclasses.replace(config, dp=dataclasses.replace(config.dp, enabled=False),
+                                          epochs=pretrain_epochs, init=None)
+            if not quiet and console is not None:
+                console.print("[bold]pretraining[/] without privacy on the public cohort")
+            _train_into(pub, pre_cfg, tmp / "pretrain", data_info={"manifest": "public_data/manifest.csv",
+                                                                  "synthetic": True, "public": True},
+                        console=console, quiet=quiet)
+            config = dataclasses.replace(config, init=str(tmp / "pretrain" / "model" / "weights.pt"))
+            data_info["pretraining"] = {"description": PUBLIC_COHORT_DOC, "manifest": "public_data/manifest.csv",
+                                        "epochs": pretrain_epochs, "dp": False}
+        runs = {}
+        if config.dp.enabled:
+            if not quiet and console is not None:
+                console.print("[bold]training[/] the private model (DP-SGD)")
+            runs["private"] = _train_into(manifest, config, tmp / "private", data_info=data_info, console=console,
+                                          quiet=quiet)
+        if baseline or not config.dp.enabled:
+            if not quiet and console is not None:
+                console.print("[bold]training[/] the non-private baseline")
+            np_cfg = dataclasses.replace(config, dp=dataclasses.replace(config.dp, enabled=False))
+            runs["non_private"] = _train_into(manifest, np_cfg, tmp / "non_private", data_info=data_info,
+                                              console=console, quiet=quiet)
+        if pretrain:
+            # Keep the init path valid after the staged folder is renamed into place.
+            for name in runs:
+                runs[name]["init"]["path"] = "pretrain/model/weights.pt"
+                write_json(tmp / name / "train.json", runs[name])
+        for name in runs:  # each run directory also carries its own single-model audit
+            single = audit_run_dirs({name: tmp / name}, config=audit)
+            single.to_json(tmp / name / "audit.json")
+        report = audit_run_dirs({name: tmp / name for name in runs}, config=audit,
+                                reference="non_private" if "non_private" in runs and len(runs) > 1 else None)
+        report.data["study"]["task"] = config.task
+        report.data["study"]["data"].update({k: v for k, v in data_info.items() if k != "n_images"})
+        report.data["study"]["command"] = _command()
+        report.to_json(tmp / "audit.json")
+        write_report(tmp / "audit.json")
+    return report.data
+
+
+def headline_rows(doc: dict) -> pd.DataFrame:
+    """Per-label AUROC of each model and the paired differences, for the closing table."""
+    rows = []
+    labels = doc["study"]["labels"]
+    for lab in labels + ["macro"]:
+        row = {"label": lab}
+        for name, m in doc["models"].items():
+            u = m["utility"]["macro_auroc"] if lab == "macro" else m["utility"]["labels"][lab]["auroc"]
+            row[name] = u
+        for cname, c in doc["comparisons"].items():
+            row[cname] = c["macro_auroc_difference"] if lab == "macro" else c["labels"][lab]["auroc_difference"]
+        rows.append(row)
+    return pd.DataFrame(rows)
