@@ -160,7 +160,8 @@ def _fairness(study: _Study, name: str, boots: dict) -> dict:
                 else:
                     point, b, n, n_pos = study.auroc_boot(name, lab, mask)
                 if n < MIN_GROUP_N or not np.isfinite(point):
-                    why = f"only {n} test samples" if n < MIN_GROUP_N else "one class"
+                    why = (f"only {n} test samples" if n < MIN_GROUP_N
+                           else "a label in it is null" if lab == "macro" else "one class")
                     study.warnings.append(f"{name}: AUROC of {lab} for {attr}={g} is null ({why})")
                     point, b = float("nan"), np.full(len(b), np.nan)
                 group_boot[g] = (point, b, n)

@@ -215,50 +215,11 @@ class OpacusBackend:
                 else:
                     model, optimizer, loader = engine.make_private(noise_multiplier=dp.noise_multiplier, **common)
 
-        history = []
-        x_val, y_val = x[frame["split"].to_numpy() == "val"], y[frame["split"].to_numpy() == "val"]
-        steps = 0
-        t0 = time.perf_counter()
-        with _progress(console, quiet) as prog:
-            ep_task = prog.add_task("epochs", total=config.epochs, info="")
-            for epoch in range(config.epochs):
-                model.train()
-                st = prog.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
-                losses = []
-                if dp.enabled:
-                    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
-                    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
-                                             optimizer=optimizer)
-                else:
-                    ctx = contextlib.nullcontext(loader)
-                with ctx as batches:
-                    for xb, yb in batches:
-                        xb, yb = xb.to(device), yb.to(device)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = masked_bce(model(xb), yb).mean() if len(xb) else None
-                        if loss is not None:
-                            loss.backward()
-                            losses.append(float(loss.detach()))
-                        optimizer.step()
-                        if dp.enabled and optimizer._is_last_step_skipped:
-                            continue
-                        steps += 1
-                        prog.update(st, advance=1)
-                prog.remove_task(st)
-                rec = {"epoch": epoch + 1, "steps": steps, "train_loss": float(np.mean(losses)) if losses else None,
-                       "seconds": round(time.perf_counter() - t0, 2)}
-                if len(x_val):
-                    _, vl = _predict(model, x_val, y_val, device)
-                    rec["val_loss"] = float(np.mean(vl))
-                if engine is not None:
-                    rec["epsilon"] = float(engine.get_epsilon(dp.delta))
-                history.append(rec)
-                info = f"loss {rec['train_loss']:.3f}" if rec["train_loss"] is not None else ""
-                if "epsilon" in rec:
-                    info += f"  ε {rec['epsilon']:.2f}"
-                prog.update(ep_task, advance=1, info=info)
-        train_seconds = time.perf_counter() - t0
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer see inputs that need no gradient; torch warns, harmlessly.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            history, steps, train_seconds = self._fit(model, optimizer, loader, engine, dp, config, x, y, frame,
+                                                      device, console, quiet)
 
         base = model._module if hasattr(model, "_module") else model
         probs, losses = _predict(base, x, y, device)
@@ -302,6 +263,57 @@ class OpacusBackend:
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
         return train_json
+
+    def _fit(self, model, optimizer, loader, engine, dp, config, x, y, frame, device, console, quiet):
+        """The training loop: Poisson batches split into physical batches under DP, plain batches otherwise."""
+        history = []
+        x_val, y_val = x[frame["split"].to_numpy() == "val"], y[frame["split"].to_numpy() == "val"]
+        steps = 0
+        t0 = time.perf_counter()
+        with _progress(console, quiet) as prog:
+            ep_task = prog.add_task("epochs", total=config.epochs, info="")
+            for epoch in range(config.epochs):
+                model.train()
+                st = prog.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
+                losses = []
+                if dp.enabled:
+                    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
+                                             optimizer=optimizer)
+                else:
+                    ctx = contextlib.nullcontext(loader)
+                with ctx as batches:
+                    for xb, yb in batches:
+                        xb, yb = xb.to(device), yb.to(device)
+                        optimizer.zero_grad(set_to_none=True)
+                        # Sum / batch size equals the mean, and stays defined for the empty batches that
+                        # Poisson sampling can draw (the step then adds noise only, as the accountant assumes).
+                        loss = masked_bce(model(xb), yb).sum() / max(1, len(xb))
+                        loss.backward()
+                        if len(xb):
+                            losses.append(float(loss.detach()))
+                        optimizer.step()
+                        if dp.enabled and optimizer._is_last_step_skipped:
+                            continue
+                        steps += 1
+                        prog.update(st, advance=1)
+                prog.remove_task(st)
+                rec = {"epoch": epoch + 1, "steps": steps, "train_loss": float(np.mean(losses)) if losses else None,
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                if len(x_val):
+                    _, vl = _predict(model, x_val, y_val, device)
+                    rec["val_loss"] = float(np.mean(vl))
+                if engine is not None:
+                    rec["epsilon"] = float(engine.get_epsilon(dp.delta))
+                history.append(rec)
+                info = f"loss {rec['train_loss']:.3f}" if rec["train_loss"] is not None else ""
+                if "epsilon" in rec:
+                    info += f"  ε {rec['epsilon']:.2f}"
+                prog.update(ep_task, advance=1, info=info)
+        train_seconds = time.perf_counter() - t0
+
+        return history, steps, train_seconds
 
     def predict_checkpoint(self, checkpoint: Path, manifest: Manifest, *, task: str, arch: str,
                            image_size: int | None = None, trust: bool = False, width: int | None = None):

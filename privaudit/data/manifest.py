@@ -47,7 +47,7 @@ def _label_column(values: pd.Series, column: str, source: Path) -> pd.Series:
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{source}: column {column!r} holds {raw.iloc[i]!r} (row {i + 2}); labels must be 0, 1 or blank for unknown"
+            f"{source}: column {column!r} holds {str(raw.iloc[i])!r} (row {i + 2}); labels must be 0, 1 or blank for unknown"
         )
     return num.where(~blank).astype(float)
 
@@ -132,7 +132,7 @@ def validate_manifest(
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(
-                f"{source}: column 'split' holds {out['split'].iloc[i]!r} (row {i + 2}); use train, val or test"
+                f"{source}: column 'split' holds {str(out['split'].iloc[i])!r} (row {i + 2}); use train, val or test"
             )
         out["split"] = split.astype(str)
     check_patient_level_splits(out, source)
@@ -144,14 +144,14 @@ def validate_manifest(
         bad = sex.notna() & (sex != "") & ~sex.isin(["F", "M"])
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{source}: column 'sex' holds {out['sex'].iloc[i]!r} (row {i + 2}); use F, M or blank")
+            raise DataError(f"{source}: column 'sex' holds {str(out['sex'].iloc[i])!r} (row {i + 2}); use F, M or blank")
         out["sex"] = sex.where(sex.isin(["F", "M"])).astype(object)
     if "age" in out.columns:
         age = pd.to_numeric(out["age"], errors="coerce")
         bad = age.isna() & out["age"].notna() & (out["age"].astype(str).str.strip() != "")
         if bad.any() or (age < 0).any():
             i = int(np.flatnonzero((bad | (age < 0)).to_numpy())[0])
-            raise DataError(f"{source}: column 'age' holds {out['age'].iloc[i]!r} (row {i + 2}); ages are years >= 0")
+            raise DataError(f"{source}: column 'age' holds {str(out['age'].iloc[i])!r} (row {i + 2}); ages are years >= 0")
         out["age"] = age
     root = Path(root)
     if check_files:
@@ -184,7 +184,7 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
 
 def load_manifest(path: Path, *, task: TaskSpec, labels=None, seed: int = 0, check_files: bool = True) -> Manifest:
     path = Path(path)
-    frame = read_csv(path, dtype={"sample_id": str, "patient_id": str, "path": str, "split": str})
+    frame = read_csv(path, dtype=str)  # parse each column ourselves, so errors quote the cell as written
     return validate_manifest(
         frame, task=task, source=path, root=path.parent, labels=labels, seed=seed, check_files=check_files
     )

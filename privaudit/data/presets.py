@@ -131,7 +131,7 @@ CHEXPERT_TEST_FRACTION = 0.2   # of train.csv patients, when valid.csv provides 
 NIH_VAL_FRACTION = 0.1         # of train_val_list.txt patients
 
 _CHEXPERT_HINT = "CheXpert CSVs have Path, Sex, Age, Frontal/Lateral, AP/PA and the 14 finding columns"
-_NIH_HINT = "Data_Entry_2017.csv has Image Index, Finding Labels, Patient ID, Patient Age, Patient Gender, View Position"
+_NIH_HINT = "the NIH table has Image Index, Finding Labels, Patient ID, Patient Age, Patient Gender, View Position"
 _MIMIC_HINT = "see the MIMIC-CXR-JPG file layout on PhysioNet"
 _MIMIC_LABELS_HINT = "the MIMIC-CXR-JPG label file has subject_id, study_id and the 14 CheXpert finding columns"
 
@@ -531,10 +531,13 @@ def _load_nih(
         if unlisted.any():
             raise _bad_value(
                 table, "Image Index", names, unlisted,
-                f"it is in neither {train_val.name} nor {test.name}; add it to one, or remove both to get seeded splits",
+                f"it is in neither {train_val.name} nor {test.name}; "
+                "add it to one, or remove both files to get seeded splits",
             )
         out["split"] = "test"
-        out.loc[pool, "split"] = _split_two_ways(out[pool], seed=seed, first_fraction=1 - NIH_VAL_FRACTION, second="val")
+        out.loc[pool, "split"] = _split_two_ways(
+            out[pool], seed=seed, first_fraction=1 - NIH_VAL_FRACTION, second="val"
+        )
     return validate_manifest(
         out, task=task, source=path, root=folder, labels=labels, seed=seed, check_files=check_files
     )
@@ -602,9 +605,10 @@ def _load_mimic(
         frame["split"] = frame["sample_id"].map(dict(zip(splits["dicom_id"], coded)))
         missing = frame["split"].isna()
         if missing.any():
+            dicom_id = frame.loc[missing, "sample_id"].iloc[0]
             raise DataError(
-                f"{split_file}: dicom_id {frame.loc[missing, 'sample_id'].iloc[0]!r} from {meta_file.name} has no split "
-                f"({int(missing.sum())} image(s) in all); use the matching split file or remove it to get seeded splits"
+                f"{split_file}: dicom_id {dicom_id!r} from {meta_file.name} has no split ({int(missing.sum())} "
+                "image(s) in all); use the matching split file or remove it to get seeded splits"
             )
 
     patients_file = _find_file(folder, MIMIC_PATIENTS)

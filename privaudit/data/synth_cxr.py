@@ -132,7 +132,7 @@ AGE_SIGN_FADE = 0.35        # visibility *= 1 - 0.35 * old
 AGE_CONTRAST_LOSS = 0.3     # contrast *= 1 - 0.3 * old
 NOISE_BASE, NOISE_AGE = 0.025, 0.035   # white-noise sd = 0.025 + 0.035 * old
 FEMALE_EFFUSION_VISIBILITY = 0.7
-FEMALE_BREAST_SHADOW = (0.05, 0.12)    # amplitude range of the breast-shadow overlay
+FEMALE_BREAST_SHADOW = (0.03, 0.08)    # amplitude range of the breast-shadow overlay
 DEVICE_PROB = {0: 0.05, 1: 0.5}        # chance of monitoring leads / electrodes, by comorbidity
 
 PLANTED_EFFECTS: list[dict] = [
@@ -364,7 +364,7 @@ def render_cxr(
     atel_side = rng.choice([-1.0, 1.0])
     lift = {-1.0: 0.0, 1.0: 0.0}   # hemidiaphragm elevation per side
     if "atelectasis" in strength and not atel_band:
-        lift[atel_side] = 0.14 * strength["atelectasis"]
+        lift[atel_side] = 0.2 * strength["atelectasis"]
 
     body = _ellipse(x, y, 0.0, 0.12, rng.uniform(0.82, 0.9), 1.15, 2 * edge)
     spine = expit((0.08 - np.abs(x)) / edge) * rng.uniform(0.04, 0.08)
@@ -396,16 +396,16 @@ def render_cxr(
     opacity = np.zeros_like(x)   # finding signs inside the lungs
     if "congestion" in strength:
         s = strength["congestion"]
-        haze = sum(np.exp(-(((x - h * 0.2) / 0.17) ** 2 + ((y + 0.05) / 0.22) ** 2)) for h in (-1.0, 1.0))
-        opacity += 0.16 * s * haze + 0.04 * s * expit((y - 0.1) / 0.1)
+        haze = sum(np.exp(-(((x - h * 0.24) / 0.2) ** 2 + ((y + 0.02) / 0.26) ** 2)) for h in (-1.0, 1.0))
+        opacity += 0.13 * s * haze + 0.04 * s * expit((y - 0.1) / 0.1)
     if "pleural_effusion" in strength:
         s = strength["pleural_effusion"]
         sides = {0: (-1.0,), 1: (1.0,), 2: (-1.0, 1.0)}[int(rng.choice(3, p=[0.35, 0.35, 0.3]))]
         for side in sides:
             mask, cx, a, base = lung_side[side]
             lateral = np.clip(side * (x - cx) / a * 0.5 + 0.5, 0.0, 1.0)   # 0 medial .. 1 lateral
-            height = 0.08 + 0.22 * min(s, 1.3)
-            level = base - height * (0.55 + 0.7 * lateral ** 2)     # meniscus: fluid climbs laterally
+            height = 0.12 + 0.25 * min(s, 1.3)
+            level = base - height * (0.7 + 0.7 * lateral ** 2)      # meniscus: fluid climbs laterally
             fluid = expit((y - level) / (1.5 * edge)) * _ellipse(x, y, cx, -0.1, a * 1.05, 0.72, edge)
             opacity += 0.3 * min(s, 1.0) * fluid
     if "pneumonic_infiltrates" in strength:
@@ -415,8 +415,8 @@ def render_cxr(
             side = rng.choice([-1.0, 1.0])
             _, cx, a, _ = lung_side[side]
             bx, by = cx + rng.uniform(-0.7, 0.7) * a, rng.uniform(-0.5, 0.35)
-            sigma = rng.uniform(0.06, 0.11)
-            opacity += 0.24 * s * texture * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * sigma ** 2))
+            sigma = rng.uniform(0.07, 0.13)
+            opacity += 0.4 * s * texture * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * sigma ** 2))
     if "atelectasis" in strength:
         s = strength["atelectasis"]
         _, cx, a, base = lung_side[atel_side]
@@ -426,11 +426,11 @@ def render_cxr(
             along = (x - bx) * math.cos(theta) + (y - by) * math.sin(theta)
             across = -(x - bx) * math.sin(theta) + (y - by) * math.cos(theta)
             dist = np.hypot(np.maximum(np.abs(along) - half, 0.0), across)
-            opacity += 0.4 * s * np.exp(-0.5 * (dist / 0.025) ** 2)
+            opacity += 0.55 * s * np.exp(-0.5 * (dist / 0.03) ** 2)
         else:
-            opacity += 0.12 * s * _ellipse(x, y, cx, base - 0.1, a, 0.12, 0.05)
+            opacity += 0.22 * s * _ellipse(x, y, cx, base - 0.12, a, 0.16, 0.05)
 
-    image += opacity * lungs
+    image += opacity * aerated
     if female:   # breast shadows over the lung bases
         amp = rng.uniform(*FEMALE_BREAST_SHADOW)
         image += amp * sum(_ellipse(x, y, s * 0.5, 0.45, 0.3, 0.2, 0.05) for s in (-1.0, 1.0)) * body
