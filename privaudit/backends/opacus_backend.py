@@ -203,11 +203,12 @@ class OpacusBackend:
         if dp.enabled:
             from opacus import PrivacyEngine
 
-            engine = PrivacyEngine(accountant=dp.accountant)
             common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=dp.max_grad_norm,
                           poisson_sampling=True)
             with warnings.catch_warnings():
+                # secure_mode (a cryptographic RNG for the noise) is off, as in Opacus' default; train.json says so.
                 warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+                engine = PrivacyEngine(accountant=dp.accountant)
                 warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
                 if dp.epsilon is not None:
                     model, optimizer, loader = engine.make_private_with_epsilon(
@@ -249,7 +250,7 @@ class OpacusBackend:
                 "accountant": dp.accountant, "noise_multiplier": nm, "max_grad_norm": dp.max_grad_norm,
                 "sample_rate": q, "steps": int(sum(h[2] for h in history_acc)), "poisson_sampling": True,
                 "target_epsilon": dp.epsilon, "accountant_history": [list(h) for h in history_acc],
-                "clipping": "flat", "grad_sample_mode": "hooks",
+                "clipping": "flat", "grad_sample_mode": "hooks", "secure_mode": False,
             }
         train_json = {
             "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
@@ -328,7 +329,9 @@ class OpacusBackend:
                 raise CheckpointError(f"{checkpoint} is a TorchScript file, which contains code; load it only if you "
                                       "trust its source, with --trust-checkpoint")
             try:
-                model = torch.jit.load(str(checkpoint), map_location="cpu")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still loadable
+                    model = torch.jit.load(str(checkpoint), map_location="cpu")
             except Exception as e:
                 raise CheckpointError(f"{checkpoint}: not a loadable TorchScript file ({type(e).__name__})") from None
             info = {"format": "torchscript", "architecture": "torchscript"}

@@ -1,0 +1,207 @@
+"""The audit engine against reference implementations: scikit-learn, fairlearn, and the naive bootstrap loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from privaudit.audit import AuditReport, run_audit
+from privaudit.audit.utility import (Resampler, auroc, counts_from_indices, draw_indices, paired_p_value,
+                                     percentile_ci, weighted_auroc)
+from privaudit.config import AuditConfig
+from privaudit.errors import DataError
+
+LABELS = ("a", "b")
+
+
+def make_predictions(n=400, seed=0, shift=1.0, patients=None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    sex = rng.choice(["F", "M"], n)
+    age = rng.integers(18, 95, n)
+    df = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "split": rng.choice(["train", "val", "test"], n,
+                                                                                        p=[0.5, 0.1, 0.4])})
+    df["member"] = (df["split"] == "train").astype(int)
+    df["patient_id"] = [f"p{i // 2}" for i in range(n)] if patients == "pairs" else df["sample_id"]
+    for j, lab in enumerate(LABELS):
+        y = rng.integers(0, 2, n)
+        # the signal is weaker for men, so group AUROCs differ
+        strength = shift * np.where(sex == "F", 1.0, 0.4) * (1 + j)
+        df[f"y_{lab}"] = y
+        df[f"p_{lab}"] = 1 / (1 + np.exp(-(strength * (y - 0.5) + rng.normal(0, 1, n))))
+    df.loc[3, "y_a"] = np.nan  # an unknown label is masked
+    df["loss"] = rng.random(n)
+    df["sex"], df["age"] = sex, age
+    return df
+
+
+def test_auroc_equals_sklearn_including_ties():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y = rng.integers(0, 2, 200)
+        s = np.round(rng.random(200) + 0.5 * y, 1)  # heavy ties
+        assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(auroc(np.ones(10), np.arange(10)))
+
+
+def test_weighted_bootstrap_equals_the_naive_loop_on_the_same_indices():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) + 0.3 * y, 2)
+    idx = draw_indices(300, 50, seed=7)
+    fast = weighted_auroc(y, s, counts_from_indices(idx, 300))
+    naive = np.array([roc_auc_score(y[i], s[i]) for i in idx])
+    assert np.max(np.abs(fast - naive)) < 1e-9
+
+
+def test_resampler_clusters_patients():
+    patients = np.repeat(np.arange(50), 2)  # two images per patient
+    r = Resampler(100, n_boot=200, seed=0, clusters=patients)
+    assert r.clustered and r.n_units == 50
+    w = r.weights
+    assert np.array_equal(w[:, 0::2], w[:, 1::2])  # both images of a patient always move together
+    assert np.all(w.sum(axis=1) == 100)
+    assert not Resampler(100, n_boot=5, seed=0, clusters=np.arange(100)).clustered
+
+
+def test_percentile_ci_agrees_with_scipy_bootstrap():
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    s = rng.random(400) + 0.5 * y
+    r = Resampler(400, n_boot=4000, seed=11)
+    lo, hi, _ = percentile_ci(weighted_auroc(y, s, r.weights), 0.95)
+    ref = bootstrap((y, s), lambda a, b: roc_auc_score(a, b), paired=True, vectorized=False, n_resamples=2000,
+                    method="percentile", random_state=5).confidence_interval
+    # Monte Carlo error of each 2.5% quantile is about 0.004 here (4000 and 2000 resamples)
+    assert lo == pytest.approx(ref.low, abs=0.015) and hi == pytest.approx(ref.high, abs=0.015)
+
+
+def test_paired_p_value_formula():
+    assert paired_p_value(np.array([1.0, 2.0, 3.0])) == pytest.approx(1 / 4)  # never 0
+    assert paired_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(3 / 5)
+    assert paired_p_value(np.zeros(9)) == 1.0
+    assert paired_p_value(np.array([np.nan])) is None
+
+
+def test_percentile_ci_coverage_on_a_known_auroc():
+    """Scores N(0,1) vs N(d,1) have AUROC Phi(d / sqrt 2); the 95% CI should cover it at about the nominal rate."""
+    from scipy.stats import binom, norm
+
+    d, reps, cover = 1.0, 60, 0
+    truth = norm.cdf(d / np.sqrt(2))
+    rng = np.random.default_rng(4)
+    for k in range(reps):
+        y = np.r_[np.zeros(150), np.ones(150)]
+        s = np.r_[rng.normal(0, 1, 150), rng.normal(d, 1, 150)]
+        lo, hi, _ = percentile_ci(weighted_auroc(y, s, Resampler(300, n_boot=400, seed=k).weights), 0.95)
+        cover += lo <= truth <= hi
+    # a correct method falls below this count less than 1 run in 1,000 (binomial lower limit, rate 0.93)
+    assert cover >= binom.ppf(0.001, reps, 0.93)
+
+
+def test_run_audit_matches_sklearn_and_fairlearn():
+    from fairlearn.metrics import MetricFrame
+
+    df = make_predictions()
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=200))
+    rep.validate()
+    test = df[df["split"] == "test"]
+    for lab in LABELS:
+        known = test[f"y_{lab}"].notna()
+        res = rep.models["m"]["utility"]["labels"][lab]
+        assert res["auroc"]["estimate"] == pytest.approx(roc_auc_score(test.loc[known, f"y_{lab}"],
+                                                                       test.loc[known, f"p_{lab}"]))
+        assert res["n"] == known.sum() and res["n_pos"] == test.loc[known, f"y_{lab}"].sum()
+        mf = MetricFrame(metrics=roc_auc_score, y_true=test.loc[known, f"y_{lab}"], y_pred=test.loc[known, f"p_{lab}"],
+                         sensitive_features=test.loc[known, "sex"])
+        groups = rep.models["m"]["fairness"]["sex"][lab]["groups"]
+        for g in ("F", "M"):
+            assert groups[g]["auroc"]["estimate"] == pytest.approx(mf.by_group[g])
+        pp = rep.models["m"]["fairness"]["sex"][lab]["performance_parity"]
+        assert pp["F"]["estimate"] == pytest.approx(mf.by_group["F"] - mf.by_group["M"])  # two groups: F minus M
+        assert pp["F"]["ci_low"] < pp["F"]["estimate"] < pp["F"]["ci_high"]
+    macro = rep.models["m"]["utility"]["macro_auroc"]["estimate"]
+    assert macro == pytest.approx(np.mean([rep.models["m"]["utility"]["labels"][x]["auroc"]["estimate"] for x in LABELS]))
+    assert "age_group" in rep.models["m"]["fairness"]
+
+
+def test_performance_parity_with_several_groups_is_n_weighted():
+    df = make_predictions(n=1200, seed=5)
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=50))
+    fa = rep.models["m"]["fairness"]["age_group"]["a"]
+    aucs = {g: v["auroc"]["estimate"] for g, v in fa["groups"].items()}
+    ns = {g: v["n"] for g, v in fa["groups"].items()}
+    g = "81+"
+    others = [h for h in aucs if h != g]
+    expected = aucs[g] - np.average([aucs[h] for h in others], weights=[ns[h] for h in others])
+    assert fa["performance_parity"][g]["estimate"] == pytest.approx(expected)
+
+
+def test_paired_comparison_uses_the_same_resamples():
+    a = make_predictions(seed=0, shift=2.0)
+    b = a.copy()
+    b[[f"p_{x}" for x in LABELS]] = make_predictions(seed=0, shift=0.5)[[f"p_{x}" for x in LABELS]]
+    rep = run_audit({"strong": a, "weak": b}, reference="weak", config=AuditConfig(n_boot=300))
+    c = rep.data["comparisons"]["strong vs weak"]
+    ua = rep.models["strong"]["utility"]["macro_auroc"]["estimate"]
+    ub = rep.models["weak"]["utility"]["macro_auroc"]["estimate"]
+    assert c["macro_auroc_difference"]["estimate"] == pytest.approx(ua - ub)
+    assert c["macro_auroc_difference"]["ci_low"] > 0 and c["p_value"] < 0.01
+    # identical models: the paired difference is exactly zero in every resample
+    same = run_audit({"x": a, "y": a.copy()}, reference="y", config=AuditConfig(n_boot=100))
+    d = same.data["comparisons"]["x vs y"]["macro_auroc_difference"]
+    assert d["ci_low"] == d["ci_high"] == 0.0
+
+
+def test_json_roundtrip_and_tidy_frame(tmp_path):
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=50))
+    rep.to_json(tmp_path / "audit.json")
+    back = AuditReport.from_json(tmp_path / "audit.json")
+    assert back.data == json.loads(rep.to_json())
+    frame = back.to_frame()
+    assert {"model", "metric", "label", "group", "estimate", "ci_low", "ci_high"} <= set(frame.columns)
+    assert ((frame["metric"] == "auroc") & (frame["label"] == "macro") & frame["group"].isna()).sum() == 1
+    newer = tmp_path / "new.json"
+    newer.write_text('{"schema_version": 99}')
+    with pytest.raises(DataError, match="newer"):
+        AuditReport.from_json(newer)
+    (tmp_path / "trunc.json").write_text('{"schema_version": 1, "stu')
+    with pytest.raises(DataError, match="not valid JSON"):
+        AuditReport.from_json(tmp_path / "trunc.json")
+
+
+def test_single_class_group_gives_null_and_a_warning_not_a_crash():
+    df = make_predictions()
+    test_m = (df["split"] == "test") & (df["sex"] == "M")
+    df.loc[test_m, "y_b"] = 1
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=50))
+    grp = rep.models["m"]["fairness"]["sex"]["b"]["groups"]["M"]["auroc"]
+    assert grp["estimate"] is None and grp["ci_low"] is None
+    assert any("sex=M" in w and "one class" in w for w in rep.warnings)
+    assert "NaN" not in rep.to_json()
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.drop(columns=["p_a", "p_b"]), "p_<label>"),
+    (lambda d: d.assign(p_a=d["p_a"].where(d.index != 5, 1.5)), "p_a"),
+    (lambda d: d.assign(p_a=d["p_a"].where(d.index != 5, np.nan)), "NaN"),
+    (lambda d: d.assign(y_b=d["y_b"].astype(object).where(d.index != 2, "yes")), "y_b"),
+    (lambda d: d.assign(age=d["age"].astype(object).where(d.index != 2, "old")), "age"),
+    (lambda d: d.iloc[0:0], "no rows"),
+    (lambda d: d.assign(split="train"), "no rows with split 'test'"),
+])
+def test_bad_prediction_tables(mutate, needle):
+    with pytest.raises(DataError, match=needle.replace("(", r"\(").replace("<", "<")):
+        run_audit({"m": mutate(make_predictions())}, config=AuditConfig(n_boot=10))
+
+
+def test_mismatched_models_are_refused():
+    a, b = make_predictions(seed=0), make_predictions(seed=0)
+    b.loc[b["split"] == "test", "sample_id"] = b.loc[b["split"] == "test", "sample_id"] + "x"
+    with pytest.raises(DataError, match="same test samples"):
+        run_audit({"a": a, "b": b}, config=AuditConfig(n_boot=10))
