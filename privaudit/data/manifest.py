@@ -152,7 +152,7 @@ def validate_manifest(
         if bad.any() or (age < 0).any():
             i = int(np.flatnonzero((bad | (age < 0)).to_numpy())[0])
             raise DataError(f"{source}: column 'age' holds {str(out['age'].iloc[i])!r} (row {i + 2}); ages are years >= 0")
-        out["age"] = age
+        out["age"] = age.astype(float)
     root = Path(root)
     if check_files:
         paths = [root / p for p in out["path"]]
