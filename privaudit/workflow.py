@@ -116,14 +116,20 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
     return run_audit(preds, runs=runs, reference=reference, config=config, task=task)
 
 
-def audit_run(run_dir: Path, *, config: AuditConfig, force: bool = True) -> Path:
-    """Write ``audit.json`` and ``report.html`` into an existing run directory (replacing earlier ones)."""
+def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
+    """Write ``audit.json`` and ``report.html`` into a run directory, or a study directory (whose run
+    directories are audited together, compared against ``non_private`` when it is there)."""
     from privaudit.reports import write_report
 
     run_dir = Path(run_dir)
-    report = audit_run_dirs({run_dir.name or "model": run_dir}, config=config)
-    if (run_dir / "audit.json").exists() and not force:
-        raise ConfigError(f"{run_dir / 'audit.json'} exists; pass --force to replace it")
+    if (run_dir / "predictions.csv").is_file():
+        report = audit_run_dirs({run_dir.absolute().name: run_dir}, config=config)
+    else:
+        runs = {d.name: d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "predictions.csv").is_file()}
+        if not runs:
+            raise DataError(f"{run_dir}: no predictions.csv here or in its sub-folders; give a run or study "
+                            "directory written by privaudit, or use --predictions FILE")
+        report = audit_run_dirs(runs, config=config, reference="non_private" if "non_private" in runs else None)
     report.to_json(run_dir / "audit.json")
     write_report(run_dir / "audit.json")
     return run_dir / "audit.json"

@@ -37,6 +37,7 @@ def study(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("study") / "study"
-    res = invoke("train-and-audit", "cxr", "--backend", "opacus", *TINY, "--out", out)
+    # a larger cohort than TINY's 60, so that the test split holds both classes of every label
+    res = invoke("train-and-audit", "cxr", "--backend", "opacus", *TINY, "--n-samples", "160", "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     return out

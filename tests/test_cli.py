@@ -226,3 +226,17 @@ def test_out_holding_a_run_is_refused_unless_force(study: Path, cohort, tmp_path
     res = invoke("train", "cxr", *TINY[:-4], "--data", cohort, "--no-dp", "--seed", "1", "--out", out, "--force")
     assert res.exit_code == 0, res.stderr
     assert json.loads((out / "train.json").read_text())["seed"] == 1 and (out / "train.json").read_bytes() != old
+
+
+def test_audit_of_a_study_directory_compares_its_runs(study: Path, tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    (copy / "audit.json").unlink()
+    res = invoke("audit", copy, "--n-boot", "50")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads((copy / "audit.json").read_text())
+    assert set(doc["models"]) >= {"private", "non_private"} and "private vs non_private" in doc["comparisons"]
+    res = invoke("audit", copy / "data", "--n-boot", "10")
+    _one_line_error(res, "no predictions.csv")

@@ -36,12 +36,12 @@ def dp_accounting_epsilon(kind: str, *, noise_multiplier: float, sample_rate: fl
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
     acc = (rdp_privacy_accountant.RdpAccountant() if kind == "rdp"
            else pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3))
-    acc.compose(event)
-    # dp_accounting logs every RDP order that fails to converge at large sample rates; those orders are
-    # excluded from the minimum, which stays valid, so the log lines are noise for our users.
+    # dp_accounting logs every RDP order that fails to converge (while composing); those orders are excluded
+    # from the minimum, which stays valid, so the log lines are noise for our users.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+        acc.compose(event)
         return float(acc.get_epsilon(delta))
     finally:
         absl_logging.set_verbosity(verbosity)

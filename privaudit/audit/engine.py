@@ -270,7 +270,8 @@ def run_audit(
             "fairness": _fairness(study, name, boots),
             "privacy": _privacy(run, name, study.warnings),
         }
-        if not ((df["member"] == 1).any() and (df["member"] == 0).any()) if "member" in df else True:
+        member = df["member"] if "member" in df.columns else pd.Series(dtype=int)
+        if not ((member == 1).any() and (member == 0).any()):
             study.warnings.append(f"{name}: no members or no non-members in the prediction file, "
                                   "so membership-inference attacks cannot run")
     comparisons = {}

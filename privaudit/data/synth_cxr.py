@@ -107,17 +107,31 @@ LABEL_MODEL: dict[str, dict[str, float]] = {
 }
 COVARIATE_TERMS = ("age_per_decade", "male", "comorbidity")
 
+# How strongly each sign is drawn per unit of sign strength (attenuation units; lung vs soft tissue is 0.3).
+SIGN_AMPLITUDE: dict[str, float] = {
+    "cardiomegaly": 0.4,              # relative widening of the heart shadow
+    "congestion": 0.11,               # perihilar haze
+    "pleural_effusion": 0.35,         # fluid density (capped at strength 1)
+    "pneumonic_infiltrates": 0.45,    # each patch
+    "atelectasis": 0.7,               # plate-like band
+}
+ATELECTASIS_BAND_FRACTION = 0.65
+ATELECTASIS_LIFT = 0.2    # hemidiaphragm elevation per unit strength for volume-loss atelectasis
+
 LABEL_DOCS: dict[str, str] = {
-    "cardiomegaly": "heart shadow widened: its half-width is scaled by 1 + 0.32 x strength, raising the "
-                    "cardiothoracic ratio (normal width varies by about 7%)",
-    "congestion": "bilateral perihilar haze: Gaussian brightening around both hila (amplitude 0.16 x strength) "
-                  "with faint lower-zone haze",
-    "pleural_effusion": "basal opacity in one or both lungs with a meniscus-shaped upper edge that climbs "
-                        "laterally, blunting the costophrenic angle (height and density grow with strength)",
+    "cardiomegaly": f"heart shadow widened: its half-width is scaled by 1 + {SIGN_AMPLITUDE['cardiomegaly']} x "
+                    "strength, raising the cardiothoracic ratio (normal half-width varies 0.22-0.26)",
+    "congestion": f"bilateral perihilar haze: Gaussian brightening around both hila (amplitude "
+                  f"{SIGN_AMPLITUDE['congestion']} x strength) with faint lower-zone haze, over normal hilar "
+                  "vessels of varying density",
+    "pleural_effusion": "basal opacity in one (70%) or both lungs with a meniscus-shaped upper edge that climbs "
+                        "laterally, blunting the costophrenic angle; height and density (up to "
+                        f"{SIGN_AMPLITUDE['pleural_effusion']}) grow with strength",
     "pneumonic_infiltrates": "2-4 blurred, textured patchy opacities in one or both lung fields "
-                             "(amplitude 0.24 x strength each)",
-    "atelectasis": "either a thin plate-like band in a lower/mid zone (65%; amplitude 0.4 x strength) or volume "
-                   "loss: a raised hemidiaphragm with a faint basal opacity (35%)",
+                             f"(amplitude {SIGN_AMPLITUDE['pneumonic_infiltrates']} x strength each)",
+    "atelectasis": f"either a thin plate-like band in a lower/mid zone ({ATELECTASIS_BAND_FRACTION:.0%}; amplitude "
+                   f"{SIGN_AMPLITUDE['atelectasis']} x strength) or volume loss: a hemidiaphragm raised by "
+                   f"{ATELECTASIS_LIFT} x strength with a faint basal opacity",
 }
 
 # Sign strength = visibility(age, sex) * severity. Severity of a positive: with probability WEAK_FRACTION
@@ -234,7 +248,7 @@ def sample_cohort(n: int, *, seed: int = 0, public: bool = False) -> pd.DataFram
     Returns the manifest columns in order, labels as nullable integers (``<NA>`` = unknown). It is exactly
     the table :func:`synthesize_cxr` writes for the same arguments.
     """
-    _check_args(n, 16, seed)
+    _check_args(n, seed)
     return _draw_cohort(n, seed, PUBLIC if public else PRIVATE)[0]
 
 
@@ -365,11 +379,11 @@ def render_cxr(
             strength[label] = visibility * factor * _severity(rng)
 
     # Atelectasis is drawn either as a plate-like band or as volume loss of one lung.
-    atel_band = rng.random() < 0.65
+    atel_band = rng.random() < ATELECTASIS_BAND_FRACTION
     atel_side = rng.choice([-1.0, 1.0])
     lift = {-1.0: 0.0, 1.0: 0.0}   # hemidiaphragm elevation per side
     if "atelectasis" in strength and not atel_band:
-        lift[atel_side] = 0.2 * strength["atelectasis"]
+        lift[atel_side] = ATELECTASIS_LIFT * strength["atelectasis"]
 
     body = _ellipse(x, y, 0.0, 0.12, rng.uniform(0.82, 0.9), 1.15, 2 * edge)
     spine = expit((0.08 - np.abs(x)) / edge) * rng.uniform(0.04, 0.08)
@@ -383,10 +397,10 @@ def render_cxr(
         base = (0.52 if side < 0 else 0.56) + rng.normal(0, 0.03) - lift[side]
         dome = base - rng.uniform(0.1, 0.16) * np.exp(-(((x - side * 0.38) / 0.22) ** 2))
         mask = _ellipse(x, y, cx, -0.1, a, 0.66, edge) * expit((dome - y) / edge)
-        lung_side[side] = (mask, cx, a, base)
+        lung_side[side] = (cx, a, base)
         lungs = np.maximum(lungs, mask)
 
-    heart_w = rng.uniform(0.22, 0.26) * (1.0 + 0.36 * strength.get("cardiomegaly", 0.0))
+    heart_w = rng.uniform(0.22, 0.26) * (1.0 + SIGN_AMPLITUDE["cardiomegaly"] * strength.get("cardiomegaly", 0.0))
     heart = _ellipse(x, y, 0.1 + rng.normal(0, 0.02), 0.2, heart_w, rng.uniform(0.2, 0.24), edge)
     aerated = lungs * (1.0 - heart)   # the heart silhouettes the lung in front of it
 
@@ -402,36 +416,36 @@ def render_cxr(
     if "congestion" in strength:
         s = strength["congestion"]
         haze = sum(np.exp(-(((x - h * 0.24) / 0.2) ** 2 + ((y + 0.02) / 0.26) ** 2)) for h in (-1.0, 1.0))
-        opacity += 0.11 * s * haze + 0.04 * s * expit((y - 0.1) / 0.1)
+        opacity += SIGN_AMPLITUDE["congestion"] * s * (haze + 0.35 * expit((y - 0.1) / 0.1))
     if "pleural_effusion" in strength:
         s = strength["pleural_effusion"]
         sides = {0: (-1.0,), 1: (1.0,), 2: (-1.0, 1.0)}[int(rng.choice(3, p=[0.35, 0.35, 0.3]))]
         for side in sides:
-            mask, cx, a, base = lung_side[side]
+            cx, a, base = lung_side[side]
             lateral = np.clip(side * (x - cx) / a * 0.5 + 0.5, 0.0, 1.0)   # 0 medial .. 1 lateral
             height = 0.12 + 0.25 * min(s, 1.3)
             level = base - height * (0.7 + 0.7 * lateral ** 2)      # meniscus: fluid climbs laterally
             fluid = expit((y - level) / (1.5 * edge)) * _ellipse(x, y, cx, -0.1, a * 1.05, 0.72, edge)
-            opacity += 0.32 * min(s, 1.0) * fluid
+            opacity += SIGN_AMPLITUDE["pleural_effusion"] * min(s, 1.0) * fluid
     if "pneumonic_infiltrates" in strength:
         s = strength["pneumonic_infiltrates"]
         texture = 0.6 + 0.4 * np.tanh(gaussian_filter(_normal(rng, x), size / 64) * 2.0)
         for _ in range(int(rng.integers(2, 5))):
             side = rng.choice([-1.0, 1.0])
-            _, cx, a, _ = lung_side[side]
+            cx, a, _ = lung_side[side]
             bx, by = cx + rng.uniform(-0.7, 0.7) * a, rng.uniform(-0.5, 0.35)
             sigma = rng.uniform(0.07, 0.13)
-            opacity += 0.4 * s * texture * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * sigma ** 2))
+            opacity += SIGN_AMPLITUDE["pneumonic_infiltrates"] * s * texture * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * sigma ** 2))
     if "atelectasis" in strength:
         s = strength["atelectasis"]
-        _, cx, a, base = lung_side[atel_side]
+        cx, a, base = lung_side[atel_side]
         if atel_band:
             bx, by = cx + rng.uniform(-0.4, 0.4) * a, rng.uniform(0.05, 0.35)
             theta, half = rng.uniform(-0.35, 0.35), rng.uniform(0.1, 0.18)
             along = (x - bx) * math.cos(theta) + (y - by) * math.sin(theta)
             across = -(x - bx) * math.sin(theta) + (y - by) * math.cos(theta)
             dist = np.hypot(np.maximum(np.abs(along) - half, 0.0), across)
-            opacity += 0.65 * s * np.exp(-0.5 * (dist / 0.03) ** 2)
+            opacity += SIGN_AMPLITUDE["atelectasis"] * s * np.exp(-0.5 * (dist / 0.03) ** 2)
         else:
             opacity += 0.25 * s * _ellipse(x, y, cx, base - 0.12, a, 0.16, 0.05)
 
@@ -470,13 +484,13 @@ def _devices(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, px: float) 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_args(n: int, image_size: int, seed: int) -> None:
+def _check_args(n: int, seed: int, image_size: int | None = None) -> None:
     if int(n) < 10:
         raise ConfigError(f"n={n} is too small; a synthetic cohort needs at least 10 images for three splits")
-    if int(image_size) < 16:
-        raise ConfigError(f"image_size={image_size} is too small; use at least 16 pixels")
     if int(seed) < 0:
         raise ConfigError(f"seed={seed} must be >= 0")
+    if image_size is not None and int(image_size) < 16:
+        raise ConfigError(f"image_size={image_size} is too small; use at least 16 pixels")
 
 
 def _prevalence(frame: pd.DataFrame) -> dict[str, dict]:
@@ -559,6 +573,7 @@ def _cohort_record(
         "sign_strength": {
             "form": "strength = visibility(age, sex) * severity; each label's sign scales with strength",
             "severity": {"weak_fraction": WEAK_FRACTION, "weak_range": list(WEAK_SEVERITY), "range": list(SEVERITY)},
+            "amplitude_per_unit_strength": SIGN_AMPLITUDE,
             "note": "weak positives are near invisible, which caps the attainable AUROC",
         },
         "planted_effects": PLANTED_EFFECTS,
@@ -581,7 +596,7 @@ def synthesize_cxr(
     ``progress`` is called with the number of images written so far. The same arguments give
     byte-identical files.
     """
-    _check_args(n, image_size, seed)
+    _check_args(n, seed, image_size)
     design = PUBLIC if public else PRIVATE
     frame, truth = _draw_cohort(n, seed, design)
     out = Path(out)

@@ -1,0 +1,265 @@
+"""Tests for the synthetic chest-radiograph cohort (privaudit.data.synth_cxr)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.special import expit
+
+from privaudit.data.manifest import load_manifest
+from privaudit.data.synth_cxr import MANIFEST_COLUMNS, sample_cohort, synthesize_cxr
+from privaudit.errors import ConfigError
+from privaudit.tasks import AGE_GROUPS, age_group, create_task
+
+TASK = create_task("cxr")
+LABELS = TASK.labels
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """One small private cohort shared by the read-only tests; returns its folder."""
+    out = tmp_path_factory.mktemp("cxr")
+    synthesize_cxr(out, n=200, image_size=SIZE, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def frame(cohort) -> pd.DataFrame:
+    return pd.read_csv(cohort / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
+
+
+@pytest.fixture(scope="module")
+def record(cohort) -> dict:
+    return json.loads((cohort / "cohort.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pixels(cohort, frame) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(cohort / p), dtype=float) for p in frame["path"]])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path):
+    calls = []
+    a = synthesize_cxr(tmp_path / "a", n=60, image_size=SIZE, seed=3, progress=calls.append)
+    synthesize_cxr(tmp_path / "b", n=60, image_size=SIZE, seed=3)
+    synthesize_cxr(tmp_path / "c", n=60, image_size=SIZE, seed=4)
+    assert a == tmp_path / "a" / "manifest.csv"
+    assert calls == list(range(1, 61))
+    files_a, files_b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert len([k for k in files_a if k.endswith(".png")]) == 60
+    assert files_a == files_b
+    files_c = _files(tmp_path / "c")
+    assert files_c["manifest.csv"] != files_a["manifest.csv"]
+    # Sample ids coincide across seeds, so compare the images themselves.
+    common = [k for k in files_a if k.endswith(".png") and k in files_c]
+    assert common and all(files_a[k] != files_c[k] for k in common)
+
+
+def test_writes_into_an_existing_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    synthesize_cxr(tmp_path, n=20, image_size=16, seed=0)
+    assert (tmp_path / "keep.txt").read_text() == "x"
+    assert (tmp_path / "cohort.json").is_file()
+
+
+def test_manifest_loads_with_the_cxr_task(cohort, frame):
+    manifest = load_manifest(cohort / "manifest.csv", task=TASK)
+    assert len(manifest.frame) == 200
+    assert tuple(frame.columns) == MANIFEST_COLUMNS
+    assert frame["path"].str.fullmatch(r"images/.+\.png").all()
+    values = manifest.frame[list(LABELS)].to_numpy()
+    assert set(np.unique(values[~np.isnan(values)])) == {0.0, 1.0}
+    # About 2% of label cells are blank (unknown): 1000 cells here.
+    assert 3 <= np.isnan(values).sum() <= 50
+    assert set(frame["sex"]) == {"F", "M"}
+    assert set(frame["comorbidity"]) == {0, 1}
+    with Image.open(manifest.image_paths()[0]) as im:
+        assert im.mode == "L" and im.size == (SIZE, SIZE)
+
+
+def test_sample_cohort_is_the_written_table(frame):
+    drawn = sample_cohort(200, seed=1)
+    written = frame.copy()
+    for label in LABELS:
+        written[label] = written[label].astype("Int64")
+    pd.testing.assert_frame_equal(drawn.reset_index(drop=True), written, check_dtype=False)
+
+
+def test_splits_are_patient_level_with_70_10_20_fractions(frame):
+    assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
+    patients = frame.drop_duplicates("patient_id")["split"].value_counts(normalize=True)
+    assert patients["train"] == pytest.approx(0.7, abs=0.01)
+    assert patients["val"] == pytest.approx(0.1, abs=0.01)
+    assert patients["test"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_followup_images_share_the_patient(frame):
+    per_patient = frame.groupby("patient_id").size()
+    assert (per_patient > 1).sum() >= 10
+    assert per_patient.max() <= 3
+    assert frame.groupby("patient_id")[["sex", "comorbidity"]].nunique().max().max() == 1
+    same_findings = []
+    for _, rows in frame.groupby("patient_id"):
+        steps = np.diff(rows["age"].to_numpy())
+        assert ((steps >= 0) & (steps <= 2)).all()
+        labels = rows[list(LABELS)].to_numpy()
+        for prev, cur in zip(labels, labels[1:]):
+            known = ~np.isnan(prev) & ~np.isnan(cur)
+            same_findings.append(bool((prev[known] == cur[known]).all()))
+    assert np.mean(same_findings) >= 0.7
+
+
+def test_every_age_group_appears_and_comorbidity_rises_with_age(frame):
+    assert frame["age"].between(18, 95).all()
+    assert set(age_group(frame["age"])) == set(AGE_GROUPS)
+    big = sample_cohort(3000, seed=2)
+    groups = age_group(big["age"])
+    assert big.loc[groups == "81+", "comorbidity"].mean() > big.loc[groups.isin(["0-30", "31-60"]), "comorbidity"].mean() + 0.1
+
+
+def _prevalence_from(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    return {lab: (int((table[lab] == 1).sum()), int(table[lab].notna().sum())) for lab in LABELS}
+
+
+def test_cohort_json_matches_the_manifest(frame, record):
+    assert record["generator"] == "privaudit.data.synth_cxr" and record["generator_version"]
+    assert record["parameters"] == {"n": 200, "image_size": SIZE, "seed": 1, "public": False}
+    assert record["role"] == "private"
+    realised = record["realised"]
+    assert realised["n_images"] == len(frame)
+    assert realised["n_patients"] == frame["patient_id"].nunique()
+    tables = {"overall": (frame, realised["prevalence"])}
+    tables.update({s: (frame[frame["split"] == s], realised["splits"][s]["prevalence"]) for s in ("train", "val", "test")})
+    for name, (table, recorded) in tables.items():
+        for label, (n_pos, n_known) in _prevalence_from(table).items():
+            assert recorded[label]["n_positive"] == n_pos, (name, label)
+            assert recorded[label]["n_known"] == n_known, (name, label)
+            assert recorded[label]["prevalence"] == pytest.approx(n_pos / n_known, abs=1e-6)
+    for split in ("train", "val", "test"):
+        part = frame[frame["split"] == split]
+        assert realised["splits"][split]["n_images"] == len(part)
+        assert realised["splits"][split]["n_patients"] == part["patient_id"].nunique()
+
+
+def test_cohort_json_documents_labels_model_and_planted_effects(record):
+    assert set(record["labels"]) == set(LABELS) and all(record["labels"].values())
+    assert list(record["prevalence_model"]["coefficients"]) == list(LABELS)
+    effects = record["planted_effects"]
+    assert len(effects) >= 2
+    by_name = {e["name"]: e for e in effects}
+    age = by_name["age_image_quality"]
+    assert age["attribute"] == "age_group" and age["expected_lower_auroc"] == "81+"
+    assert all(e["description"] and e["parameters"] and e["labels"] for e in effects)
+    # The planted age effect is realised: positives' signs are fainter for 81+ than for 31-60 (averaged over
+    # labels, as a 200-image cohort has few positives per label and group).
+    strength = record["realised"]["mean_sign_strength_of_positives_by_age_group"]
+    assert np.mean([strength[lab]["81+"] for lab in LABELS]) < 0.85 * np.mean([strength[lab]["31-60"] for lab in LABELS])
+
+
+def _model_prevalence(table: pd.DataFrame, coefficients: dict) -> dict[str, float]:
+    """Expected prevalence under the documented logistic model, enumerating all label combinations."""
+    terms = {
+        "age_per_decade": (table["age"].to_numpy(float) - 60) / 10,
+        "male": (table["sex"] == "M").to_numpy(float),
+        "comorbidity": table["comorbidity"].to_numpy(float),
+    }
+    expected = dict.fromkeys(LABELS, 0.0)
+    for combo in range(2 ** len(LABELS)):
+        bits = {lab: (combo >> j) & 1 for j, lab in enumerate(LABELS)}
+        joint = np.ones(len(table))
+        for lab in LABELS:
+            coefs = coefficients[lab]
+            z = coefs["intercept"] + sum(c * (terms[t] if t in terms else bits[t]) for t, c in coefs.items() if t != "intercept")
+            p = expit(z)
+            joint *= p if bits[lab] else 1 - p
+        for lab in LABELS:
+            expected[lab] += bits[lab] * joint.mean()
+    return expected
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_prevalence_follows_the_documented_model(record, public):
+    big = sample_cohort(4000, seed=5, public=public)
+    expected = _model_prevalence(big, record["prevalence_model"]["coefficients"])
+    # Follow-ups repeat findings, so count patients rather than images for the binomial error.
+    n_eff = big["patient_id"].nunique()
+    for label in LABELS:
+        realised = big[label].mean()
+        p = expected[label]
+        assert abs(realised - p) < 4 * np.sqrt(p * (1 - p) / n_eff), (label, realised, p)
+    groups = age_group(big["age"])
+    for label in ("cardiomegaly", "pleural_effusion"):   # rise with age
+        assert big.loc[groups == "81+", label].mean() > big.loc[groups == "31-60", label].mean()
+    # Congestion is correlated with cardiomegaly and effusion.
+    known = big[list(LABELS)].dropna().astype(float)
+    assert known["congestion"].corr(known["cardiomegaly"]) > 0.1
+    assert known["congestion"].corr(known["pleural_effusion"]) > 0.1
+
+
+def test_public_cohort_is_a_different_younger_population(tmp_path):
+    synthesize_cxr(tmp_path, n=30, image_size=16, seed=1, public=True)
+    record = json.loads((tmp_path / "cohort.json").read_text())
+    assert record["role"] == "public" and record["parameters"]["public"] is True
+    public = sample_cohort(3000, seed=1, public=True)
+    private = sample_cohort(3000, seed=1)
+    assert public["patient_id"].str.startswith("PUB").all() and private["patient_id"].str.startswith("PRV").all()
+    assert public["age"].mean() < private["age"].mean() - 3
+    assert abs((public["sex"] == "M").mean() - 0.5) < abs((private["sex"] == "M").mean() - 0.5)
+
+
+def _region(pixels: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
+    """Mean intensity per image of a box given in normalised coordinates (-1..1, y down)."""
+    def index(v: float) -> int:
+        return int((v + 1) / 2 * SIZE)
+    return pixels[:, index(y0):index(y1), index(x0):index(x1)].mean(axis=(1, 2))
+
+
+def _difference_z(values: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
+    a, b = values[positive], values[negative]
+    return (a.mean() - b.mean()) / np.sqrt(a.var() / len(a) + b.var() / len(b))
+
+
+def test_lung_fields_are_darker_than_the_mediastinum(pixels):
+    lungs = (_region(pixels, -0.55, -0.25, -0.45, -0.15) + _region(pixels, 0.25, 0.55, -0.45, -0.15)) / 2
+    mediastinum = _region(pixels, -0.06, 0.06, -0.6, -0.35)
+    assert (lungs < mediastinum - 20).mean() > 0.95
+    # Not noise: neighbouring pixels are strongly correlated.
+    flat = pixels - pixels.mean(axis=(1, 2), keepdims=True)
+    assert np.corrcoef(flat[:, :, :-1].ravel(), flat[:, :, 1:].ravel())[0, 1] > 0.7
+
+
+def test_cardiomegaly_widens_the_bright_heart_region(frame, pixels):
+    lungs = (_region(pixels, -0.55, -0.25, -0.45, -0.15) + _region(pixels, 0.25, 0.55, -0.45, -0.15)) / 2
+    mediastinum = _region(pixels, -0.06, 0.06, -0.6, -0.35)
+    threshold = (lungs + mediastinum) / 2
+    # Bright pixels per row across the chest at heart level.
+    rows = pixels[:, int(1.05 / 2 * SIZE):int(1.35 / 2 * SIZE), int(0.4 / 2 * SIZE):int(1.7 / 2 * SIZE)]
+    width = (rows > threshold[:, None, None]).sum(axis=2).mean(axis=1)
+    label = frame["cardiomegaly"]
+    assert width[label == 1].mean() > width[label == 0].mean() + 0.5
+    assert _difference_z(width, (label == 1).to_numpy(), (label == 0).to_numpy()) > 3
+
+
+def test_effusion_brightens_the_lung_bases(frame, pixels):
+    lungs = (_region(pixels, -0.55, -0.25, -0.45, -0.15) + _region(pixels, 0.25, 0.55, -0.45, -0.15)) / 2
+    mediastinum = _region(pixels, -0.06, 0.06, -0.6, -0.35)
+    bases = (_region(pixels, -0.7, -0.4, 0.3, 0.5) + _region(pixels, 0.4, 0.7, 0.3, 0.5)) / 2
+    relative = (bases - lungs) / (mediastinum - lungs)   # 0 = as dark as the lungs, 1 = as bright as soft tissue
+    label = frame["pleural_effusion"]
+    assert _difference_z(relative, (label == 1).to_numpy(), (label == 0).to_numpy()) > 3
+
+
+@pytest.mark.parametrize("kwargs", [{"n": 5}, {"image_size": 8}, {"seed": -1}])
+def test_rejects_unusable_arguments(tmp_path, kwargs):
+    with pytest.raises(ConfigError):
+        synthesize_cxr(tmp_path, **{"n": 20, **kwargs})
