@@ -1,0 +1,251 @@
+"""Group fairness of hard predictions, correlations, and the verdict on whether DP amplifies unfairness.
+
+Selection metrics follow aif360's convention, *unprivileged minus privileged* (and unprivileged over
+privileged for the ratio), with the formulas of ``aif360.metrics.ClassificationMetric`` and
+``aif360.sklearn.metrics``:
+
+* statistical parity difference  ``SPD = P(yhat=1 | unpriv) - P(yhat=1 | priv)``
+* disparate impact               ``DI  = P(yhat=1 | unpriv) / P(yhat=1 | priv)``
+* equal opportunity difference   ``EOD = TPR_unpriv - TPR_priv``
+* average odds difference        ``AOD = ((FPR_unpriv - FPR_priv) + (TPR_unpriv - TPR_priv)) / 2``
+
+They are computed like the AUROC in :mod:`privaudit.audit.utility`: every bootstrap resample is a row of
+``W`` (shape ``(B, n)``, how often each sample was drawn), so one matrix product gives the weighted confusion
+counts of every group in every resample, and a metric that is undefined in a resample (an empty group, a
+group without positives) is ``nan`` there instead of an exception. This module needs numpy and scipy only;
+aif360 is the reference it is tested against, not a dependency at run time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+SELECTION_METRICS = ("statistical_parity_difference", "disparate_impact", "equal_opportunity_difference",
+                     "average_odds_difference")
+REST = "rest"  # the privileged side of a one-vs-rest comparison
+
+# Per-group weighted counts, in the column order of the count matrix.
+_N, _SEL, _POS, _TP = range(4)
+
+
+def _known(groups: np.ndarray) -> np.ndarray:
+    """Mask of samples whose group is known (not ``None`` and not a float ``nan``)."""
+    if groups.dtype.kind == "f":
+        return ~np.isnan(groups)
+    if groups.dtype.kind == "O":
+        return np.array([g is not None and not (isinstance(g, float) and np.isnan(g)) for g in groups], dtype=bool)
+    return np.ones(len(groups), dtype=bool)
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` elementwise, ``nan`` where ``den`` is 0."""
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _rates(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Selection rate, TPR and FPR from counts ``c[..., (n, selected, positives, true positives)]``."""
+    n, sel, pos, tp = c[..., _N], c[..., _SEL], c[..., _POS], c[..., _TP]
+    return _divide(sel, n), _divide(tp, pos), _divide(sel - tp, n - pos)
+
+
+def _metrics(cu: np.ndarray, cp: np.ndarray) -> dict[str, np.ndarray]:
+    """The four selection metrics from the unprivileged (``cu``) and privileged (``cp``) counts."""
+    sr_u, tpr_u, fpr_u = _rates(cu)
+    sr_p, tpr_p, fpr_p = _rates(cp)
+    return {
+        "statistical_parity_difference": sr_u - sr_p,
+        "disparate_impact": _divide(sr_u, sr_p),
+        "equal_opportunity_difference": tpr_u - tpr_p,
+        "average_odds_difference": ((fpr_u - fpr_p) + (tpr_u - tpr_p)) / 2,
+    }
+
+
+def selection_metrics(y: np.ndarray, yhat: np.ndarray, groups: np.ndarray, privileged: object | None,
+                      W: np.ndarray) -> dict[object, dict]:
+    """SPD, DI, EOD and AOD of hard predictions, at the point and in every bootstrap resample.
+
+    ``y`` are the binary labels (``nan`` = unknown), ``yhat`` the hard predictions ``(p >= threshold)``,
+    ``groups`` the attribute value of each sample (``None``/``nan`` = unknown) and ``W`` the ``(B, n)``
+    resample counts (:attr:`~privaudit.audit.utility.Resampler.weights`). Samples with an unknown label or
+    group are left out of every metric, so the four metrics describe the same samples.
+
+    Comparisons (aif360's convention, unprivileged minus privileged):
+
+    * exactly two groups present and ``privileged`` one of them: one comparison, the other group as
+      unprivileged against ``privileged``;
+    * otherwise (more than two groups, or no ``privileged`` given): each group as unprivileged against all
+      the other groups together, reported with ``"privileged": "rest"``.
+
+    Returns ``{unprivileged group: entry}`` (empty when fewer than two groups are present), where ``entry``
+    holds ``"unprivileged"``, ``"privileged"`` (a group or ``"rest"``), the point counts ``n_unprivileged``,
+    ``n_privileged``, ``n_pos_unprivileged``, ``n_pos_privileged``, and for each name in
+    :data:`SELECTION_METRICS` a dict ``{"estimate": float, "boot": (B,) array}``: the estimate uses every
+    sample once (``W`` = ones), ``boot[b]`` uses the weights ``W[b]``. A metric is ``nan`` where it is
+    undefined: a side without samples (SPD, DI, EOD, AOD), a privileged selection rate of 0 (DI), a side
+    without positives (EOD, AOD) or without negatives (AOD).
+    """
+    y = np.asarray(y, dtype=float)
+    yhat = np.asarray(yhat)
+    groups = np.asarray(groups)
+    W = np.atleast_2d(np.asarray(W, dtype=float))
+    n = len(y)
+    if yhat.shape != (n,) or groups.shape != (n,) or W.shape[1] != n:
+        raise ValueError(f"y, yhat and groups must be 1-D of one length and W (B, n); got {y.shape}, "
+                         f"{yhat.shape}, {groups.shape}, {W.shape}")
+    if not np.isin(y[~np.isnan(y)], (0.0, 1.0)).all():
+        raise ValueError("y must hold 0, 1 or nan")
+    if not np.isin(yhat, (0, 1)).all():
+        raise ValueError("yhat must hold 0 or 1 (hard predictions, e.g. p >= threshold)")
+    keep = _known(groups) & ~np.isnan(y)
+    present = sorted(set(groups[keep].tolist()))
+    if len(present) < 2:
+        return {}
+    pos = keep & (y == 1)
+    sel = keep & (yhat == 1)
+    # (n, 4 G) indicators: for each group, membership, selected, positive, true positive
+    M = np.empty((n, 4, len(present)))
+    for k, g in enumerate(present):
+        member = keep & (groups == g)
+        M[:, _N, k], M[:, _SEL, k], M[:, _POS, k], M[:, _TP, k] = member, member & sel, member & pos, member & pos & sel
+    M = M.reshape(n, -1)
+    point = M.sum(axis=0).reshape(4, -1).T      # (G, 4)
+    boot = (W @ M).reshape(-1, 4, len(present)).transpose(0, 2, 1)  # (B, G, 4)
+
+    one_vs_rest = not (len(present) == 2 and privileged in present)
+    out = {}
+    for k, g in enumerate(present):
+        if one_vs_rest:
+            pu, pp = point[k], point.sum(axis=0) - point[k]
+            bu, bp = boot[:, k], boot.sum(axis=1) - boot[:, k]
+        elif g == privileged:
+            continue
+        else:
+            pu, pp, bu, bp = point[k], point[1 - k], boot[:, k], boot[:, 1 - k]
+        est, bs = _metrics(pu, pp), _metrics(bu, bp)
+        out[g] = {"unprivileged": g, "privileged": REST if one_vs_rest else privileged,
+                  "n_unprivileged": int(pu[_N]), "n_privileged": int(pp[_N]),
+                  "n_pos_unprivileged": int(pu[_POS]), "n_pos_privileged": int(pp[_POS]),
+                  **{m: {"estimate": float(est[m]), "boot": bs[m]} for m in SELECTION_METRICS}}
+    return out
+
+
+def pearson_r(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
+              confidence: float = 0.95) -> dict:
+    """Pearson's r with its two-sided p-value and Fisher-z CI (``scipy.stats.pearsonr``).
+
+    Pairs where either value is not finite are dropped first. Returns ``{"r", "p_value", "ci_low",
+    "ci_high", "n", "reason"}``; when r is undefined or unreliable (fewer than 4 pairs, where the Fisher-z
+    standard error ``1/sqrt(n - 3)`` is undefined, or a constant or nearly constant input, where scipy
+    warns) the four statistics are ``None`` and ``reason`` says why, for the caller to report as a
+    warning; otherwise ``reason`` is ``None``.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of one length; got {x.shape} and {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = int(ok.sum())
+    out = {"r": None, "p_value": None, "ci_low": None, "ci_high": None, "n": n, "reason": None}
+    if n < 4:
+        out["reason"] = f"only {n} complete pairs (Pearson's r and its CI need at least 4)"
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", stats.ConstantInputWarning)
+        warnings.simplefilter("error", stats.NearConstantInputWarning)
+        try:
+            res = stats.pearsonr(x, y)
+        except (stats.ConstantInputWarning, stats.NearConstantInputWarning) as w:
+            out["reason"] = f"Pearson's r is undefined or unreliable: {w}"
+            return out
+    ci = res.confidence_interval(confidence_level=confidence)
+    out.update(r=float(res.statistic), p_value=float(res.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+    return out
+
+
+def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control), ``nan`` for a missing p-value.
+
+    With the ``m`` finite p-values sorted, ``p_(1) <= ... <= p_(m)``, the adjusted value of ``p_(i)`` is
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``; rejecting where the adjusted value is ``<= alpha`` is Holm's
+    procedure at level ``alpha``. Missing values (``None``/``nan``) are not tests and do not count in ``m``.
+    """
+    p = np.array([np.nan if v is None else v for v in p_values], dtype=float)
+    finite = ~np.isnan(p)
+    if ((p[finite] < 0) | (p[finite] > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    idx = np.flatnonzero(finite)
+    order = idx[np.argsort(p[idx], kind="mergesort")]
+    m = len(order)
+    adjusted = np.full(len(p), np.nan)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
+def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float | None],
+               change_ci_high: Sequence[float | None], p_values: Sequence[float | None], margin: float = 0.02,
+               alpha: float = 0.05, *, names: Sequence[str] | None = None) -> dict:
+    """Does DP amplify unfairness for one attribute? ``"yes"``, ``"no"`` or ``"inconclusive"``.
+
+    Each input has one entry per change in a parity gap (private minus non-private ``|gap|``, one per label
+    and group; ``names`` labels them, e.g. ``"Effusion/F"``), ``None``/``nan`` where undefined:
+
+    * ``"yes"`` if some change is positive (``change_est > 0``) and significant after Holm's adjustment
+      of ``p_values`` (paired bootstrap p-values, :func:`~privaudit.audit.utility.paired_p_value`):
+      adjusted p ``<= alpha``;
+    * otherwise ``"no"`` if every change is equivalent to zero by TOST (two one-sided tests at level
+      ``alpha`` against ``-margin`` and ``+margin``): its ``(1 - 2 alpha)`` CI lies within
+      ``[-margin, +margin]``;
+    * otherwise ``"inconclusive"``.
+
+    TOST at level ``alpha`` uses the ``(1 - 2 alpha)`` interval, i.e. the **90% CI for alpha = 0.05**, not the
+    95% CI reported beside the estimates: the caller passes the percentile bounds
+    ``percentile_ci(change_boot, 1 - 2 * alpha)`` of each change's paired bootstrap samples.
+
+    Returns ``{"answer", "margin", "alpha", "p_value_adjusted" (list aligned with the inputs, None where
+    undefined), "reason"}``, the reason one sentence naming the change that decided the answer.
+    """
+    est, lo, hi = (np.array([np.nan if v is None else v for v in a], dtype=float)
+                   for a in (change_est, change_ci_low, change_ci_high))
+    k = len(est)
+    names = [f"change {i}" for i in range(k)] if names is None else list(names)
+    if not (len(lo) == len(hi) == len(p_values) == len(names) == k):
+        raise ValueError("change_est, change_ci_low, change_ci_high, p_values and names must have one length")
+    if not margin > 0 or not 0 < alpha < 0.5:
+        raise ValueError(f"need margin > 0 and 0 < alpha < 0.5; got margin={margin}, alpha={alpha}")
+    adj = holm(p_values)
+    out = {"answer": "inconclusive", "margin": margin, "alpha": alpha,
+           "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": ""}
+    level = f"{1 - 2 * alpha:.0%}"
+    if k == 0:
+        out["reason"] = "there are no parity-gap changes to judge."
+        return out
+    significant = (est > 0) & (adj <= alpha)  # False where either is nan
+    if significant.any():
+        cand = np.flatnonzero(significant)
+        i = cand[np.lexsort((-est[cand], adj[cand]))[0]]  # smallest adjusted p, then the largest increase
+        out["answer"] = "yes"
+        out["reason"] = (f"{significant.sum()} of {k} parity gaps widened significantly (Holm, alpha={alpha}), "
+                         f"led by {names[i]} with a change of {est[i]:+.4f} (adjusted p={adj[i]:.3g}).")
+        return out
+    undefined = np.flatnonzero(np.isnan(lo) | np.isnan(hi))
+    if len(undefined):
+        out["reason"] = (f"no gap widened significantly, but {names[undefined[0]]} has no {level} CI, so "
+                         f"equivalence within ±{margin} cannot be shown for every change.")
+        return out
+    excess = np.maximum(hi - margin, -margin - lo)  # > 0 where the CI leaves [-margin, margin]
+    i = int(np.argmax(excess))
+    if excess[i] <= 0:
+        out["answer"] = "no"
+        out["reason"] = (f"all {k} changes have their {level} CIs within ±{margin} (TOST, alpha={alpha}); the "
+                         f"closest to the bound is {names[i]} with [{lo[i]:+.4f}, {hi[i]:+.4f}].")
+    else:
+        out["reason"] = (f"no gap widened significantly (Holm, alpha={alpha}), but the {level} CI of {names[i]}, "
+                         f"[{lo[i]:+.4f}, {hi[i]:+.4f}], is not within ±{margin}.")
+    return out
