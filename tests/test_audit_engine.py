@@ -205,3 +205,16 @@ def test_mismatched_models_are_refused():
     b.loc[b["split"] == "test", "sample_id"] = b.loc[b["split"] == "test", "sample_id"] + "x"
     with pytest.raises(DataError, match="same test samples"):
         run_audit({"a": a, "b": b}, config=AuditConfig(n_boot=10))
+
+
+def test_no_members_gives_null_attacks_with_a_warning():
+    df = make_predictions()
+    df["member"] = 0
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=10))
+    assert rep.models["m"]["privacy"]["attacks"] is None
+    assert any("attacks are null" in w and "0 members" in w for w in rep.warnings)
+    rep.validate()
+    full = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    loss = full.models["m"]["privacy"]["attacks"]["loss"]
+    assert loss["n_members"] == loss["n_nonmembers"] > 0  # balanced
+    assert set(loss["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}

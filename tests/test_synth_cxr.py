@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy.special import expit
+from scipy.stats import mannwhitneyu
 
 from privaudit.data.manifest import load_manifest
-from privaudit.data.synth_cxr import MANIFEST_COLUMNS, sample_cohort, synthesize_cxr
+from privaudit.data.synth_cxr import MANIFEST_COLUMNS, render_cxr, sample_cohort, synthesize_cxr
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group, create_task
 
@@ -124,7 +125,9 @@ def test_every_age_group_appears_and_comorbidity_rises_with_age(frame):
     assert set(age_group(frame["age"])) == set(AGE_GROUPS)
     big = sample_cohort(3000, seed=2)
     groups = age_group(big["age"])
-    assert big.loc[groups == "81+", "comorbidity"].mean() > big.loc[groups.isin(["0-30", "31-60"]), "comorbidity"].mean() + 0.1
+    oldest = big.loc[groups == "81+", "comorbidity"].mean()
+    under_61 = big.loc[groups.isin(["0-30", "31-60"]), "comorbidity"].mean()
+    assert oldest > under_61 + 0.1
 
 
 def _prevalence_from(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
@@ -139,7 +142,8 @@ def test_cohort_json_matches_the_manifest(frame, record):
     assert realised["n_images"] == len(frame)
     assert realised["n_patients"] == frame["patient_id"].nunique()
     tables = {"overall": (frame, realised["prevalence"])}
-    tables.update({s: (frame[frame["split"] == s], realised["splits"][s]["prevalence"]) for s in ("train", "val", "test")})
+    for split in ("train", "val", "test"):
+        tables[split] = (frame[frame["split"] == split], realised["splits"][split]["prevalence"])
     for name, (table, recorded) in tables.items():
         for label, (n_pos, n_known) in _prevalence_from(table).items():
             assert recorded[label]["n_positive"] == n_pos, (name, label)
@@ -160,10 +164,11 @@ def test_cohort_json_documents_labels_model_and_planted_effects(record):
     age = by_name["age_image_quality"]
     assert age["attribute"] == "age_group" and age["expected_lower_auroc"] == "81+"
     assert all(e["description"] and e["parameters"] and e["labels"] for e in effects)
-    # The planted age effect is realised: positives' signs are fainter for 81+ than for 31-60 (averaged over
-    # labels, as a 200-image cohort has few positives per label and group).
+    # The realised sign strengths are recorded: fainter for 81+ than for 31-60 (averaged over labels, as a
+    # 200-image cohort has few positives per label and group).
     strength = record["realised"]["mean_sign_strength_of_positives_by_age_group"]
-    assert np.mean([strength[lab]["81+"] for lab in LABELS]) < 0.85 * np.mean([strength[lab]["31-60"] for lab in LABELS])
+    oldest, middle = (np.mean([strength[lab][group] for lab in LABELS]) for group in ("81+", "31-60"))
+    assert 0 < oldest < middle
 
 
 def _model_prevalence(table: pd.DataFrame, coefficients: dict) -> dict[str, float]:
@@ -179,7 +184,9 @@ def _model_prevalence(table: pd.DataFrame, coefficients: dict) -> dict[str, floa
         joint = np.ones(len(table))
         for lab in LABELS:
             coefs = coefficients[lab]
-            z = coefs["intercept"] + sum(c * (terms[t] if t in terms else bits[t]) for t, c in coefs.items() if t != "intercept")
+            z = coefs["intercept"] + sum(
+                c * (terms[t] if t in terms else bits[t]) for t, c in coefs.items() if t != "intercept"
+            )
             p = expit(z)
             joint *= p if bits[lab] else 1 - p
         for lab in LABELS:
@@ -224,9 +231,13 @@ def _region(pixels: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> n
     return pixels[:, index(y0):index(y1), index(x0):index(x1)].mean(axis=(1, 2))
 
 
-def _difference_z(values: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
-    a, b = values[positive], values[negative]
-    return (a.mean() - b.mean()) / np.sqrt(a.var() / len(a) + b.var() / len(b))
+def _separation(values: np.ndarray, label: pd.Series) -> tuple[float, float]:
+    """AUROC of ``values`` for the label and the one-sided Mann-Whitney p-value; rank-based, so a few
+    extreme images cannot dominate."""
+    positive = values[(label == 1).to_numpy()]
+    negative = values[(label == 0).to_numpy()]
+    test = mannwhitneyu(positive, negative, alternative="greater")
+    return test.statistic / (len(positive) * len(negative)), test.pvalue
 
 
 def test_lung_fields_are_darker_than_the_mediastinum(pixels):
@@ -247,16 +258,69 @@ def test_cardiomegaly_widens_the_bright_heart_region(frame, pixels):
     width = (rows > threshold[:, None, None]).sum(axis=2).mean(axis=1)
     label = frame["cardiomegaly"]
     assert width[label == 1].mean() > width[label == 0].mean() + 0.5
-    assert _difference_z(width, (label == 1).to_numpy(), (label == 0).to_numpy()) > 3
+    auroc, p_value = _separation(width, label)
+    assert auroc > 0.65 and p_value < 1e-4
 
 
 def test_effusion_brightens_the_lung_bases(frame, pixels):
     lungs = (_region(pixels, -0.55, -0.25, -0.45, -0.15) + _region(pixels, 0.25, 0.55, -0.45, -0.15)) / 2
     mediastinum = _region(pixels, -0.06, 0.06, -0.6, -0.35)
-    bases = (_region(pixels, -0.7, -0.4, 0.3, 0.5) + _region(pixels, 0.4, 0.7, 0.3, 0.5)) / 2
+    bases = (_region(pixels, -0.7, -0.35, 0.15, 0.4) + _region(pixels, 0.35, 0.7, 0.15, 0.4)) / 2
     relative = (bases - lungs) / (mediastinum - lungs)   # 0 = as dark as the lungs, 1 = as bright as soft tissue
-    label = frame["pleural_effusion"]
-    assert _difference_z(relative, (label == 1).to_numpy(), (label == 0).to_numpy()) > 3
+    auroc, p_value = _separation(relative, frame["pleural_effusion"])
+    assert auroc > 0.6 and p_value < 1e-2
+
+
+# Where each finding's sign must appear and where it must not, as boxes (x0, x1, y0, y1) in normalised
+# coordinates (x: -1 image left .. 1, y: -1 top .. 1); the heart lies right of centre, the lungs at |x| ~ 0.4.
+UPPER_ZONES = [(-0.6, -0.2, -0.7, -0.4), (0.2, 0.6, -0.7, -0.4)]
+SIGN_REGIONS = {
+    "cardiomegaly": ([(-0.5, 0.6, 0.0, 0.5)], UPPER_ZONES),
+    "congestion": ([(-0.45, -0.15, -0.3, 0.0), (0.15, 0.45, -0.3, 0.0)], UPPER_ZONES),   # bilateral, hilar
+    "pleural_effusion": ([(-0.7, -0.3, 0.2, 0.5), (0.3, 0.7, 0.2, 0.5)], UPPER_ZONES + [(-0.45, 0.45, -0.25, 0.0)]),
+    "pneumonic_infiltrates": ([(-0.6, -0.15, -0.5, 0.4), (0.15, 0.6, -0.5, 0.4)], [(-1.0, -0.9, -1.0, -0.5)]),
+    "atelectasis": ([(-0.7, -0.1, 0.0, 0.5), (0.1, 0.7, 0.0, 0.5)], UPPER_ZONES),
+}
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_each_finding_draws_its_sign_where_documented(label):
+    """Same patients with and without one finding: the difference image is the sign alone."""
+    j = LABELS.index(label)
+    differences = []
+    for seed in range(8):
+        row = {"age": 40, "sex": "M", "comorbidity": 0}
+        truth = np.zeros(len(LABELS), dtype=int)
+        without, _ = render_cxr(row, truth, np.random.default_rng(seed), SIZE)
+        truth[j] = 1
+        with_finding, strength = render_cxr(row, truth, np.random.default_rng(seed), SIZE)
+        assert set(strength) == {label}
+        differences.append(with_finding.astype(float) - without)
+    differences = np.stack(differences)
+    assert differences.min() >= -2   # signs add density; -1 or -2 is rounding at the sign's edge
+    assert np.median(differences.max(axis=(1, 2))) > 20
+    there, elsewhere = SIGN_REGIONS[label]
+    outside = max(_region(differences, *box).mean() for box in elsewhere)
+    inside = [_region(differences, *box).mean() for box in there]
+    assert min(inside) > 1.0 and min(inside) > 3 * outside, (inside, outside)
+    if label == "congestion":   # bilateral: neither side more than twice the other
+        assert max(inside) < 2 * min(inside), inside
+
+
+def test_the_same_patient_is_harder_to_read_when_old():
+    """The planted age effect, isolated: one patient and findings, drawn with the same random stream."""
+    truth = np.ones(len(LABELS), dtype=int)
+    images, strengths = {}, {}
+    for age in (40, 88):
+        row = {"age": age, "sex": "M", "comorbidity": 0}
+        images[age], strengths[age] = render_cxr(row, truth, np.random.default_rng(7), 64)
+    assert set(strengths[40]) == set(LABELS)
+    for label in LABELS:
+        assert strengths[88][label] < 0.8 * strengths[40][label]
+    young, old = (images[a].astype(float) for a in (40, 88))
+    assert old.std() < young.std()   # lower contrast
+    # More pixel noise: larger differences between horizontal neighbours.
+    assert np.abs(np.diff(old, axis=1)).mean() > 1.2 * np.abs(np.diff(young, axis=1)).mean()
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 5}, {"image_size": 8}, {"seed": -1}])

@@ -185,8 +185,46 @@ def _fairness(study: _Study, name: str, boots: dict) -> dict:
     return out
 
 
-def _privacy(run: dict | None, name: str, warnings: list[str]) -> dict:
-    block = {"accountant": None, "attacks": None, "empirical_epsilon": None, "soundness": None}
+def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges) -> dict | None:
+    """Threshold membership-inference attacks on members against an equal number of non-members."""
+    from privaudit.audit.privacy import attack_metrics, loss_attack_scores
+
+    member = df["member"].to_numpy() if "member" in df.columns else np.zeros(0)
+    n_in, n_out = int((member == 1).sum()), int((member == 0).sum())
+    if n_in == 0 or n_out == 0:
+        warnings.append(f"{name}: membership-inference attacks are null: the prediction file has {n_in} members "
+                        f"and {n_out} non-members, and an attack needs both")
+        return None
+    rng = np.random.default_rng(seed)
+    k = min(n_in, n_out)
+    idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
+    idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
+    rows = np.r_[idx_in, idx_out]
+    groups = {}
+    if "sex" in df.columns:
+        groups["sex"] = df["sex"].to_numpy(dtype=object)[rows]
+    if "age" in df.columns:
+        groups["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy()[rows]
+    for col in ("comorbidity", "site"):
+        if col in df.columns:
+            groups[col] = df[col].astype(str).where(df[col].notna(), None).to_numpy(dtype=object)[rows]
+    scores = loss_attack_scores(df, labels)
+    if "loss" not in scores:
+        warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
+                        "attack uses the labels and probabilities instead")
+    attacks = {"loss": None}
+    for attack, sc in scores.items():
+        res, warns = attack_metrics(sc[idx_in], sc[idx_out], groups=groups)
+        attacks[attack] = res
+        if attack == "loss":
+            warnings.extend(f"{name}: loss attack: {w}" for w in warns)
+    return attacks
+
+
+def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
+             age_edges) -> dict:
+    block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges),
+             "empirical_epsilon": None, "soundness": None}
     if not run or not run.get("dp"):
         return block
     acc = {k: run.get(k) for k in PRIVACY_KEYS}
@@ -268,12 +306,8 @@ def run_audit(
             "run": run_block,
             "utility": _utility(study, name, boots),
             "fairness": _fairness(study, name, boots),
-            "privacy": _privacy(run, name, study.warnings),
+            "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed, age_edges=age_edges),
         }
-        member = df["member"] if "member" in df.columns else pd.Series(dtype=int)
-        if not ((member == 1).any() and (member == 0).any()):
-            study.warnings.append(f"{name}: no members or no non-members in the prediction file, "
-                                  "so membership-inference attacks cannot run")
     comparisons = {}
     if reference is not None:
         for name in frames:

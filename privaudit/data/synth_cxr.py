@@ -105,15 +105,14 @@ LABEL_MODEL: dict[str, dict[str, float]] = {
     "pneumonic_infiltrates": {"intercept": -1.9, "age_per_decade": 0.1, "male": 0.15, "comorbidity": 0.5},
     "atelectasis": {"intercept": -1.9, "age_per_decade": 0.15, "comorbidity": 0.2, "pleural_effusion": 0.9},
 }
-COVARIATE_TERMS = ("age_per_decade", "male", "comorbidity")
 
 # How strongly each sign is drawn per unit of sign strength (attenuation units; lung vs soft tissue is 0.3).
 SIGN_AMPLITUDE: dict[str, float] = {
-    "cardiomegaly": 0.4,              # relative widening of the heart shadow
-    "congestion": 0.11,               # perihilar haze
-    "pleural_effusion": 0.35,         # fluid density (capped at strength 1)
-    "pneumonic_infiltrates": 0.45,    # each patch
-    "atelectasis": 0.7,               # plate-like band
+    "cardiomegaly": 0.43,             # relative widening of the heart shadow
+    "congestion": 0.12,               # perihilar haze
+    "pleural_effusion": 0.38,         # fluid density (capped at strength 1)
+    "pneumonic_infiltrates": 0.3,     # each patch
+    "atelectasis": 0.75,              # plate-like band
 }
 ATELECTASIS_BAND_FRACTION = 0.65
 ATELECTASIS_LIFT = 0.2    # hemidiaphragm elevation per unit strength for volume-loss atelectasis
@@ -156,7 +155,7 @@ PLANTED_EFFECTS: list[dict] = [
                        "signs (poorer inspiration and positioning); difficulty ramps linearly from age 50 to 90",
         "parameters": {
             "ramp_ages": list(AGE_RAMP),
-            "old": "clip((age - 50) / 40, 0, 1)",
+            "old": f"clip((age - {AGE_RAMP[0]}) / {AGE_RAMP[1] - AGE_RAMP[0]}, 0, 1)",
             "sign_visibility": f"1 - {AGE_SIGN_FADE} * old",
             "contrast_factor": f"1 - {AGE_CONTRAST_LOSS} * old",
             "noise_sd": f"{NOISE_BASE} + {NOISE_AGE} * old",
@@ -164,7 +163,7 @@ PLANTED_EFFECTS: list[dict] = [
         "attribute": "age_group",
         "labels": list(LABELS),
         "expected_lower_auroc": "81+",
-        "expected_order": "AUROC falls with age group; 81+ lowest, 0-30 and 31-60 highest",
+        "expected_order": "81+ lowest; the groups under 61 highest",
     },
     {
         "name": "female_effusion_subtlety",
@@ -177,6 +176,7 @@ PLANTED_EFFECTS: list[dict] = [
         "attribute": "sex",
         "labels": ["pleural_effusion"],
         "expected_lower_auroc": "F",
+        "note": "women's cardiomegaly and atelectasis are not harder, so the gap is specific to effusion",
     },
     {
         "name": "comorbidity_devices",
@@ -186,6 +186,7 @@ PLANTED_EFFECTS: list[dict] = [
         "attribute": "comorbidity",
         "labels": ["atelectasis"],
         "expected_lower_auroc": "1",
+        "note": "comorbid patients are also older, so the age effect lowers their AUROC on every label too",
     },
 ]
 
@@ -222,7 +223,7 @@ def _draw_labels(rng: np.random.Generator, terms: dict[str, np.ndarray]) -> np.n
     return out
 
 
-def model_prevalence(age, male, comorbidity) -> dict[str, float]:
+def model_prevalence(age: np.ndarray, male: np.ndarray, comorbidity: np.ndarray) -> dict[str, float]:
     """Prevalence of each label implied by :data:`LABEL_MODEL` for the given covariates (exact).
 
     Marginalises over the parent labels by enumerating all 2**5 label combinations.
@@ -277,7 +278,7 @@ def _draw_cohort(n: int, seed: int, design: CohortDesign) -> tuple[pd.DataFrame,
     labels = _draw_labels(rng, terms)
     # Follow-ups mostly repeat the previous image's findings (rows of a patient are consecutive).
     repeat = rng.random(n) < FOLLOWUP_SAME_FINDINGS
-    for v in (1, 2):
+    for v in range(1, max(IMAGES_PER_PATIENT)):
         rows = np.flatnonzero((visit == v) & repeat)
         labels[rows] = labels[rows - 1]
     unknown = rng.random(labels.shape) < MISSING_LABEL_RATE
@@ -354,71 +355,103 @@ def render_cxr(
 
     ``row`` gives the demographics (``sex``, ``age``, ``comorbidity``); ``truth`` the 0/1 findings in
     :data:`LABELS` order, including those whose label is blank in the manifest (unknown to the annotator,
-    yet present in the patient).
+    yet present in the patient). The patient's anatomy and the acquisition come from one random stream and
+    each finding from its own, so the same ``rng`` seed with different ``truth`` draws the same person, and
+    the same sign for each finding present in both.
     """
+    body_rng, *streams = rng.spawn(1 + len(LABELS))
+    sign_rngs = dict(zip(LABELS, streams))
     x0, y0 = _grid(size)
     px = 2.0 / size                       # one pixel in normalised units
     edge = 0.6 * px
     old = _old(float(row["age"]))
     female = row["sex"] == "F"
-    positive = {label: bool(truth[j]) for j, label in enumerate(LABELS)}
-
-    # Patient positioning: scale, shift and a small tilt, applied to the coordinate grid.
-    scale = rng.uniform(0.9, 1.06)
-    tilt = rng.normal(0.0, 0.05)
-    dx, dy = rng.normal(0.0, 0.04, size=2)
-    cos, sin = math.cos(tilt), math.sin(tilt)
-    x = (cos * (x0 - dx) + sin * (y0 - dy)) / scale
-    y = (-sin * (x0 - dx) + cos * (y0 - dy)) / scale
 
     strength: dict[str, float] = {}
     visibility = 1.0 - AGE_SIGN_FADE * old
-    for label in LABELS:
-        if positive[label]:
+    for label, present in zip(LABELS, truth):
+        if present:
             factor = FEMALE_EFFUSION_VISIBILITY if (female and label == "pleural_effusion") else 1.0
-            strength[label] = visibility * factor * _severity(rng)
+            strength[label] = visibility * factor * _severity(sign_rngs[label])
 
     # Atelectasis is drawn either as a plate-like band or as volume loss of one lung.
-    atel_band = rng.random() < ATELECTASIS_BAND_FRACTION
-    atel_side = rng.choice([-1.0, 1.0])
+    atel_band = sign_rngs["atelectasis"].random() < ATELECTASIS_BAND_FRACTION
+    atel_side = float(sign_rngs["atelectasis"].choice([-1.0, 1.0]))
     lift = {-1.0: 0.0, 1.0: 0.0}   # hemidiaphragm elevation per side
     if "atelectasis" in strength and not atel_band:
         lift[atel_side] = ATELECTASIS_LIFT * strength["atelectasis"]
 
-    body = _ellipse(x, y, 0.0, 0.12, rng.uniform(0.82, 0.9), 1.15, 2 * edge)
-    spine = expit((0.08 - np.abs(x)) / edge) * rng.uniform(0.04, 0.08)
+    # Patient positioning: scale, shift and a small tilt, applied to the coordinate grid.
+    scale = body_rng.uniform(0.9, 1.06)
+    tilt = body_rng.normal(0.0, 0.05)
+    dx, dy = body_rng.normal(0.0, 0.04, size=2)
+    cos, sin = math.cos(tilt), math.sin(tilt)
+    x = (cos * (x0 - dx) + sin * (y0 - dy)) / scale
+    y = (-sin * (x0 - dx) + cos * (y0 - dy)) / scale
+
+    body = _ellipse(x, y, 0.0, 0.12, body_rng.uniform(0.82, 0.9), 1.15, 2 * edge)
+    spine = expit((0.08 - np.abs(x)) / edge) * body_rng.uniform(0.04, 0.08)
     trachea = expit((0.035 - np.abs(x + 0.01)) / edge) * expit((-0.3 - y) / 0.05) * 0.1
     lungs = np.zeros_like(x)
     lung_side = {}
     for side in (-1.0, 1.0):   # -1: patient's right lung (image left), +1: left lung (image right)
-        cx = side * (0.38 + rng.normal(0, 0.015))
-        a = rng.uniform(0.25, 0.29)
+        cx = side * (0.38 + body_rng.normal(0, 0.015))
+        a = body_rng.uniform(0.25, 0.29)
         # The right hemidiaphragm sits a little higher than the left.
-        base = (0.52 if side < 0 else 0.56) + rng.normal(0, 0.03) - lift[side]
-        dome = base - rng.uniform(0.1, 0.16) * np.exp(-(((x - side * 0.38) / 0.22) ** 2))
-        mask = _ellipse(x, y, cx, -0.1, a, 0.66, edge) * expit((dome - y) / edge)
+        base = (0.52 if side < 0 else 0.56) + body_rng.normal(0, 0.03) - lift[side]
+        dome = base - body_rng.uniform(0.1, 0.16) * np.exp(-(((x - side * 0.38) / 0.22) ** 2))
+        lungs = np.maximum(lungs, _ellipse(x, y, cx, -0.1, a, 0.66, edge) * expit((dome - y) / edge))
         lung_side[side] = (cx, a, base)
-        lungs = np.maximum(lungs, mask)
 
-    heart_w = rng.uniform(0.22, 0.26) * (1.0 + SIGN_AMPLITUDE["cardiomegaly"] * strength.get("cardiomegaly", 0.0))
-    heart = _ellipse(x, y, 0.1 + rng.normal(0, 0.02), 0.2, heart_w, rng.uniform(0.2, 0.24), edge)
+    heart_w = body_rng.uniform(0.22, 0.26) * (1.0 + SIGN_AMPLITUDE["cardiomegaly"] * strength.get("cardiomegaly", 0.0))
+    heart = _ellipse(x, y, 0.1 + body_rng.normal(0, 0.02), 0.2, heart_w, body_rng.uniform(0.2, 0.24), edge)
     aerated = lungs * (1.0 - heart)   # the heart silhouettes the lung in front of it
 
-    ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (y - 0.22 * np.abs(x)) / rng.uniform(0.15, 0.19) + rng.uniform(0, 2 * np.pi))
-    image = 0.45 * body + spine - trachea - 0.3 * aerated + rng.uniform(0.015, 0.04) * ribs * aerated
+    rib_period, rib_phase = body_rng.uniform(0.15, 0.19), body_rng.uniform(0, 2 * np.pi)
+    ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (y - 0.22 * np.abs(x)) / rib_period + rib_phase)
+    image = 0.45 * body + spine - trachea - 0.3 * aerated + body_rng.uniform(0.015, 0.04) * ribs * aerated
     # Vascular markings: smooth random texture over the lungs, which patchy findings must stand out from.
-    image += rng.uniform(0.02, 0.04) * gaussian_filter(_normal(rng, x), 1.2 * size / 64) * 2.0 * aerated
+    image += body_rng.uniform(0.02, 0.04) * gaussian_filter(_normal(body_rng, x), 1.2 * size / 64) * 2.0 * aerated
     # Normal hilar vessels vary between people, so congestion must beat this baseline.
     hila = sum(_ellipse(x, y, s * 0.2, -0.05, 0.12, 0.16, 0.08) for s in (-1.0, 1.0))
-    image += rng.uniform(0.02, 0.06) * hila * lungs
+    image += body_rng.uniform(0.02, 0.06) * hila * lungs
 
-    opacity = np.zeros_like(x)   # finding signs inside the lungs
+    image += _finding_opacity(strength, sign_rngs, x, y, lung_side, atel_band, atel_side, edge) * aerated
+    if female:   # breast shadows over the lung bases
+        amp = body_rng.uniform(*FEMALE_BREAST_SHADOW)
+        image += amp * sum(_ellipse(x, y, s * 0.5, 0.45, 0.3, 0.2, 0.05) for s in (-1.0, 1.0)) * body
+    if body_rng.random() < DEVICE_PROB[int(row["comorbidity"])]:
+        image += _devices(body_rng, x0, y0, px)
+
+    # Acquisition: blur, exposure/contrast (lower for the old), smooth and white noise.
+    image = gaussian_filter(image, 0.6 * size / 64)
+    contrast = body_rng.uniform(0.8, 1.15) * (1.0 - AGE_CONTRAST_LOSS * old)
+    image = body_rng.uniform(0.05, 0.12) + 1.4 * contrast * image
+    image += body_rng.uniform(0.01, 0.03) * gaussian_filter(_normal(body_rng, x), 3.0 * size / 64) * 4.0
+    image += (NOISE_BASE + NOISE_AGE * old) * _normal(body_rng, x)
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), strength
+
+
+def _finding_opacity(
+    strength: Mapping[str, float],
+    rngs: Mapping[str, np.random.Generator],
+    x: np.ndarray,
+    y: np.ndarray,
+    lung_side: Mapping[float, tuple[float, float, float]],
+    atel_band: bool,
+    atel_side: float,
+    edge: float,
+) -> np.ndarray:
+    """Added density of the lung findings (congestion, effusion, infiltrates, atelectasis) before masking
+    to the aerated lung. ``rngs`` holds each finding's random stream; ``lung_side`` maps each side to its
+    lung's centre x, half-width and base."""
+    opacity = np.zeros_like(x)
     if "congestion" in strength:
         s = strength["congestion"]
         haze = sum(np.exp(-(((x - h * 0.24) / 0.2) ** 2 + ((y + 0.02) / 0.26) ** 2)) for h in (-1.0, 1.0))
         opacity += SIGN_AMPLITUDE["congestion"] * s * (haze + 0.35 * expit((y - 0.1) / 0.1))
     if "pleural_effusion" in strength:
-        s = strength["pleural_effusion"]
+        s, rng = strength["pleural_effusion"], rngs["pleural_effusion"]
         sides = {0: (-1.0,), 1: (1.0,), 2: (-1.0, 1.0)}[int(rng.choice(3, p=[0.35, 0.35, 0.3]))]
         for side in sides:
             cx, a, base = lung_side[side]
@@ -428,16 +461,17 @@ def render_cxr(
             fluid = expit((y - level) / (1.5 * edge)) * _ellipse(x, y, cx, -0.1, a * 1.05, 0.72, edge)
             opacity += SIGN_AMPLITUDE["pleural_effusion"] * min(s, 1.0) * fluid
     if "pneumonic_infiltrates" in strength:
-        s = strength["pneumonic_infiltrates"]
-        texture = 0.6 + 0.4 * np.tanh(gaussian_filter(_normal(rng, x), size / 64) * 2.0)
+        s, rng = strength["pneumonic_infiltrates"], rngs["pneumonic_infiltrates"]
+        texture = 0.5 + 0.5 * np.tanh(gaussian_filter(_normal(rng, x), x.shape[0] / 64) * 2.0)
         for _ in range(int(rng.integers(2, 5))):
-            side = rng.choice([-1.0, 1.0])
-            cx, a, _ = lung_side[side]
+            cx, a, _ = lung_side[float(rng.choice([-1.0, 1.0]))]
             bx, by = cx + rng.uniform(-0.7, 0.7) * a, rng.uniform(-0.5, 0.35)
-            sigma = rng.uniform(0.07, 0.13)
-            opacity += SIGN_AMPLITUDE["pneumonic_infiltrates"] * s * texture * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * sigma ** 2))
+            radius = rng.uniform(0.11, 0.18)
+            # A flat-topped patch (not a peaked nodule), mottled by the texture.
+            patch = np.exp(-0.5 * (((x - bx) ** 2 + (y - by) ** 2) / radius ** 2) ** 2)
+            opacity += SIGN_AMPLITUDE["pneumonic_infiltrates"] * s * texture * patch
     if "atelectasis" in strength:
-        s = strength["atelectasis"]
+        s, rng = strength["atelectasis"], rngs["atelectasis"]
         cx, a, base = lung_side[atel_side]
         if atel_band:
             bx, by = cx + rng.uniform(-0.4, 0.4) * a, rng.uniform(0.05, 0.35)
@@ -448,21 +482,7 @@ def render_cxr(
             opacity += SIGN_AMPLITUDE["atelectasis"] * s * np.exp(-0.5 * (dist / 0.03) ** 2)
         else:
             opacity += 0.25 * s * _ellipse(x, y, cx, base - 0.12, a, 0.16, 0.05)
-
-    image += opacity * aerated
-    if female:   # breast shadows over the lung bases
-        amp = rng.uniform(*FEMALE_BREAST_SHADOW)
-        image += amp * sum(_ellipse(x, y, s * 0.5, 0.45, 0.3, 0.2, 0.05) for s in (-1.0, 1.0)) * body
-    if rng.random() < DEVICE_PROB[int(row["comorbidity"])]:
-        image += _devices(rng, x0, y0, px)
-
-    # Acquisition: blur, exposure/contrast (lower for the old), smooth and white noise.
-    image = gaussian_filter(image, 0.6 * size / 64)
-    contrast = rng.uniform(0.8, 1.15) * (1.0 - AGE_CONTRAST_LOSS * old)
-    image = rng.uniform(0.05, 0.12) + 1.4 * contrast * image
-    image += rng.uniform(0.01, 0.03) * gaussian_filter(_normal(rng, x), 3.0 * size / 64) * 4.0
-    image += (NOISE_BASE + NOISE_AGE * old) * _normal(rng, x)
-    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), strength
+    return opacity
 
 
 def _devices(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, px: float) -> np.ndarray:

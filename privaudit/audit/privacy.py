@@ -1,0 +1,120 @@
+"""Empirical privacy: membership-inference attack metrics on numpy arrays.
+
+An attack gives every sample a score, higher meaning "more likely a member". From the scores of members and
+non-members we report the ROC AUC, the advantage max |TPR - FPR| (Yeom et al. 2018), and the TPR at low FPR
+(Carlini et al. 2022), which is what matters for privacy: an attack that confidently identifies a few members
+is a privacy failure even when its AUC is near 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from privaudit.audit.utility import auroc
+
+FPR_POINTS = (0.001, 0.01, 0.1)
+ROC_POINTS = 200  # thinned ROC kept for the report's log-log plot
+
+
+def roc_curve_points(member_scores: np.ndarray, nonmember_scores: np.ndarray):
+    """(fpr, tpr, thresholds) at every distinct score, predicting "member" when score >= threshold."""
+    s = np.r_[member_scores, nonmember_scores]
+    y = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # last index of each run of tied scores
+    tp = np.cumsum(y)[last]
+    fp = np.cumsum(1 - y)[last]
+    tpr = np.r_[0.0, tp / max(1, len(member_scores))]
+    fpr = np.r_[0.0, fp / max(1, len(nonmember_scores))]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float, n_nonmembers: int) -> float | None:
+    """Largest TPR with FPR <= target; ``None`` when the target is below 1/(number of non-members)."""
+    if n_nonmembers == 0 or target < 1.0 / n_nonmembers:
+        return None
+    return float(tpr[fpr <= target + 1e-12].max())
+
+
+def threshold_at_fpr(nonmember_scores: np.ndarray, target: float) -> float:
+    """The lowest threshold whose FPR (score >= threshold) stays at or below ``target``."""
+    s = np.sort(nonmember_scores)[::-1]
+    k = int(np.floor(target * len(s)))  # at most k non-members may be above the threshold
+    return float(np.nextafter(s[k], np.inf)) if k < len(s) else float(s[-1])
+
+
+def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndarray] | None = None,
+                   member_mask: np.ndarray | None = None) -> tuple[dict, list[str]]:
+    """AUC, advantage, TPR at FPR 0.1%/1%/10% (null where unmeasurable), the thinned ROC, and per-group risk.
+
+    ``groups`` maps attribute -> group label per sample over the concatenation members + non-members.
+    """
+    m = np.asarray(member_scores, dtype=float)
+    nm = np.asarray(nonmember_scores, dtype=float)
+    warnings: list[str] = []
+    fpr, tpr, _ = roc_curve_points(m, nm)
+    out = {
+        "auc": auroc(np.r_[np.ones(len(m)), np.zeros(len(nm))], np.r_[m, nm]),
+        "advantage": float(np.max(np.abs(tpr - fpr))),
+        "tpr_at_fpr": {},
+        "n_members": int(len(m)),
+        "n_nonmembers": int(len(nm)),
+    }
+    for target in FPR_POINTS:
+        val = tpr_at_fpr(fpr, tpr, target, len(nm))
+        out["tpr_at_fpr"][str(target)] = val
+        if val is None:
+            warnings.append(f"TPR at FPR {target:g} is not measurable with {len(nm)} non-members "
+                            f"(needs at least {int(np.ceil(1 / target))})")
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
+    out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+    if groups:
+        thr = threshold_at_fpr(nm, 0.01) if len(nm) >= 100 else None
+        is_member = np.r_[np.ones(len(m), bool), np.zeros(len(nm), bool)]
+        scores = np.r_[m, nm]
+        by_group = {}
+        for attr, labels in groups.items():
+            labels = np.asarray(labels, dtype=object)
+            res = {}
+            for g in sorted({x for x in labels if x is not None and not (isinstance(x, float) and np.isnan(x))}):
+                sel = labels == g
+                gm, gn = scores[sel & is_member], scores[sel & ~is_member]
+                auc_g = auroc(np.r_[np.ones(len(gm)), np.zeros(len(gn))], np.r_[gm, gn]) if len(gm) and len(gn) else None
+                res[str(g)] = {
+                    "auc": None if auc_g is None or not np.isfinite(auc_g) else auc_g,
+                    # the attacker's global 1%-FPR threshold applied to this group's members
+                    "tpr_at_fpr": {"0.01": float(np.mean(gm >= thr)) if thr is not None and len(gm) else None},
+                    "n": int(sel.sum()), "n_members": int(len(gm)), "n_nonmembers": int(len(gn)),
+                }
+            by_group[attr] = res
+        out["by_group"] = by_group
+    return out, warnings
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
+
+
+def loss_attack_scores(df: pd.DataFrame, labels) -> dict[str, np.ndarray]:
+    """Threshold-attack scores per sample (higher = member): loss (Yeom et al. 2018), confidence and entropy.
+
+    ``loss``: the negated per-sample training loss. ``confidence``: the mean log-probability the model gives
+    the true labels (known labels only), which the loss is up to its masking. ``entropy``: the negated mean
+    binary entropy of the predictions (members tend to get confident predictions).
+    """
+    p = df[[f"p_{x}" for x in labels]].to_numpy(dtype=float)
+    y = df[[f"y_{x}" for x in labels]].to_numpy(dtype=float)
+    known = ~np.isnan(y)
+    pc = np.clip(p, 1e-12, 1 - 1e-12)
+    logp_true = np.where(y == 1, np.log(pc), np.log1p(-pc))
+    n_known = np.maximum(known.sum(axis=1), 1)
+    scores = {
+        "confidence": np.where(known, logp_true, 0.0).sum(axis=1) / n_known,
+        "entropy": -binary_entropy(p).mean(axis=1),
+    }
+    if "loss" in df.columns and df["loss"].notna().all():
+        scores["loss"] = -df["loss"].to_numpy(dtype=float)
+    return scores

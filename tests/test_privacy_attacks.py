@@ -1,0 +1,60 @@
+"""Membership-inference attack metrics, checked against scikit-learn and closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from privaudit.audit.privacy import attack_metrics, roc_curve_points, threshold_at_fpr, tpr_at_fpr
+
+
+def test_random_scores_give_auc_near_half_and_perfect_scores_give_one():
+    rng = np.random.default_rng(0)
+    res, _ = attack_metrics(rng.random(5000), rng.random(5000))
+    assert abs(res["auc"] - 0.5) < 0.02  # sd of the AUC is about 0.006 here
+    assert res["advantage"] < 0.05
+    res, _ = attack_metrics(np.arange(100) + 1000.0, np.arange(100.0))
+    assert res["auc"] == 1.0 and res["advantage"] == 1.0
+    assert res["tpr_at_fpr"]["0.01"] == 1.0
+
+
+def test_roc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    m, n = np.round(rng.normal(0.5, 1, 300), 1), np.round(rng.normal(0, 1, 400), 1)
+    fpr, tpr, thr = roc_curve_points(m, n)
+    y = np.r_[np.ones(300), np.zeros(400)]
+    f2, t2, _ = roc_curve(y, np.r_[m, n], drop_intermediate=False)
+    assert np.allclose(fpr, f2) and np.allclose(tpr, t2)
+    res, _ = attack_metrics(m, n)
+    assert res["auc"] == pytest.approx(roc_auc_score(y, np.r_[m, n]))
+    assert res["advantage"] == pytest.approx(np.max(t2 - f2))
+
+
+def test_tpr_at_low_fpr_is_null_when_not_measurable():
+    rng = np.random.default_rng(2)
+    res, warns = attack_metrics(rng.random(500), rng.random(500))
+    assert res["tpr_at_fpr"]["0.001"] is None and res["tpr_at_fpr"]["0.01"] is not None
+    assert any("0.001" in w and "500 non-members" in w for w in warns)
+    assert tpr_at_fpr(np.array([0, 1.0]), np.array([0, 1.0]), 0.01, 99) is None
+
+
+def test_threshold_at_fpr_keeps_the_false_positive_rate():
+    rng = np.random.default_rng(3)
+    nm = rng.normal(size=1000)
+    for target in (0.001, 0.01, 0.1):
+        t = threshold_at_fpr(nm, target)
+        assert np.mean(nm >= t) <= target
+        assert np.mean(nm >= np.nextafter(t, -np.inf) - 1e-9) > target - 1e-3  # and is the lowest such threshold
+
+
+def test_per_group_risk_finds_the_exposed_group():
+    rng = np.random.default_rng(4)
+    n = 2000
+    sex = rng.choice(["F", "M"], 2 * n).astype(object)
+    m = rng.normal(0, 1, n) + np.where(sex[:n] == "F", 2.0, 0.0)  # only women's membership leaks
+    res, _ = attack_metrics(m, rng.normal(0, 1, n), groups={"sex": sex})
+    g = res["by_group"]["sex"]
+    assert g["F"]["auc"] > 0.8 and abs(g["M"]["auc"] - 0.5) < 0.05
+    assert g["F"]["tpr_at_fpr"]["0.01"] > g["M"]["tpr_at_fpr"]["0.01"]
+    assert g["F"]["n"] + g["M"]["n"] == 2 * n
