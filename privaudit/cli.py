@@ -386,6 +386,63 @@ def synth_cmd(
     console.print(f"cohort written to [bold]{out}[/]: manifest.csv, cohort.json, images/")
 
 
+@app.command("accountant")
+@handle_errors
+def accountant_cmd(
+    sample_rate: Annotated[float, typer.Option("--sample-rate", help="Poisson sampling rate q (batch / N).")],
+    steps: Annotated[int, typer.Option("--steps", help="Number of noisy steps.")],
+    delta: Annotated[float, typer.Option("--delta", help="Target delta.")],
+    noise_multiplier: Annotated[Optional[float], typer.Option("--noise-multiplier", help="Noise multiplier "
+                                "sigma; give it, or --epsilon to solve for it.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option("--epsilon", help="Solve for the noise multiplier that "
+                       "reaches this epsilon.")] = None,
+    accountant: Acc_ = Accountant.prv,
+):
+    """Epsilon of DP-SGD under every accountant, or the noise multiplier for a target epsilon.
+
+    Example:
+
+        privaudit accountant --noise-multiplier 1.1 --sample-rate 0.01 --steps 5000 --delta 1e-5
+
+        privaudit accountant --epsilon 8 --sample-rate 0.02 --steps 500 --delta 1e-4
+    """
+    from privaudit.audit.accounting import cross_checks
+    from privaudit.errors import ConfigError
+
+    if (noise_multiplier is None) == (epsilon is None):
+        raise ConfigError("give exactly one of --noise-multiplier and --epsilon")
+    if not 0 < sample_rate < 1:
+        raise ConfigError(f"--sample-rate must be in (0, 1), got {sample_rate}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    if epsilon is not None:
+        if not epsilon > 0:
+            raise ConfigError(f"--epsilon must be positive, got {epsilon}")
+        from opacus.accountants.utils import get_noise_multiplier
+
+        import warnings
+
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" notes, harmless here
+            warnings.simplefilter("ignore", UserWarning)
+            noise_multiplier = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                                          sample_rate=sample_rate, steps=steps,
+                                                          accountant=accountant.value))
+        console.print(f"noise multiplier for ε = {epsilon:g} ({accountant.value}): [bold]{noise_multiplier:.4f}[/]")
+    elif not noise_multiplier > 0:
+        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
+    checks, warns = cross_checks(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
+    table = Table(title=f"ε at δ = {delta:g}: σ = {noise_multiplier:.4f}, q = {sample_rate:g}, {steps} steps")
+    table.add_column("accountant")
+    table.add_column("epsilon", justify="right")
+    for name, eps in checks.items():
+        table.add_row(name, "n/a" if eps is None else f"{eps:.4f}")
+    console.print(table)
+    for w in warns:
+        err_console.print(f"warning: {w}")
+
+
 def main() -> None:
     app()
 

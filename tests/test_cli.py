@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY, invoke
 
-COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["data"], ["data", "synth"], []]
+COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["data"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "privaudit")
@@ -240,3 +240,17 @@ def test_audit_of_a_study_directory_compares_its_runs(study: Path, tmp_path: Pat
     assert set(doc["models"]) >= {"private", "non_private"} and "private vs non_private" in doc["comparisons"]
     res = invoke("audit", copy / "data", "--n-boot", "10")
     _one_line_error(res, "no predictions.csv")
+
+
+def test_accountant_command_matches_opacus_both_ways():
+    from opacus.accountants import create_accountant
+
+    res = invoke("accountant", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "1000",
+                 "--delta", "1e-5")
+    assert res.exit_code == 0, res.stderr
+    acc = create_accountant("rdp")
+    acc.history = [(1.0, 0.01, 1000)]
+    assert f"{acc.get_epsilon(1e-5):.4f}" in res.output
+    res = invoke("accountant", "--epsilon", "3", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5")
+    assert res.exit_code == 0 and "noise multiplier" in res.output
+    _one_line_error(invoke("accountant", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"), "exactly one")
