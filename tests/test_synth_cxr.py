@@ -23,7 +23,7 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
+def cohort_dir(tmp_path_factory) -> Path:
     """One small private cohort shared by the read-only tests; returns its folder."""
     out = tmp_path_factory.mktemp("cxr")
     synthesize_cxr(out, n=200, image_size=SIZE, seed=1)
@@ -31,18 +31,18 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def frame(cohort) -> pd.DataFrame:
-    return pd.read_csv(cohort / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
+def frame(cohort_dir) -> pd.DataFrame:
+    return pd.read_csv(cohort_dir / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
 
 
 @pytest.fixture(scope="module")
-def record(cohort) -> dict:
-    return json.loads((cohort / "cohort.json").read_text())
+def record(cohort_dir) -> dict:
+    return json.loads((cohort_dir / "cohort.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def pixels(cohort, frame) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(cohort / p), dtype=float) for p in frame["path"]])
+def pixels(cohort_dir, frame) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(cohort_dir / p), dtype=float) for p in frame["path"]])
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -73,8 +73,8 @@ def test_writes_into_an_existing_folder(tmp_path):
     assert (tmp_path / "cohort.json").is_file()
 
 
-def test_manifest_loads_with_the_cxr_task(cohort, frame):
-    manifest = load_manifest(cohort / "manifest.csv", task=TASK)
+def test_manifest_loads_with_the_cxr_task(cohort_dir, frame):
+    manifest = load_manifest(cohort_dir / "manifest.csv", task=TASK)
     assert len(manifest.frame) == 200
     assert tuple(frame.columns) == MANIFEST_COLUMNS
     assert frame["path"].str.fullmatch(r"images/.+\.png").all()

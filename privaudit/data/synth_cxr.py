@@ -24,6 +24,10 @@ Planted subgroup effects (see :data:`PLANTED_EFFECTS`): older patients' images h
 noise and fainter signs (81+ worst); women's effusions are fainter and overlaid by breast shadows; patients
 with comorbidity often carry monitoring leads and electrodes that mimic linear opacities.
 
+Calibration: with the defaults (n=3000, 64 x 64), a small CNN (4 stride-2 conv layers of width 32 with
+GroupNorm, global pooling) trained on the train split reaches a mean test AUROC of about 0.79 after 5
+epochs, 0.82-0.84 after 8 and 0.88 after 20; every label is above 0.7, and the 81+ group is lowest.
+
 Orientation follows the radiological convention of a PA film: the patient's left is on the image's right,
 so the heart shadow lies below and to the right of the image centre.
 
@@ -109,9 +113,9 @@ LABEL_MODEL: dict[str, dict[str, float]] = {
 # How strongly each sign is drawn per unit of sign strength (attenuation units; lung vs soft tissue is 0.3).
 SIGN_AMPLITUDE: dict[str, float] = {
     "cardiomegaly": 0.43,             # relative widening of the heart shadow
-    "congestion": 0.12,               # perihilar haze
+    "congestion": 0.13,               # perihilar haze
     "pleural_effusion": 0.38,         # fluid density (capped at strength 1)
-    "pneumonic_infiltrates": 0.3,     # each patch
+    "pneumonic_infiltrates": 0.38,    # each patch
     "atelectasis": 0.75,              # plate-like band
 }
 ATELECTASIS_BAND_FRACTION = 0.65
@@ -329,7 +333,7 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.float32)
 
 
-def _ellipse(x, y, cx, cy, a, b, edge):
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, edge: float) -> np.ndarray:
     """Soft 0..1 mask of an axis-aligned ellipse; ``edge`` is the width of the soft border."""
     r = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
     return expit((1.0 - r) * min(a, b) / edge)
@@ -403,7 +407,8 @@ def render_cxr(
         lungs = np.maximum(lungs, _ellipse(x, y, cx, -0.1, a, 0.66, edge) * expit((dome - y) / edge))
         lung_side[side] = (cx, a, base)
 
-    heart_w = body_rng.uniform(0.22, 0.26) * (1.0 + SIGN_AMPLITUDE["cardiomegaly"] * strength.get("cardiomegaly", 0.0))
+    widening = 1.0 + SIGN_AMPLITUDE["cardiomegaly"] * strength.get("cardiomegaly", 0.0)
+    heart_w = body_rng.uniform(0.22, 0.26) * widening
     heart = _ellipse(x, y, 0.1 + body_rng.normal(0, 0.02), 0.2, heart_w, body_rng.uniform(0.2, 0.24), edge)
     aerated = lungs * (1.0 - heart)   # the heart silhouettes the lung in front of it
 
@@ -563,7 +568,8 @@ def _cohort_record(
         },
         "population": {
             "design": asdict(design),
-            "age": f"{AGE_MIN} + floor({AGE_MAX - AGE_MIN + 1} * Beta{design.age_beta}), capped at {AGE_MAX}",
+            "age": f"{AGE_MIN} + floor({AGE_MAX - AGE_MIN + 1} * Beta{design.age_beta}) at the first image; "
+                   f"follow-ups capped at {AGE_MAX}",
             "comorbidity_model": "logit P(comorbidity=1) = intercept + age_per_decade * (age - 60) / 10 + male * [M]",
             "images_per_patient": {str(k): v for k, v in IMAGES_PER_PATIENT.items()},
             "followups": "same sex and comorbidity; age +0..2 years per follow-up; previous image's findings "
