@@ -174,9 +174,9 @@ def train_and_audit_cmd(
     no_dp: NoDP_ = False,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also train the non-private model "
                                            "for comparison.")] = True,
-    pretrain: Annotated[Optional[bool], typer.Option("--pretrain/--no-pretrain", help="Pretrain without privacy "
-                        "on a separate synthetic public cohort first (default: on for the synthetic default data, "
-                        "as the paper pretrained on public data).")] = None,
+    pretrain: Annotated[bool, typer.Option("--pretrain/--no-pretrain", help="First pretrain both models without "
+                        "privacy on a separate synthetic public cohort, as the paper pretrained on public data "
+                        "(cxr only).")] = False,
     epochs: Epochs_ = 5,
     batch_size: Batch_ = 64,
     physical_batch_size: PBatch_ = None,

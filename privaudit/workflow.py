@@ -185,7 +185,7 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
 
 
 def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline: bool = True,
-                    pretrain: bool | None = None, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
+                    pretrain: bool = False, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
                     force: bool = False, console=None, quiet: bool = False) -> dict:
     """Train the private model (and the non-private baseline), audit both, and write the study directory."""
     from privaudit.backends import create_backend
@@ -194,11 +194,10 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
     task = create_task(config.task)
     create_backend(config.backend)
     audit = audit or AuditConfig(seed=config.seed)
-    pretrain = (data.path is None and config.init is None) if pretrain is None else pretrain
     with staged_dir(out, force=force) as tmp:
         manifest, data_info = _prepare_data(config, data, tmp, console=console, quiet=quiet)
         if pretrain:
-            if data.path is not None and config.task != "cxr":
+            if config.task != "cxr":
                 raise ConfigError("--pretrain needs a synthetic public cohort, which exists for cxr only")
             pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(1000, data.n_samples // 2),
                                            image_size=config.image_size or task.input_size, seed=data.seed + 10_000,

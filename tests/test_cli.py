@@ -155,7 +155,7 @@ def _write_manifest(cohort: Path, tmp_path: Path, mutate) -> Path:
 
 def _train(tmp_path, *args):
     out = tmp_path / "out"
-    res = invoke("train", "cxr", *TINY[:-4], "--quiet", "--out", out, *args)
+    res = invoke("train", "cxr", *TINY[:-3], "--quiet", "--out", out, *args)
     return res, out
 
 
@@ -221,9 +221,9 @@ def test_out_holding_a_run_is_refused_unless_force(study: Path, cohort, tmp_path
     _one_line_error(res, "already holds a run", "--force")
     assert (study / "audit.json").read_bytes() == before
     out = tmp_path / "run"
-    assert invoke("train", "cxr", *TINY[:-4], "--data", cohort, "--no-dp", "--out", out).exit_code == 0
+    assert invoke("train", "cxr", *TINY[:-3], "--data", cohort, "--no-dp", "--out", out).exit_code == 0
     old = (out / "train.json").read_bytes()
-    res = invoke("train", "cxr", *TINY[:-4], "--data", cohort, "--no-dp", "--seed", "1", "--out", out, "--force")
+    res = invoke("train", "cxr", *TINY[:-3], "--data", cohort, "--no-dp", "--seed", "1", "--out", out, "--force")
     assert res.exit_code == 0, res.stderr
     assert json.loads((out / "train.json").read_text())["seed"] == 1 and (out / "train.json").read_bytes() != old
 
@@ -254,3 +254,17 @@ def test_accountant_command_matches_opacus_both_ways():
     res = invoke("accountant", "--epsilon", "3", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5")
     assert res.exit_code == 0 and "noise multiplier" in res.output
     _one_line_error(invoke("accountant", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"), "exactly one")
+
+
+def test_pretraining_on_the_public_cohort_is_recorded(tmp_path):
+    out = tmp_path / "pre"
+    res = invoke("train-and-audit", "cxr", *TINY, "--pretrain", "--no-baseline", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    tj = json.loads((out / "private" / "train.json").read_text())
+    assert tj["init"]["path"] == "pretrain/model/weights.pt" and (out / tj["init"]["path"]).is_file()
+    public = pd.read_csv(out / "public_data" / "manifest.csv", dtype=str)
+    private = pd.read_csv(out / "data" / "manifest.csv", dtype=str)
+    assert not set(public["patient_id"]) & set(private["patient_id"])  # a separate cohort
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["study"]["data"]["pretraining"]["dp"] is False
+    assert set(doc["models"]) == {"private"} and "pretrained without privacy" in (out / "report.html").read_text()
