@@ -290,6 +290,15 @@ def audit_cmd(
     seed: Seed_ = 0,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Resample patients rather than images "
                                           "when patient_id repeats.")] = True,
+    ci_method: Annotated[str, typer.Option("--ci-method", help="percentile, or bca for the AUROCs.")] = "percentile",
+    attributes: Annotated[Optional[str], typer.Option("--attributes", help="Comma-separated attributes to audit "
+                          "(default: every attribute column); 'sex*age_group' gives intersectional groups.")] = None,
+    age_bins: Annotated[Optional[str], typer.Option("--age-bins", help="Lower edges of the age groups after 0, "
+                        "in years (default 31,61,71,81).")] = None,
+    threshold: Annotated[str, typer.Option("--threshold", help="youden (chosen on the val split) or a fixed "
+                         "probability.")] = "youden",
+    margin: Annotated[float, typer.Option("--margin", help="AUROC margin within which a change in a parity gap "
+                      "counts as no change.")] = 0.02,
     force: Force_ = False,
 ):
     """Audit a run directory, prediction files, or a checkpoint trained elsewhere; writes audit.json and report.html.
@@ -305,7 +314,11 @@ def audit_cmd(
     from privaudit.errors import ConfigError
     from privaudit.workflow import DataSpec, audit_checkpoint, audit_predictions, audit_run
 
-    config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster)
+    from privaudit.tasks import AGE_EDGES, parse_age_edges
+
+    config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster, ci_method=ci_method,
+                         attributes=_labels(attributes), threshold=threshold, margin=margin,
+                         age_edges=parse_age_edges(age_bins) if age_bins else AGE_EDGES)
     given = [x for x in (run_dir, predictions, checkpoint) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of RUN_DIR, --predictions FILE or --checkpoint PATH")

@@ -132,15 +132,33 @@ class AuditConfig:
     ci: float = 0.95
     seed: int = 0
     cluster: bool = True               # resample patients, not images, when patient_id repeats
-    ci_method: str = "percentile"
+    ci_method: str = "percentile"      # percentile, or bca for the AUROCs
+    threshold: str | float = "youden"  # youden (chosen on val when there is one) or a fixed probability
+    specificity: float = 0.9           # for sensitivity at a fixed specificity
+    margin: float = 0.02               # equivalence margin of the "does DP amplify unfairness?" verdict
+    alpha: float = 0.05
+    attributes: tuple[str, ...] | None = None  # None: every attribute column present; "a*b" intersects
+    age_edges: tuple[int, ...] = (0, 31, 61, 71, 81)
 
     def __post_init__(self):
         if self.n_boot < 1:
             raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
         if not 0 < self.ci < 1:
             raise ConfigError(f"--ci must be in (0, 1), got {self.ci}")
-        if self.ci_method not in ("percentile",):
-            raise ConfigError(f"unknown CI method {self.ci_method!r}; use percentile")
+        if self.ci_method not in ("percentile", "bca"):
+            raise ConfigError(f"unknown CI method {self.ci_method!r}; use percentile or bca")
+        if self.threshold != "youden":
+            try:
+                t = float(self.threshold)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--threshold must be 'youden' or a probability, got {self.threshold!r}") from None
+            if not 0 <= t <= 1:
+                raise ConfigError(f"--threshold must be in [0, 1], got {t}")
+            object.__setattr__(self, "threshold", t)
+        if not 0 < self.specificity < 1:
+            raise ConfigError(f"--specificity must be in (0, 1), got {self.specificity}")
+        if not self.margin > 0:
+            raise ConfigError(f"--margin must be > 0, got {self.margin}")
 
 
 def load_toml(path: Path) -> dict:

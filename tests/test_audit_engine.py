@@ -218,3 +218,84 @@ def test_no_members_gives_null_attacks_with_a_warning():
     loss = full.models["m"]["privacy"]["attacks"]["loss"]
     assert loss["n_members"] == loss["n_nonmembers"] > 0  # balanced
     assert set(loss["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
+
+
+def _aif360():
+    import os
+    import warnings
+
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import aif360.sklearn.metrics as m
+    return m
+
+
+def test_selection_metrics_in_the_audit_equal_aif360_at_the_youden_threshold():
+    m = _aif360()
+    df = make_predictions(n=1500, seed=8)
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=50))
+    u = rep.models["m"]["utility"]["labels"]["a"]
+    thr = u["youden"]["threshold"]
+    assert u["youden"]["threshold_source"] == "val"
+    test = df[(df["split"] == "test") & df["y_a"].notna()]
+    y = pd.Series(test["y_a"].astype(int).to_numpy(), index=pd.Index(test["sex"].to_numpy(), name="sex"))
+    yhat = (test["p_a"].to_numpy() >= thr).astype(int)
+    fa = rep.models["m"]["fairness"]["sex"]["a"]
+    assert fa["statistical_parity_difference"]["privileged"] == "M"
+    assert fa["statistical_parity_difference"]["estimate"] == pytest.approx(
+        m.statistical_parity_difference(y, yhat, prot_attr="sex", priv_group="M", pos_label=1))
+    assert fa["disparate_impact"]["estimate"] == pytest.approx(
+        m.disparate_impact_ratio(y, yhat, prot_attr="sex", priv_group="M", pos_label=1))
+    assert fa["equal_opportunity_difference"]["estimate"] == pytest.approx(
+        m.equal_opportunity_difference(y, yhat, prot_attr="sex", priv_group="M", pos_label=1))
+    assert fa["average_odds_difference"]["estimate"] == pytest.approx(
+        m.average_odds_difference(y, yhat, prot_attr="sex", priv_group="M", pos_label=1))
+    # sensitivity at the threshold equals the confusion matrix computed directly
+    assert u["youden"]["sensitivity"]["estimate"] == pytest.approx(yhat[y.to_numpy() == 1].mean())
+
+
+def test_threshold_on_test_without_val_warns_and_fixed_threshold_is_used():
+    df = make_predictions()
+    df.loc[df["split"] == "val", "split"] = "train"
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=20))
+    assert rep.models["m"]["utility"]["labels"]["a"]["youden"]["threshold_source"] == "test"
+    assert any("optimistic" in w for w in rep.warnings)
+    fixed = run_audit({"m": df}, config=AuditConfig(n_boot=20, threshold=0.5))
+    assert fixed.models["m"]["utility"]["labels"]["a"]["youden"]["threshold"] == 0.5
+
+
+def test_intersectional_attributes_and_unknown_attribute():
+    df = make_predictions(n=2000, seed=9)
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=20, attributes=("sex*age_group",)))
+    groups = rep.models["m"]["fairness"]["sex*age_group"]["a"]["groups"]
+    assert "F|81+" in groups and set(rep.models["m"]["fairness"]) == {"sex*age_group", "pearson_r"}
+    with pytest.raises(DataError, match="attribute 'site' is not in the prediction file"):
+        run_audit({"m": df}, config=AuditConfig(n_boot=5, attributes=("site",)))
+
+
+def test_bca_interval_is_reported_and_close_to_percentile():
+    df = make_predictions(n=600, seed=10)
+    pct = run_audit({"m": df}, config=AuditConfig(n_boot=400)).models["m"]["utility"]["labels"]["a"]["auroc"]
+    bca = run_audit({"m": df}, config=AuditConfig(n_boot=400, ci_method="bca")).models["m"]["utility"]["labels"]["a"]["auroc"]
+    assert bca["ci_method"] == "bca" and pct["ci_method"] == "percentile"
+    assert bca["ci_low"] < bca["estimate"] < bca["ci_high"]
+    assert abs(bca["ci_low"] - pct["ci_low"]) < 0.03 and abs(bca["ci_high"] - pct["ci_high"]) < 0.03
+
+
+def test_dp_amplification_verdict_finds_a_planted_widening():
+    """A 'private' model that loses all signal for men only widens the sex gap: the answer must be yes;
+    an identical copy must not be yes."""
+    base = make_predictions(n=3000, seed=11, shift=2.0)
+    worse = base.copy()
+    rng = np.random.default_rng(0)
+    men = worse["sex"] == "M"
+    for lab in LABELS:
+        worse.loc[men, f"p_{lab}"] = rng.random(int(men.sum()))
+    rep = run_audit({"private": worse, "non_private": base}, config=AuditConfig(n_boot=300))
+    comp = rep.data["comparisons"]["private vs non_private"]
+    assert comp["fairness_verdict"]["sex"]["answer"] == "yes"
+    assert comp["labels"]["a"]["delong_p_value"] < 0.01
+    same = run_audit({"private": base.copy(), "non_private": base}, config=AuditConfig(n_boot=100))
+    v = same.data["comparisons"]["private vs non_private"]["fairness_verdict"]["sex"]
+    assert v["answer"] == "no"  # identical models: every change is exactly 0

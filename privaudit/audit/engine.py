@@ -1,7 +1,8 @@
 """``run_audit``: from prediction tables to one study's ``audit.json`` document.
 
 Utility and fairness use the test split. One :class:`~privaudit.audit.utility.Resampler` is drawn for the
-study, so every model, label and group is resampled with the same indices and differences are paired.
+study, so every model, label, group and metric is resampled with the same indices, and every difference
+(between models, between groups) is paired.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import numpy as np
 import pandas as pd
 
 from privaudit import __version__
+from privaudit.audit import stats
+from privaudit.audit.fairness import SELECTION_METRICS, dp_verdict, holm, pearson_r, selection_metrics
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
 from privaudit.config import AuditConfig
 from privaudit.errors import DataError
 from privaudit.predictions import labels_of, validate_predictions
-from privaudit.tasks import AGE_EDGES, age_group
+from privaudit.tasks import age_group
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
                 "poisson_sampling")
-MIN_GROUP_N = 10  # below this many test samples a group's AUROC is not reported
+MIN_GROUP_N = 10        # below this many test samples a group's metrics are not reported
+MAX_BCA_UNITS = 5000    # BCa needs one jackknife AUROC per unit left out
+PRIVILEGED = {"sex": "M", "comorbidity": "0"}  # aif360 needs a privileged group; others: the largest group
+ROC_POINTS = 101
 
 
 def _versions() -> dict:
@@ -36,109 +42,273 @@ def _versions() -> dict:
     return out
 
 
-def _est(point: float, boots: np.ndarray, ci: float, *, n_boot: bool = False) -> dict:
+def _est(point: float, boots: np.ndarray, ci: float, *, n_boot: bool = False, interval=None) -> dict:
     lo, hi, n_ok = percentile_ci(boots, ci)
-    out = {"estimate": point if np.isfinite(point) else None, "ci_low": lo, "ci_high": hi}
+    if interval is not None:
+        lo, hi = interval
+    ok = point is not None and np.isfinite(point)
+    out = {"estimate": float(point) if ok else None, "ci_low": lo if ok else None, "ci_high": hi if ok else None}
     if n_boot:
-        out.update({"n_boot": n_ok, "ci_method": "percentile"})
+        out.update({"n_boot": n_ok, "ci_method": "bca" if interval is not None else "percentile"})
     return out
 
 
-class _Study:
-    """Shared state of one audit: aligned test tables, the resampler, and the warnings collected."""
+def _nan_mean(arrays) -> np.ndarray:
+    """Mean over labels, nan when any label is nan (a macro over a subset of labels would change meaning)."""
+    return np.mean(np.vstack(arrays), axis=0)
 
-    def __init__(self, frames: dict[str, pd.DataFrame], config: AuditConfig, age_edges):
+
+def _as_group(v) -> str | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return None
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+class _Study:
+    """Shared state of one audit: aligned test tables, the resampler, thresholds and the warnings."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], config: AuditConfig):
         self.config = config
         self.warnings: list[str] = []
         names = list(frames)
-        first = frames[names[0]]
-        self.labels = labels_of(first)
+        self.labels = labels_of(frames[names[0]])
         for name in names[1:]:
             if labels_of(frames[name]) != self.labels:
                 raise DataError(f"model {name!r} has labels {labels_of(frames[name])} but {names[0]!r} has "
                                 f"{self.labels}; paired audits need the same labels")
-        self.full = frames
-        test = {}
+        self.test, self.val = {}, {}
         for name, df in frames.items():
             t = df[df["split"] == "test"]
             if len(t) == 0:
                 raise DataError(f"model {name!r}: no rows with split 'test'; the audit measures the test split")
-            test[name] = t.set_index("sample_id")
-        ref_ids = test[names[0]].index
+            self.test[name] = t.set_index("sample_id")
+            self.val[name] = df[df["split"] == "val"]
+        ref_ids = self.test[names[0]].index
         for name in names[1:]:
-            ids = test[name].index
+            ids = self.test[name].index
             if len(ids) != len(ref_ids) or not ids.isin(ref_ids).all():
                 missing = ref_ids.difference(ids)
                 example = missing[0] if len(missing) else ids.difference(ref_ids)[0]
                 raise DataError(f"models {names[0]!r} and {name!r} were not scored on the same test samples "
                                 f"(e.g. sample_id {example!r}); paired comparisons need identical test sets")
-            test[name] = test[name].loc[ref_ids]
-        self.test = test
-        ref = test[names[0]]
+            self.test[name] = self.test[name].loc[ref_ids]
+        ref = self.test[names[0]]
+        self.ref = ref
         self.n = len(ref)
         self.y = {lab: ref[f"y_{lab}"].to_numpy(dtype=float) for lab in self.labels}
         for name in names[1:]:
             for lab in self.labels:
-                other = test[name][f"y_{lab}"].to_numpy(dtype=float)
+                other = self.test[name][f"y_{lab}"].to_numpy(dtype=float)
                 if not np.array_equal(np.isnan(other), np.isnan(self.y[lab])) or not np.allclose(
                         np.nan_to_num(other), np.nan_to_num(self.y[lab])):
                     raise DataError(f"models {names[0]!r} and {name!r} disagree on y_{lab} for the same samples; "
                                     "they must be scored against the same labels")
-        clusters = ref["patient_id"].to_numpy() if "patient_id" in ref.columns else None
-        if clusters is None and config.cluster:
+        self.clusters = ref["patient_id"].to_numpy() if "patient_id" in ref.columns else None
+        if self.clusters is None and config.cluster:
             self.warnings.append("no patient_id column: resampling images, which understates the CI width if "
                                  "patients have several images")
-        self.resampler = Resampler(self.n, n_boot=config.n_boot, seed=config.seed, clusters=clusters,
+        self.resampler = Resampler(self.n, n_boot=config.n_boot, seed=config.seed, clusters=self.clusters,
                                    cluster=config.cluster)
         self.W = self.resampler.weights
-        self.attributes = self._attributes(ref, age_edges)
+        self.attributes = self._attributes(ref)
+        self.thresholds: dict = {}
+        self.boots: dict = {}
 
-    def _attributes(self, ref: pd.DataFrame, age_edges) -> dict[str, np.ndarray]:
-        attrs = {}
+    def _attributes(self, ref: pd.DataFrame) -> dict[str, np.ndarray]:
+        available = {}
         if "sex" in ref.columns:
-            attrs["sex"] = ref["sex"].astype(object).where(ref["sex"].notna(), None).to_numpy()
+            available["sex"] = np.array([_as_group(v) for v in ref["sex"]], dtype=object)
         if "age" in ref.columns:
-            attrs["age_group"] = age_group(ref["age"].to_numpy(), age_edges).to_numpy()
-        for col in ("comorbidity", "site"):
-            if col in ref.columns:
-                v = ref[col]
-                attrs[col] = np.array([None if pd.isna(x) else str(int(x)) if isinstance(x, float) and float(x).is_integer()
-                                       else str(x) for x in v], dtype=object)
-        return attrs
+            available["age_group"] = age_group(ref["age"].to_numpy(), self.config.age_edges).to_numpy(dtype=object)
+        skip = {"sample_id", "split", "member", "loss", "patient_id", "age", "sex"}
+        for col in ref.columns:
+            if col in skip or col.startswith(("y_", "p_")):
+                continue
+            available[col] = np.array([_as_group(v) for v in ref[col]], dtype=object)
+        wanted = self.config.attributes
+        if wanted is None:
+            return available
+        out = {}
+        for spec in wanted:
+            parts = spec.split("*")
+            missing = [p for p in parts if p not in available]
+            if missing:
+                raise DataError(f"attribute {missing[0]!r} is not in the prediction file; available: "
+                                f"{', '.join(available) or 'none'}")
+            cols = [available[p] for p in parts]
+            out[spec] = np.array([None if any(c[i] is None for c in cols) else "|".join(c[i] for c in cols)
+                                  for i in range(self.n)], dtype=object)
+        return out
 
-    # ---- utility ------------------------------------------------------------------------------------------
-    def auroc_boot(self, name: str, lab: str, mask: np.ndarray | None = None) -> tuple[float, np.ndarray, int, int]:
+    def known(self, lab: str, mask: np.ndarray | None = None) -> np.ndarray:
+        keep = ~np.isnan(self.y[lab])
+        return keep if mask is None else keep & mask
+
+    def scores(self, name: str, lab: str) -> np.ndarray:
+        return self.test[name][f"p_{lab}"].to_numpy(dtype=float)
+
+    def auroc_boot(self, name: str, lab: str, mask: np.ndarray | None = None):
         """(point AUROC, bootstrap AUROCs, n, n_pos) for one model and label, on the known labels in ``mask``."""
-        y = self.y[lab]
-        keep = ~np.isnan(y) if mask is None else (~np.isnan(y) & mask)
-        yk = y[keep]
-        p = self.test[name][f"p_{lab}"].to_numpy(dtype=float)[keep]
+        keep = self.known(lab, mask)
+        yk, p = self.y[lab][keep], self.scores(name, lab)[keep]
         n, n_pos = int(keep.sum()), int(yk.sum())
         if n == 0:
             return float("nan"), np.full(self.config.n_boot, np.nan), 0, 0
-        point = float(weighted_auroc(yk, p, np.ones((1, n)))[0])
-        return point, weighted_auroc(yk, p, self.W[:, keep]), n, n_pos
+        return float(weighted_auroc(yk, p, np.ones((1, n)))[0]), weighted_auroc(yk, p, self.W[:, keep]), n, n_pos
+
+    def threshold(self, name: str, lab: str) -> tuple[float, str]:
+        """The decision threshold: fixed, or Youden's J on the val split (on test, with a warning, without one)."""
+        if (name, lab) in self.thresholds:
+            return self.thresholds[(name, lab)]
+        if self.config.threshold != "youden":
+            res = (float(self.config.threshold), "fixed")
+        else:
+            val = self.val[name]
+            yv = val[f"y_{lab}"].to_numpy(dtype=float)
+            kv = ~np.isnan(yv)
+            if kv.any() and 0 < yv[kv].sum() < kv.sum():
+                res = (stats.youden_threshold(yv[kv], val[f"p_{lab}"].to_numpy(dtype=float)[kv]), "val")
+            else:
+                keep = self.known(lab)
+                res = (stats.youden_threshold(self.y[lab][keep], self.scores(name, lab)[keep]), "test")
+                self.warnings.append(f"{name}: the Youden threshold of {lab} was chosen on the test split (no val "
+                                     "split with both classes), so sensitivity and specificity are optimistic")
+        self.thresholds[(name, lab)] = res
+        return res
+
+    def jackknife_auroc(self, name: str, lab: str) -> np.ndarray | None:
+        """Leave-one-unit-out AUROCs (units: patients when clustered) for BCa; None when too many units."""
+        keep = self.known(lab)
+        codes = self.resampler.codes if self.resampler.codes is not None else np.arange(self.n)
+        units = np.unique(codes[keep])
+        if len(units) > MAX_BCA_UNITS:
+            return None
+        W = (codes[keep][None, :] != units[:, None]).astype(float)
+        return weighted_auroc(self.y[lab][keep], self.scores(name, lab)[keep], W)
 
 
-def _utility(study: _Study, name: str, boots: dict) -> dict:
-    ci = study.config.ci
-    labels = {}
-    points = []
+def _metric_block(study: _Study, y, p, W, thr, ci) -> dict:
+    """AUPRC, Brier, ECE, the rates at the threshold, and sensitivity at a fixed specificity, each with a CI."""
+    ones = np.ones((1, len(y)))
+    spec = study.config.specificity
+    out = {}
+    for key, fn in (("auprc", stats.weighted_average_precision), ("brier", stats.weighted_brier),
+                    ("ece", stats.weighted_ece)):
+        out[key] = _est(float(fn(y, p, ones)[0]), fn(y, p, W), ci)
+    point = stats.weighted_rates(y, p, thr, ones)
+    boot = stats.weighted_rates(y, p, thr, W)
+    out["rates"] = {k: _est(float(point[k][0]), boot[k], ci) for k in point}
+    out["sensitivity_at_specificity"] = {str(spec): _est(
+        float(stats.weighted_sensitivity_at_specificity(y, p, ones, spec)[0]),
+        stats.weighted_sensitivity_at_specificity(y, p, W, spec), ci)}
+    return out
+
+
+def _utility(study: _Study, name: str) -> dict:
+    cfg, ci = study.config, study.config.ci
+    labels, points, curves = {}, [], {}
     for lab in study.labels:
         point, b, n, n_pos = study.auroc_boot(name, lab)
-        boots[(name, lab, None, None)] = (point, b)
+        study.boots[(name, lab, None, None)] = (point, b)
         points.append(point)
+        interval = None
+        if cfg.ci_method == "bca" and np.isfinite(point):
+            jack = study.jackknife_auroc(name, lab)
+            if jack is None:
+                study.warnings.append(f"{name}: BCa for {lab} needs one jackknife AUROC per patient, and there are "
+                                      f"more than {MAX_BCA_UNITS}; the percentile interval is reported")
+            else:
+                interval = stats.bca_interval(point, b[np.isfinite(b)], jack, ci)
         if not np.isfinite(point):
             study.warnings.append(f"{name}: AUROC of {lab} is null because the test split has "
                                   f"{'no samples with a known label' if n == 0 else 'only one class'} for it")
-        labels[lab] = {"n": n, "n_pos": n_pos, "auroc": _est(point, b, ci, n_boot=True)}
+        keep = study.known(lab)
+        y, p, W = study.y[lab][keep], study.scores(name, lab)[keep], study.W[:, keep]
+        thr, source = study.threshold(name, lab)
+        block = _metric_block(study, y, p, W, thr, ci)
+        rates = block.pop("rates")
+        labels[lab] = {
+            "n": n, "n_pos": n_pos, "auroc": _est(point, b, ci, n_boot=True, interval=interval), **block,
+            "youden": {"threshold": thr if np.isfinite(thr) else None, "threshold_source": source,
+                       **{k: rates[k] for k in ("sensitivity", "specificity", "accuracy")}},
+        }
+        curves[lab] = _curves(y, p, W)
     point = float(np.mean(points))
-    b = np.mean(np.vstack([boots[(name, lab, None, None)][1] for lab in study.labels]), axis=0)
-    boots[(name, "macro", None, None)] = (point, b)
-    return {"labels": labels, "macro_auroc": _est(point, b, ci, n_boot=True), "n": study.n}
+    b = _nan_mean([study.boots[(name, lab, None, None)][1] for lab in study.labels])
+    study.boots[(name, "macro", None, None)] = (point, b)
+    return {"labels": labels, "macro_auroc": _est(point, b, ci, n_boot=True), "n": study.n}, curves
 
 
-def _fairness(study: _Study, name: str, boots: dict) -> dict:
+def _curves(y, p, W) -> dict:
+    """ROC on a fixed FPR grid with a pointwise bootstrap band, and a reliability diagram (figure data)."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y)) < 2:
+        return {"roc": None, "calibration": None}
+    grid = np.linspace(0, 1, ROC_POINTS)
+    fpr, tpr, _ = roc_curve(y, p)
+    band = []
+    for w in W[: min(len(W), 200)]:  # 200 resamples suffice for a 95% band on a figure
+        idx = np.repeat(np.arange(len(y)), w.astype(int))
+        if len(np.unique(y[idx])) < 2:
+            continue
+        f, t, _ = roc_curve(y[idx], p[idx])
+        band.append(np.interp(grid, f, t))
+    lo, hi = (np.quantile(band, [0.025, 0.975], axis=0) if band else (None, None))
+    bins = np.minimum((p * 10).astype(int), 9)
+    cal = [{"bin": k, "n": int((bins == k).sum()),
+            "mean_p": float(p[bins == k].mean()) if (bins == k).any() else None,
+            "observed": float(y[bins == k].mean()) if (bins == k).any() else None} for k in range(10)]
+    return {"roc": {"fpr": grid.tolist(), "tpr": np.interp(grid, fpr, tpr).tolist(),
+                    "tpr_low": None if lo is None else lo.tolist(), "tpr_high": None if hi is None else hi.tolist()},
+            "calibration": cal}
+
+
+def _group_metrics(study: _Study, name: str, lab: str, mask: np.ndarray, ci: float) -> dict:
+    keep = study.known(lab, mask)
+    y, p, W = study.y[lab][keep], study.scores(name, lab)[keep], study.W[:, keep]
+    thr, _ = study.threshold(name, lab)
+    ones = np.ones((1, len(y)))
+    point, boot = stats.weighted_rates(y, p, thr, ones), stats.weighted_rates(y, p, thr, W)
+    out = {"selection_rate": _est(float(point["selection_rate"][0]), boot["selection_rate"], ci),
+           "tpr": _est(float(point["sensitivity"][0]), boot["sensitivity"], ci),
+           "fpr": _est(float(point["fpr"][0]), boot["fpr"], ci)}
+    for key, fn in (("brier", stats.weighted_brier), ("ece", stats.weighted_ece)):
+        out[key] = _est(float(fn(y, p, ones)[0]), fn(y, p, W), ci)
+    return out
+
+
+def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str, ci: float) -> dict:
+    """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels)."""
+    present = sorted({v for v in values if v is not None})
+    privileged = PRIVILEGED.get(attr)
+    if len(present) == 2 and privileged not in present:
+        counts = {g: int((values == g).sum()) for g in present}
+        privileged = max(present, key=lambda g: counts[g])
+    labs = study.labels if lab == "macro" else [lab]
+    per = []
+    for la in labs:
+        thr, _ = study.threshold(name, la)
+        yhat = (study.scores(name, la) >= thr).astype(int) if np.isfinite(thr) else np.zeros(study.n, int)
+        res = selection_metrics(study.y[la], yhat, values, privileged if len(present) == 2 else None, study.W)
+        if not np.isfinite(thr):
+            res = {g: {**e, **{m: {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
+                               for m in SELECTION_METRICS}} for g, e in res.items()}
+        per.append(res)
+    out = {}
+    for metric in SELECTION_METRICS:
+        groups = {}
+        for g in per[0]:
+            point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
+            boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
+            groups[g] = {**_est(point, boot, ci), "privileged": str(per[0][g]["privileged"])}
+        out[metric] = next(iter(groups.values())) if len(present) == 2 and len(groups) == 1 else groups
+    return out
+
+
+def _fairness(study: _Study, name: str) -> dict:
     ci = study.config.ci
     out = {}
     for attr, values in study.attributes.items():
@@ -154,8 +324,8 @@ def _fairness(study: _Study, name: str, boots: dict) -> dict:
                 mask = values == g
                 if lab == "macro":
                     parts = [study.auroc_boot(name, la, mask) for la in study.labels]
-                    point = float(np.mean([p[0] for p in parts]))
-                    b = np.mean(np.vstack([p[1] for p in parts]), axis=0)
+                    point = float(np.mean([q[0] for q in parts]))
+                    b = _nan_mean([q[1] for q in parts])
                     n, n_pos = int(mask.sum()), None
                 else:
                     point, b, n, n_pos = study.auroc_boot(name, lab, mask)
@@ -165,8 +335,9 @@ def _fairness(study: _Study, name: str, boots: dict) -> dict:
                     study.warnings.append(f"{name}: AUROC of {lab} for {attr}={g} is null ({why})")
                     point, b = float("nan"), np.full(len(b), np.nan)
                 group_boot[g] = (point, b, n)
-                boots[(name, lab, attr, g)] = (point, b)
                 groups[g] = {"n": n, "n_pos": n_pos, "auroc": _est(point, b, ci)}
+                if lab != "macro" and n >= MIN_GROUP_N:
+                    groups[g].update(_group_metrics(study, name, lab, mask, ci))
             parity = {}
             for g in present:
                 others = [h for h in present if h != g and np.isfinite(group_boot[h][0])]
@@ -176,13 +347,37 @@ def _fairness(study: _Study, name: str, boots: dict) -> dict:
                 wts = np.array([group_boot[h][2] for h in others], dtype=float)
                 ref_point = float(np.average([group_boot[h][0] for h in others], weights=wts))
                 ref_boot = np.average(np.vstack([group_boot[h][1] for h in others]), axis=0, weights=wts)
-                pp_point = group_boot[g][0] - ref_point
-                pp_boot = group_boot[g][1] - ref_boot
-                boots[(name, lab, attr, f"parity:{g}")] = (pp_point, pp_boot)
+                pp_point, pp_boot = group_boot[g][0] - ref_point, group_boot[g][1] - ref_boot
+                study.boots[(name, lab, attr, g)] = (pp_point, pp_boot)
                 parity[g] = _est(pp_point, pp_boot, ci)
-            per_label[lab] = {"groups": groups, "performance_parity": parity}
+            per_label[lab] = {"groups": groups, "performance_parity": parity,
+                              **_selection(study, name, attr, values, lab, ci)}
         out[attr] = per_label
+    out["pearson_r"] = _pearson(study, name)
     return out
+
+
+def _pearson(study: _Study, name: str) -> dict:
+    """Pearson's r of age (continuous) against the per-sample absolute error |y - p|."""
+    if "age" not in study.ref.columns:
+        return {}
+    age = study.ref["age"].to_numpy(dtype=float)
+    out, errs = {}, []
+    for lab in study.labels:
+        err = np.abs(study.y[lab] - study.scores(name, lab))
+        errs.append(err)
+        out[lab] = _r_block(study, name, f"age vs |y - p| of {lab}", age, err)
+    macro = np.nanmean(np.vstack(errs), axis=0) if errs else np.array([])
+    out["macro"] = _r_block(study, name, "age vs mean |y - p|", age, macro)
+    return {"age": out}
+
+
+def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
+    res = pearson_r(x, y, confidence=study.config.ci)
+    if res.get("reason"):
+        study.warnings.append(f"{name}: Pearson's r of {what} is null: {res['reason']}")
+    return {"r": res["r"], "p_value": res["p_value"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
+            "n": res["n"], "x": "age", "y": "abs_error"}
 
 
 def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges) -> dict | None:
@@ -202,12 +397,12 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     rows = np.r_[idx_in, idx_out]
     groups = {}
     if "sex" in df.columns:
-        groups["sex"] = df["sex"].to_numpy(dtype=object)[rows]
+        groups["sex"] = np.array([_as_group(v) for v in df["sex"]], dtype=object)[rows]
     if "age" in df.columns:
-        groups["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy()[rows]
+        groups["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy(dtype=object)[rows]
     for col in ("comorbidity", "site"):
         if col in df.columns:
-            groups[col] = df[col].astype(str).where(df[col].notna(), None).to_numpy(dtype=object)[rows]
+            groups[col] = np.array([_as_group(v) for v in df[col]], dtype=object)[rows]
     scores = loss_attack_scores(df, labels)
     if "loss" not in scores:
         warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
@@ -238,32 +433,68 @@ def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame,
     return block
 
 
-def _compare(study: _Study, name: str, ref: str, boots: dict) -> dict:
-    ci = study.config.ci
+def _compare(study: _Study, name: str, ref: str) -> dict:
+    cfg, ci, boots = study.config, study.config.ci, study.boots
     labels = {}
     for lab in study.labels:
         pa, ba = boots[(name, lab, None, None)]
         pr, br = boots[(ref, lab, None, None)]
         d = ba - br
-        labels[lab] = {"auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d)}
+        keep = study.known(lab)
+        clusters = study.clusters[keep] if study.clusters is not None and study.resampler.clustered else None
+        try:
+            delong = stats.delong_test(study.y[lab][keep], study.scores(name, lab)[keep],
+                                       study.scores(ref, lab)[keep], clusters=clusters)["p_value"]
+        except ValueError:  # one class: DeLong is undefined, as is the AUROC
+            delong = None
+        labels[lab] = {"auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d),
+                       "delong_p_value": None if delong is None or not np.isfinite(delong) else float(delong)}
     pa, ba = boots[(name, "macro", None, None)]
     pr, br = boots[(ref, "macro", None, None)]
     d = ba - br
     out = {"labels": labels, "macro_auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d)}
-    fair = {}
-    for (m, lab, attr, g), (point, b) in boots.items():
-        if m != name or attr is None or not str(g).startswith("parity:"):
-            continue
-        if (ref, lab, attr, g) not in boots:
-            continue
-        rp, rb = boots[(ref, lab, attr, g)]
-        grp = g.split(":", 1)[1]
-        # change in the absolute gap: positive means the model widened this group's gap relative to the reference
-        change_point = abs(point) - abs(rp)
-        change_boot = np.abs(b) - np.abs(rb)
-        fair.setdefault(attr, {}).setdefault(lab, {})[grp] = _est(change_point, change_boot, ci)
+
+    # Does DP amplify unfairness? Change in each |parity gap|, paired over the same resamples.
+    rows = []
+    for attr, values in study.attributes.items():
+        present = sorted({v for v in values if v is not None})
+        # with two groups the two gaps are mirror images: judge one of them
+        groups = present[:1] if len(present) == 2 else present
+        for lab in list(study.labels) + ["macro"]:
+            for g in groups:
+                if (name, lab, attr, g) not in boots or (ref, lab, attr, g) not in boots:
+                    continue
+                (p1, b1), (p0, b0) = boots[(name, lab, attr, g)], boots[(ref, lab, attr, g)]
+                change, change_boot = abs(p1) - abs(p0), np.abs(b1) - np.abs(b0)
+                lo90, hi90, _ = percentile_ci(change_boot, 1 - 2 * cfg.alpha)
+                rows.append({"attr": attr, "lab": lab, "group": g, "est": _est(change, change_boot, ci),
+                             "p": paired_p_value(change_boot), "lo90": lo90, "hi90": hi90, "change": change})
+    # Holm across attributes, labels and groups (the macro rows are summaries, outside the family)
+    family = [i for i, r in enumerate(rows) if r["lab"] != "macro"]
+    adjusted = np.full(len(rows), np.nan)
+    if family:
+        adjusted[family] = holm([rows[i]["p"] for i in family])
+    fair, summary = {}, {}
+    for attr in dict.fromkeys(r["attr"] for r in rows):
+        for lab in dict.fromkeys(r["lab"] for r in rows if r["attr"] == attr):
+            idx = [i for i, r in enumerate(rows) if r["attr"] == attr and r["lab"] == lab]
+            changes = {rows[i]["group"]: {**rows[i]["est"], "p_value": rows[i]["p"]} for i in idx}
+            verdict = _verdict(rows, idx, adjusted, cfg, holm_family=lab != "macro")
+            fair.setdefault(attr, {})[lab] = {"parity_gap_change": changes, "verdict": verdict}
+        idx = [i for i in family if rows[i]["attr"] == attr]
+        summary[attr] = _verdict(rows, idx, adjusted, cfg, holm_family=True)
     out["fairness"] = fair
+    out["fairness_verdict"] = summary
     return out
+
+
+def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, holm_family: bool) -> dict:
+    sub = [rows[i] for i in idx]
+    v = dp_verdict([r["change"] for r in sub], [r["lo90"] for r in sub], [r["hi90"] for r in sub],
+                   [adjusted[i] for i in idx] if holm_family else [r["p"] for r in sub],
+                   margin=cfg.margin, alpha=cfg.alpha, names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub],
+                   adjusted=holm_family)
+    return v
 
 
 def run_audit(
@@ -274,7 +505,6 @@ def run_audit(
     config: AuditConfig | None = None,
     task: str | None = None,
     data: dict | None = None,
-    age_edges=AGE_EDGES,
 ) -> AuditReport:
     """Audit one or more models scored on the same test samples.
 
@@ -287,32 +517,30 @@ def run_audit(
     config = config or AuditConfig()
     runs = runs or {}
     frames = {name: validate_predictions(df, f"predictions of {name!r}") for name, df in predictions.items()}
-    study = _Study(frames, config, age_edges)
+    study = _Study(frames, config)
     if reference is None and "non_private" in frames and len(frames) > 1:
         reference = "non_private"
     if reference is not None and reference not in frames:
         raise DataError(f"--reference {reference!r} is not one of the models ({', '.join(frames)})")
 
-    boots: dict = {}
     models = {}
     for name, df in frames.items():
         run = runs.get(name)
         run_block = {"backend": None, "model": None, "seed": None, "dp": False}
         if run:
             run_block = {"backend": run.get("backend"), "model": run.get("architecture"), "seed": run.get("seed"),
-                         **{k: run.get(k) for k in ("dp", *PRIVACY_KEYS)}}
-            run_block["dp"] = bool(run.get("dp"))
+                         **{k: run.get(k) for k in PRIVACY_KEYS}, "dp": bool(run.get("dp"))}
+        utility, curves = _utility(study, name)
         models[name] = {
             "run": run_block,
-            "utility": _utility(study, name, boots),
-            "fairness": _fairness(study, name, boots),
-            "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed, age_edges=age_edges),
+            "utility": utility,
+            "curves": curves,
+            "fairness": _fairness(study, name),
+            "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed,
+                                age_edges=config.age_edges),
         }
-    comparisons = {}
-    if reference is not None:
-        for name in frames:
-            if name != reference:
-                comparisons[f"{name} vs {reference}"] = _compare(study, name, reference, boots)
+    comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
+                   for name in frames if reference is not None and name != reference}
 
     ref_frame = frames[next(iter(frames))]
     data_block = dict(data or {})
@@ -331,11 +559,14 @@ def run_audit(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
             "labels": study.labels,
+            "attributes": list(study.attributes),
             "data": data_block,
             "bootstrap": {**study.resampler.describe(), "ci": config.ci, "method": config.ci_method},
+            "threshold": config.threshold if config.threshold != "youden" else "youden (val split)",
+            "margin": config.margin,
         },
         "models": models,
         "comparisons": comparisons,
-        "warnings": study.warnings,
+        "warnings": list(dict.fromkeys(study.warnings)),
     }
     return AuditReport(doc)

@@ -190,7 +190,7 @@ def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
 
 def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float | None],
                change_ci_high: Sequence[float | None], p_values: Sequence[float | None], margin: float = 0.02,
-               alpha: float = 0.05, *, names: Sequence[str] | None = None) -> dict:
+               alpha: float = 0.05, *, names: Sequence[str] | None = None, adjusted: bool = False) -> dict:
     """Does DP amplify unfairness for one attribute? ``"yes"``, ``"no"`` or ``"inconclusive"``.
 
     Each input has one entry per change in a parity gap (private minus non-private ``|gap|``, one per label
@@ -208,6 +208,9 @@ def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float
     95% CI reported beside the estimates: the caller passes the percentile bounds
     ``percentile_ci(change_boot, 1 - 2 * alpha)`` of each change's paired bootstrap samples.
 
+    With ``adjusted=True`` the ``p_values`` are already Holm-adjusted over a larger family (all attributes,
+    labels and groups of a comparison) and are used as they are.
+
     Returns ``{"answer", "margin", "alpha", "p_value_adjusted" (list aligned with the inputs, None where
     undefined), "reason"}``, the reason one sentence naming the change that decided the answer.
     """
@@ -219,7 +222,8 @@ def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float
         raise ValueError("change_est, change_ci_low, change_ci_high, p_values and names must have one length")
     if not margin > 0 or not 0 < alpha < 0.5:
         raise ValueError(f"need margin > 0 and 0 < alpha < 0.5; got margin={margin}, alpha={alpha}")
-    adj = holm(p_values)
+    adj = (np.array([np.nan if v is None else v for v in p_values], dtype=float) if adjusted
+           else holm(p_values))
     out = {"answer": "inconclusive", "margin": margin, "alpha": alpha,
            "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": ""}
     level = f"{1 - 2 * alpha:.0%}"
