@@ -126,6 +126,9 @@ def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
         report = audit_run_dirs({run_dir.absolute().name: run_dir}, config=config)
     else:
         runs = {d.name: d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "predictions.csv").is_file()}
+        if (run_dir / "audit.json").is_file():  # a study keeps its own models (not e.g. its pretraining run)
+            earlier = set(read_json(run_dir / "audit.json").get("models", {}))
+            runs = {k: v for k, v in runs.items() if k in earlier} or runs
         if not runs:
             raise DataError(f"{run_dir}: no predictions.csv here or in its sub-folders; give a run or study "
                             "directory written by privaudit, or use --predictions FILE")

@@ -1,0 +1,55 @@
+"""Reports: rendered from audit.json alone, autoescaped, with aggregates only."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+
+from privaudit.audit import run_audit
+from privaudit.config import AuditConfig
+from privaudit.errors import DataError
+from privaudit.reports import render_html, write_report
+from test_audit_engine import make_predictions
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_data_values_are_escaped_and_no_patient_rows_leak(tmp_path):
+    df = make_predictions(n=600, seed=1)
+    evil = "<script>alert(1)</script>"
+    df["site"] = [evil if i % 2 else "B" for i in range(len(df))]
+    rep = run_audit({evil: df}, config=AuditConfig(n_boot=20))
+    html = render_html(rep)
+    parser = _Collect()
+    parser.feed(html)
+    assert "script" not in parser.tags
+    assert evil in "".join(parser.text)  # shown as text
+    for sid in df["sample_id"].head(50):
+        assert f">{sid}<" not in html
+    for heading in ("Summary", "Data", "Privacy guarantee", "Utility", "Fairness", "Empirical privacy",
+                    "Warnings and limitations", "Provenance"):
+        assert f">{heading}<" in html
+
+
+def test_report_errors(tmp_path):
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    rep.to_json(tmp_path / "audit.json")
+    out = write_report(tmp_path / "audit.json")
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    with pytest.raises(DataError, match="--template"):
+        write_report(tmp_path / "audit.json", tmp_path / "r.html", template_dir=tmp_path / "nope")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        write_report(tmp_path / "bad.json")
+    assert not (tmp_path / "report.html.tmp").exists()
