@@ -112,6 +112,7 @@ class _Study:
         self.resampler = Resampler(self.n, n_boot=config.n_boot, seed=config.seed, clusters=self.clusters,
                                    cluster=config.cluster)
         self.W = self.resampler.weights
+        self.sample_major = stats.SampleMajorWeights(self.W)  # the fast AUROC path reads W in this layout
         self.attributes = self._attributes(ref)
         self.thresholds: dict = {}
         self.boots: dict = {}
@@ -156,7 +157,8 @@ class _Study:
         n, n_pos = int(keep.sum()), int(yk.sum())
         if n == 0:
             return float("nan"), np.full(self.config.n_boot, np.nan), 0, 0
-        return float(weighted_auroc(yk, p, np.ones((1, n)))[0]), weighted_auroc(yk, p, self.W[:, keep]), n, n_pos
+        boots = stats.weighted_auroc_fast(self.y[lab], self.scores(name, lab), self.sample_major, keep=keep)
+        return float(weighted_auroc(yk, p, np.ones((1, n)))[0]), boots, n, n_pos
 
     def threshold(self, name: str, lab: str) -> tuple[float, str]:
         """The decision threshold: fixed, or Youden's J on the val split (on test, with a warning, without one)."""
