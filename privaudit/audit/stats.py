@@ -88,6 +88,21 @@ def _run_weights(weights: np.ndarray, order: np.ndarray, pos_sorted: np.ndarray,
 
 
 # ---- ranking metrics -----------------------------------------------------------------------------------------
+def _descending_counts(y_true, y_score, weights):
+    """Yield ``(b0, b1, n_rows, wp, tp, fp)`` per block of resample rows: the positive weight of each run of
+    tied scores in descending order, and the cumulative true- and false-positive weights scored at or above
+    it. An empty input yields one ``(0, 0, n_rows, None, None, None)``."""
+    pos, s = _labels_scores(y_true, y_score)
+    w_all = _weight_matrix(weights, len(s))
+    if len(s) == 0:
+        yield 0, 0, w_all.shape[0], None, None, None
+        return
+    order, pos_sorted, starts = _descending_runs(pos, s)
+    for b0, b1 in _row_blocks(w_all.shape[0], len(s), 6):
+        wp, wn = _run_weights(w_all[b0:b1], order, pos_sorted, starts)
+        yield b0, b1, w_all.shape[0], wp, np.cumsum(wp, axis=1), np.cumsum(wn, axis=1)
+
+
 def weighted_average_precision(y_true, y_score, weights) -> np.ndarray:
     """Average precision of each resample (row of ``weights``): ``(B,)``, ``nan`` where a row lacks a class.
 
@@ -101,16 +116,12 @@ def weighted_average_precision(y_true, y_score, weights) -> np.ndarray:
     resampled multiset, ties included. scikit-learn returns 0 (with a warning) when there is no positive and
     1 when there is no negative; both are degenerate resamples here and give ``nan``, as for AUROC.
     """
-    pos, s = _labels_scores(y_true, y_score)
-    w_all = _weight_matrix(weights, len(s))
-    out = np.full(w_all.shape[0], np.nan)
-    if len(s) == 0:
-        return out
-    order, pos_sorted, starts = _descending_runs(pos, s)
-    for b0, b1 in _row_blocks(w_all.shape[0], len(s), 6):
-        wp, wn = _run_weights(w_all[b0:b1], order, pos_sorted, starts)
-        tp = np.cumsum(wp, axis=1)
-        called = tp + np.cumsum(wn, axis=1)
+    out = None
+    for b0, b1, n_rows, wp, tp, fp in _descending_counts(y_true, y_score, weights):
+        out = np.full(n_rows, np.nan) if out is None else out
+        if wp is None:
+            return out
+        called = tp + fp
         precision = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
         n_pos, n_neg = tp[:, -1], called[:, -1] - tp[:, -1]
         ap = _ratio(np.einsum("bu,bu->b", wp, precision), n_pos)
@@ -132,16 +143,11 @@ def weighted_sensitivity_at_specificity(y_true, y_score, weights, specificity: f
     """
     if not 0.0 <= specificity <= 1.0:
         raise ValueError(f"specificity must lie in [0, 1], got {specificity}")
-    pos, s = _labels_scores(y_true, y_score)
-    w_all = _weight_matrix(weights, len(s))
-    out = np.full(w_all.shape[0], np.nan)
-    if len(s) == 0:
-        return out
-    order, pos_sorted, starts = _descending_runs(pos, s)
-    for b0, b1 in _row_blocks(w_all.shape[0], len(s), 6):
-        wp, wn = _run_weights(w_all[b0:b1], order, pos_sorted, starts)
-        tp = np.cumsum(wp, axis=1)
-        fp = np.cumsum(wn, axis=1)
+    out = None
+    for b0, b1, n_rows, wp, tp, fp in _descending_counts(y_true, y_score, weights):
+        out = np.full(n_rows, np.nan) if out is None else out
+        if wp is None:
+            return out
         n_pos, n_neg = tp[:, -1:], fp[:, -1:]
         fpr = np.divide(fp, n_neg, out=np.ones_like(fp), where=n_neg > 0)
         best = np.max(np.where(1.0 - fpr >= specificity, tp, 0.0), axis=1)
