@@ -58,9 +58,10 @@ def draw_indices(n_units: int, n_boot: int, seed: int) -> np.ndarray:
 
 def counts_from_indices(indices: np.ndarray, n_units: int) -> np.ndarray:
     """How often each unit appears in each resample: ``(B, n_units)`` counts."""
-    B = indices.shape[0]
-    flat = (indices + (np.arange(B) * n_units)[:, None]).ravel()
-    return np.bincount(flat, minlength=B * n_units).reshape(B, n_units).astype(np.float64)
+    out = np.empty((indices.shape[0], n_units))
+    for b, row in enumerate(indices):  # one bincount per row beats one over the flattened (B * n) offsets
+        out[b] = np.bincount(row, minlength=n_units)
+    return out
 
 
 class Resampler:
