@@ -299,3 +299,44 @@ def test_dp_amplification_verdict_finds_a_planted_widening():
     same = run_audit({"private": base.copy(), "non_private": base}, config=AuditConfig(n_boot=100))
     v = same.data["comparisons"]["private vs non_private"]["fairness_verdict"]["sex"]
     assert v["answer"] == "no"  # identical models: every change is exactly 0
+
+
+def test_trade_offs_correlate_log_epsilon_across_dp_models():
+    from scipy.stats import pearsonr
+
+    base = make_predictions(n=800, seed=12, shift=2.0)
+    rng = np.random.default_rng(1)
+    preds, runs = {}, {}
+    for k, eps in enumerate([0.5, 1.0, 2.0, 4.0, 8.0]):
+        df = base.copy()
+        noise = 2.0 / eps  # less privacy, less noise: AUROC rises with log(epsilon)
+        for lab in LABELS:
+            df[f"p_{lab}"] = 1 / (1 + np.exp(-(np.log(df[f"p_{lab}"] / (1 - df[f"p_{lab}"]))
+                                               + rng.normal(0, noise, len(df)))))
+        preds[f"eps={eps}"] = df
+        runs[f"eps={eps}"] = {"dp": True, "epsilon": eps, "delta": 1e-5, "accountant": "rdp",
+                              "noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0,
+                              "poisson_sampling": True}
+    rep = run_audit(preds, runs=runs, config=AuditConfig(n_boot=20))
+    t = rep.data["study"]["trade_offs"]
+    macro = [rep.models[n]["utility"]["macro_auroc"]["estimate"] for n in t["models"]]
+    expected = pearsonr(np.log([0.5, 1, 2, 4, 8]), macro)
+    assert t["macro_auroc"]["r"] == pytest.approx(expected.statistic) and t["macro_auroc"]["r"] > 0.8
+    assert t["macro_auroc"]["n"] == 5
+    assert "F" in t["performance_parity"]["sex"]["macro"]
+    rep.validate()
+    few = run_audit({k: preds[k] for k in list(preds)[:3]}, runs=runs, config=AuditConfig(n_boot=10))
+    assert few.data["study"]["trade_offs"]["macro_auroc"]["r"] is None
+    assert any("log(epsilon) vs macro AUROC" in w for w in few.warnings)
+
+
+def test_bad_prediction_file_from_the_cli(tmp_path):
+    from conftest import invoke
+
+    df = make_predictions()
+    df.loc[4, "p_a"] = 1.7
+    f = tmp_path / "preds.csv"
+    df.to_csv(f, index=False)
+    res = invoke("audit", "--predictions", f, "--out", tmp_path / "out")
+    assert res.exit_code == 2 and "p_a" in res.stderr and "[0, 1]" in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -499,6 +499,33 @@ def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, holm_family: bool) -> dic
     return v
 
 
+def _trade_offs(models: dict, study: _Study) -> dict | None:
+    """Across the DP models of a study: Pearson's r of log(epsilon) against each performance-parity gap and the
+    macro AUROC (the paper's question: does more privacy move the gaps?). Non-private models have no epsilon
+    and stay out; with fewer than 4 DP models r is null with a warning. None for a study with one DP model."""
+    eps = {n: (m["privacy"]["accountant"] or {}).get("epsilon") for n, m in models.items()}
+    dp_models = [n for n, e in eps.items() if e is not None and e > 0]
+    if len(dp_models) < 2:
+        return None
+    x = np.log([eps[n] for n in dp_models])
+    out = {"x": "log(epsilon)", "models": dp_models,
+           "macro_auroc": _r_block(study, "study", "log(epsilon) vs macro AUROC", x,
+                                   [models[n]["utility"]["macro_auroc"]["estimate"] for n in dp_models]),
+           "performance_parity": {}}
+    out["macro_auroc"].update({"x": "log_epsilon", "y": "macro_auroc"})
+    for attr in study.attributes:
+        for lab in list(study.labels) + ["macro"]:
+            groups = (models[dp_models[0]]["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {})
+            for g in groups:
+                y = [((models[n]["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}).get(g)
+                      or {}).get("estimate") for n in dp_models]
+                y = [np.nan if v is None else v for v in y]
+                r = _r_block(study, "study", f"log(epsilon) vs parity gap of {attr}={g} ({lab})", x, y)
+                r.update({"x": "log_epsilon", "y": "performance_parity"})
+                out["performance_parity"].setdefault(attr, {}).setdefault(lab, {})[g] = r
+    return out
+
+
 def run_audit(
     predictions: dict[str, pd.DataFrame],
     *,
@@ -544,6 +571,7 @@ def run_audit(
     comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
                    for name in frames if reference is not None and name != reference}
 
+    trade_offs = _trade_offs(models, study)
     ref_frame = frames[next(iter(frames))]
     data_block = dict(data or {})
     for split in ("train", "val", "test"):
@@ -566,6 +594,7 @@ def run_audit(
             "bootstrap": {**study.resampler.describe(), "ci": config.ci, "method": config.ci_method},
             "threshold": config.threshold if config.threshold != "youden" else "youden (val split)",
             "margin": config.margin,
+            **({"trade_offs": trade_offs} if trade_offs is not None else {}),
         },
         "models": models,
         "comparisons": comparisons,

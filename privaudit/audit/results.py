@@ -34,8 +34,12 @@ class AuditReport:
         return self.data["warnings"]
 
     def to_json(self, path: Path | None = None) -> str:
+        """The document as strict JSON; with ``path``, validated against the shipped schema and written."""
         doc = to_jsonable(self.data)
         if path is not None:
+            import jsonschema
+
+            jsonschema.validate(doc, load_schema())  # never write an audit.json that breaks the contract
             write_json(Path(path), doc)
         return json.dumps(doc, indent=2, allow_nan=False)
 
