@@ -340,3 +340,38 @@ def test_bad_prediction_file_from_the_cli(tmp_path):
     res = invoke("audit", "--predictions", f, "--out", tmp_path / "out")
     assert res.exit_code == 2 and "p_a" in res.stderr and "[0, 1]" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_audit_finds_the_effects_planted_in_the_synthetic_cohort(tmp_path):
+    """Train a small model on the synthetic cohort, audit it, and check the directions cohort.json promises:
+    the oldest patients' findings are hardest (lowest AUROC, negative parity gap), and women's effusions too."""
+    import json
+
+    import torch
+
+    from privaudit.backends import create_backend
+    from privaudit.config import DPConfig, TrainConfig
+    from privaudit.data.manifest import load_manifest
+    from privaudit.data.synth_cxr import synthesize_cxr
+    from privaudit.predictions import read_predictions
+    from privaudit.tasks import create_task
+
+    torch.set_num_threads(1)
+    manifest_path = synthesize_cxr(tmp_path / "c", n=1500, image_size=32, seed=2)
+    planted = {e["name"]: e for e in json.loads((tmp_path / "c" / "cohort.json").read_text())["planted_effects"]}
+    cfg = TrainConfig(width=8, image_size=32, batch_size=32, physical_batch_size=32, epochs=6, lr=3e-3,
+                      dp=DPConfig(enabled=False))
+    create_backend("opacus").train(load_manifest(manifest_path, task=create_task("cxr")), cfg, tmp_path / "m",
+                                   quiet=True)
+    rep = run_audit({"m": read_predictions(tmp_path / "m" / "predictions.csv")}, config=AuditConfig(n_boot=200))
+    fair = rep.models["m"]["fairness"]
+
+    oldest = planted["age_image_quality"]["expected_lower_auroc"]
+    ages = {g: v["auroc"]["estimate"] for g, v in fair["age_group"]["macro"]["groups"].items()
+            if v["auroc"]["estimate"] is not None}
+    assert min(ages, key=ages.get) == oldest
+    assert fair["age_group"]["macro"]["performance_parity"][oldest]["ci_high"] < 0
+
+    female = planted["female_effusion_subtlety"]["expected_lower_auroc"]
+    eff = {g: v["auroc"]["estimate"] for g, v in fair["sex"]["pleural_effusion"]["groups"].items()}
+    assert eff[female] < eff["M" if female == "F" else "F"]
