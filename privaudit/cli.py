@@ -211,7 +211,8 @@ def train_and_audit_cmd(
     doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
                           force=force, console=console, quiet=quiet)
     _print_headline(doc)
-    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, private/, non_private/")
+    runs = ", ".join(f"{name}/" for name in doc["models"])
+    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, {runs}")
 
 
 @app.command("train")

@@ -73,14 +73,24 @@ class AuditReport:
         jsonschema.validate(to_jsonable(self.data), load_schema())
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row per model x metric x label x group: estimate and CI."""
+        """One tidy row per model x metric x label x group: estimate and CI (nested metrics get dotted names,
+        e.g. ``youden.sensitivity``)."""
         rows = []
 
         def add(model, section, metric, label, attribute, group, est):
-            if isinstance(est, dict) and "estimate" in est:
+            if not isinstance(est, dict):
+                return
+            if "estimate" in est:
                 rows.append({"model": model, "section": section, "metric": metric, "label": label,
                              "attribute": attribute, "group": group, "estimate": est.get("estimate"),
                              "ci_low": est.get("ci_low"), "ci_high": est.get("ci_high"), "n": est.get("n")})
+                return
+            for key, sub in est.items():  # e.g. youden.{sensitivity,...}, or a metric per group
+                if isinstance(sub, dict):
+                    if attribute is not None and group is None and "estimate" in sub:
+                        add(model, section, metric, label, attribute, key, sub)
+                    else:
+                        add(model, section, f"{metric}.{key}", label, attribute, group, sub)
 
         for name, m in self.models.items():
             util = m.get("utility") or {}
@@ -93,12 +103,17 @@ class AuditReport:
                     continue
                 for lab, res in per_label.items():
                     for grp, g in (res.get("groups") or {}).items():
-                        add(name, "fairness", "auroc", lab, attr, grp, g.get("auroc"))
-                    for grp, est in (res.get("performance_parity") or {}).items():
-                        add(name, "fairness", "performance_parity", lab, attr, grp, est)
+                        for metric, est in g.items():
+                            add(name, "fairness", metric, lab, attr, grp, est)
+                    for metric, est in res.items():
+                        if metric != "groups":
+                            add(name, "fairness", metric, lab, attr, None, est)
         for cname, c in (self.data.get("comparisons") or {}).items():
             for lab, res in (c.get("labels") or {}).items():
                 add(cname, "comparison", "auroc_difference", lab, None, None, res.get("auroc_difference"))
             add(cname, "comparison", "auroc_difference", "macro", None, None, c.get("macro_auroc_difference"))
+            for attr, per_label in (c.get("fairness") or {}).items():
+                for lab, res in per_label.items():
+                    add(cname, "comparison", "parity_gap_change", lab, attr, None, res.get("parity_gap_change"))
         return pd.DataFrame(rows, columns=["model", "section", "metric", "label", "attribute", "group",
                                            "estimate", "ci_low", "ci_high", "n"])
