@@ -66,6 +66,21 @@ def _as_group(v) -> str | None:
     return str(v)
 
 
+def attribute_arrays(df: pd.DataFrame, age_edges) -> dict[str, np.ndarray]:
+    """Every sensitive attribute of a prediction table as an object array of group names (None = unknown):
+    ``sex``, ``age_group`` (from ``age``) and any other non-prediction column (comorbidity, site, ...)."""
+    out = {}
+    if "sex" in df.columns:
+        out["sex"] = np.array([_as_group(v) for v in df["sex"]], dtype=object)
+    if "age" in df.columns:
+        out["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy(dtype=object)
+    skip = {"sample_id", "split", "member", "loss", "patient_id", "age", "sex"}
+    for col in df.columns:
+        if col not in skip and not col.startswith(("y_", "p_")):
+            out[col] = np.array([_as_group(v) for v in df[col]], dtype=object)
+    return out
+
+
 class _Study:
     """Shared state of one audit: aligned test tables, the resampler, thresholds and the warnings."""
 
@@ -118,16 +133,7 @@ class _Study:
         self.boots: dict = {}
 
     def _attributes(self, ref: pd.DataFrame) -> dict[str, np.ndarray]:
-        available = {}
-        if "sex" in ref.columns:
-            available["sex"] = np.array([_as_group(v) for v in ref["sex"]], dtype=object)
-        if "age" in ref.columns:
-            available["age_group"] = age_group(ref["age"].to_numpy(), self.config.age_edges).to_numpy(dtype=object)
-        skip = {"sample_id", "split", "member", "loss", "patient_id", "age", "sex"}
-        for col in ref.columns:
-            if col in skip or col.startswith(("y_", "p_")):
-                continue
-            available[col] = np.array([_as_group(v) for v in ref[col]], dtype=object)
+        available = attribute_arrays(ref, self.config.age_edges)
         wanted = self.config.attributes
         if wanted is None:
             return available
@@ -397,14 +403,7 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
     idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
     rows = np.r_[idx_in, idx_out]
-    groups = {}
-    if "sex" in df.columns:
-        groups["sex"] = np.array([_as_group(v) for v in df["sex"]], dtype=object)[rows]
-    if "age" in df.columns:
-        groups["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy(dtype=object)[rows]
-    for col in ("comorbidity", "site"):
-        if col in df.columns:
-            groups[col] = np.array([_as_group(v) for v in df[col]], dtype=object)[rows]
+    groups = {attr: values[rows] for attr, values in attribute_arrays(df, age_edges).items()}
     scores = loss_attack_scores(df, labels)
     if "loss" not in scores:
         warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
