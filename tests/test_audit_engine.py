@@ -375,3 +375,24 @@ def test_audit_finds_the_effects_planted_in_the_synthetic_cohort(tmp_path):
     female = planted["female_effusion_subtlety"]["expected_lower_auroc"]
     eff = {g: v["auroc"]["estimate"] for g, v in fair["sex"]["pleural_effusion"]["groups"].items()}
     assert eff[female] < eff["M" if female == "F" else "F"]
+
+
+def test_accountant_cross_checks_and_one_sided_flags():
+    from opacus.accountants import create_accountant
+
+    run = {"dp": True, "epsilon": None, "delta": 2e-4, "accountant": "prv", "noise_multiplier": 0.577,
+           "sample_rate": 0.0303, "steps": 165, "max_grad_norm": 1.0, "poisson_sampling": True}
+    acc = create_accountant("prv")
+    acc.history = [(0.577, 0.0303, 165)]
+    run["epsilon"] = acc.get_epsilon(2e-4)
+    rep = run_audit({"m": make_predictions()}, runs={"m": run}, config=AuditConfig(n_boot=10))
+    block = rep.models["m"]["privacy"]["accountant"]
+    checks = block["cross_checks"]
+    assert checks["prv"] == pytest.approx(run["epsilon"], rel=1e-6)
+    assert checks["dp_accounting_pld"] == pytest.approx(checks["prv"], rel=0.02)
+    assert checks["rdp"] > checks["prv"] and checks["dp_accounting_rdp"] == pytest.approx(checks["rdp"], rel=0.01)
+    # GDP (a CLT approximation) comes out below the tight accountants here and is flagged; RDP above is not
+    assert checks["gdp"] < checks["prv"]
+    assert any(f.startswith("accountant gdp") for f in block["flags"])
+    assert not any("rdp" in f for f in block["flags"])
+    rep.validate()

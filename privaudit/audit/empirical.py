@@ -132,10 +132,10 @@ def one_run_audit(scores, included, *, delta: float = 0.0, confidence: float = 0
     and report the luckiest, which overstates epsilon. So the canaries are split at random (``seed``) into a
     selection part (a fraction ``split``) and an evaluation part; (k+, k-) are chosen on the selection part as the
     fractions of ``k_grid`` (pairs (f+, f-) with f+ + f- <= 1; k = floor(f n)) giving the largest bound (ties: the
-    smaller p-value at eps = 0), then applied to the evaluation part, whose bound alone is reported. The guesses on
-    the evaluation canaries are a function of the model and of the selection canaries' membership only, so
-    Theorem 3.1 applies to them, with m the evaluation canaries. The split costs power (half the canaries for the
-    bound) but keeps the bound a valid lower bound at ``confidence``.
+    smaller delta = 0 p-value at eps = 0), then applied to the evaluation part, whose bound alone is reported.
+    The guesses on the evaluation canaries are a function of the model and of the selection canaries' membership
+    only, so Theorem 3.1 applies to them, with m the evaluation canaries. The split costs power (half the canaries
+    for the bound) but keeps the bound a valid lower bound at ``confidence``.
 
     Returns ``estimate`` with ``m``, ``r``, ``v``, ``k_plus``, ``k_minus`` of the evaluation part, enough to
     recompute it with ``one_run_lower_bound``.
@@ -156,12 +156,11 @@ def one_run_audit(scores, included, *, delta: float = 0.0, confidence: float = 0
     sel, ev = order[:n_sel], order[n_sel:]
 
     top, bottom = _guess_counts(scores[sel], included[sel])
-    bounds, p0 = [], []
-    for f_plus, f_minus in grid:
-        kp, km = int(np.floor(f_plus * n_sel)), int(np.floor(f_minus * n_sel))
-        r, v = kp + km, int(top[kp] + bottom[km])
-        bounds.append(one_run_lower_bound(r, v, delta=delta, m=n_sel, confidence=confidence))
-        p0.append(one_run_p_value(r, v, 0.0, delta, n_sel))
+    kp, km = np.floor(grid * n_sel).astype(int).T
+    rs, vs = kp + km, top[kp] + bottom[km]
+    p0 = binom.sf(vs - 1, rs, 0.5)  # the delta = 0 p-value at eps = 0; the bound is 0 unless it is < 1 - confidence
+    bounds = [one_run_lower_bound(int(r), int(v), delta=delta, m=n_sel, confidence=confidence) if p < 1 - confidence
+              else 0.0 for r, v, p in zip(rs, vs, p0)]
     f_plus, f_minus = grid[np.lexsort((p0, -np.asarray(bounds)))[0]]
 
     m = len(ev)

@@ -429,7 +429,11 @@ def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame,
     checks, warns = cross_checks(noise_multiplier=acc["noise_multiplier"], sample_rate=acc["sample_rate"],
                                  steps=acc["steps"], delta=acc["delta"])
     acc["cross_checks"] = checks
-    warnings.extend(f"{name}: {w}" for w in warns)
+    from privaudit.audit.empirical import flag_accountants
+
+    # one-sided: an accountant below the tight ones (PRV, PLD) understates epsilon; RDP above them is normal
+    acc["flags"] = flag_accountants(checks, used=acc["accountant"])
+    warnings.extend(f"{name}: {w}" for w in warns + acc["flags"])
     block["accountant"] = acc
     return block
 
