@@ -53,3 +53,14 @@ def test_report_errors(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         write_report(tmp_path / "bad.json")
     assert not (tmp_path / "report.html.tmp").exists()
+
+
+def test_figures_are_inline_svg_and_the_page_is_self_contained():
+    import re
+
+    df = make_predictions(n=800, seed=2)
+    rep = run_audit({"a": df, "b": df.assign(p_a=1 - df["p_a"])}, config=AuditConfig(n_boot=30))
+    html = render_html(rep)
+    assert html.count("<svg") == len(rep.data["study"]["labels"]) + len(rep.data["study"]["attributes"])
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)  # nothing points outside the file
+    assert "url(http" not in html and "<script" not in html

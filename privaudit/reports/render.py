@@ -60,7 +60,10 @@ def render_html(report: AuditReport, *, template_dir: Path | None = None, title:
             "epsilon": acc.get("epsilon") if acc else None, "delta": acc.get("delta") if acc else None,
             "accountant": acc.get("accountant") if acc else None,
         })
+    from privaudit.reports.figures import figures
+
     ctx = {"doc": doc, "study": study, "models": doc["models"], "comparisons": doc.get("comparisons") or {},
+           "figures": figures(doc),
            "warnings": doc.get("warnings") or [], "headline": headline, "labels": study.get("labels") or [],
            "title": title or f"privaudit report: {study.get('task') or 'study'}"}
     return environment(template_dir).get_template("report.html.j2").render(**ctx)
