@@ -99,6 +99,8 @@ LR_ = Annotated[float, typer.Option("--lr", help="NAdam learning rate.")]
 Seed_ = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
 Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights (a state_dict).")]
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+Canaries_ = Annotated[int, typer.Option("--canaries", help="Insert this many canaries (each trained on with "
+                                        "probability 1/2) for the one-run empirical epsilon.")]
 Force_ = Annotated[bool, typer.Option("--force", help="Replace what --out already holds.")]
 Quiet_ = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 NBoot_ = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")]
@@ -114,7 +116,7 @@ def _default_out(task: str, backend: str) -> Path:
 
 
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
-                  init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant) -> TrainConfig:
+                  init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0) -> TrainConfig:
     from privaudit.tasks import create_task
 
     create_task(task)
@@ -128,7 +130,7 @@ def _train_config(task, backend, arch, width, image_size, epochs, batch_size, ph
                   max_grad_norm=max_grad_norm, accountant=accountant.value)
     return TrainConfig(task=task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
                        batch_size=batch_size, physical_batch_size=physical_batch_size or batch_size, lr=lr, seed=seed,
-                       device=device, init=str(init) if init else None, dp=dp)
+                       device=device, init=str(init) if init else None, canaries=canaries, dp=dp)
 
 
 def _print_headline(doc: dict) -> None:
@@ -188,6 +190,7 @@ def train_and_audit_cmd(
     seed: Seed_ = 0,
     init: Init_ = None,
     device: Device_ = "auto",
+    canaries: Canaries_ = 0,
     n_boot: NBoot_ = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", help="Study directory (default runs/<task>-<backend>-"
                                                 "<timestamp>/).")] = None,
@@ -205,7 +208,7 @@ def train_and_audit_cmd(
     from privaudit.workflow import DataSpec, train_and_audit
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
-                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant)
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries)
     out = out or _default_out(task, backend)
     spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
     doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
@@ -241,6 +244,7 @@ def train_cmd(
     seed: Seed_ = 0,
     init: Init_ = None,
     device: Device_ = "auto",
+    canaries: Canaries_ = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<task>-<backend>-"
                                                 "<timestamp>/).")] = None,
     force: Force_ = False,
@@ -255,7 +259,7 @@ def train_cmd(
     from privaudit.workflow import DataSpec, train
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
-                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant)
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries)
     out = out or _default_out(task, backend)
     spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
     info = train(cfg, spec, out, force=force, console=console, quiet=quiet)

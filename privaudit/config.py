@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"               # auto: CUDA when available
     init: str | None = None            # path of weights to start from (state_dict)
+    canaries: int = 0                  # canaries for the one-run empirical epsilon (each included w.p. 1/2)
     dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self):
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ConfigError(f"--width must be at least 4, got {self.width}")
         if self.image_size is not None and self.image_size < 16:
             raise ConfigError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.canaries < 0:
+            raise ConfigError(f"--canaries must be 0 or more, got {self.canaries}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
 

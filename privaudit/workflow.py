@@ -103,7 +103,9 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
     from privaudit.audit import run_audit
     from privaudit.predictions import read_predictions
 
-    preds, runs, task = {}, {}, None
+    from privaudit.data.manifest import read_csv
+
+    preds, runs, canaries, task = {}, {}, {}, None
     for name, d in run_dirs.items():
         d = Path(d)
         if not (d / "predictions.csv").is_file():
@@ -113,7 +115,9 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
         if (d / "train.json").is_file():
             runs[name] = read_json(d / "train.json")
             task = task or runs[name].get("task")
-    return run_audit(preds, runs=runs, reference=reference, config=config, task=task)
+        if (d / "canaries.csv").is_file():
+            canaries[name] = read_csv(d / "canaries.csv")
+    return run_audit(preds, runs=runs, reference=reference, config=config, task=task, canaries=canaries)
 
 
 def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
@@ -207,7 +211,7 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
                                            public=True, console=console, quiet=quiet)
             pub = load_data(DataSpec(path=pub_manifest_path, preset="manifest", seed=data.seed), config.task)
             pre_cfg = dataclasses.replace(config, dp=dataclasses.replace(config.dp, enabled=False),
-                                          epochs=pretrain_epochs, init=None)
+                                          epochs=pretrain_epochs, init=None, canaries=0)
             if not quiet and console is not None:
                 console.print("[bold]pretraining[/] without privacy on the public cohort")
             _train_into(pub, pre_cfg, tmp / "pretrain", data_info={"manifest": "public_data/manifest.csv",

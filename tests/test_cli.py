@@ -268,3 +268,27 @@ def test_pretraining_on_the_public_cohort_is_recorded(tmp_path):
     doc = json.loads((out / "audit.json").read_text())
     assert doc["study"]["data"]["pretraining"]["dp"] is False
     assert set(doc["models"]) == {"private"} and "pretrained without privacy" in (out / "report.html").read_text()
+
+
+def test_canaries_give_a_one_run_empirical_epsilon_below_the_accountant(tmp_path):
+    from privaudit.audit.empirical import one_run_lower_bound
+
+    out = tmp_path / "can"
+    res = invoke("train-and-audit", "cxr", *TINY, "--canaries", "80", "--epsilon", "4", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    tj = json.loads((out / "private" / "train.json").read_text())
+    canaries = pd.read_csv(out / "private" / "canaries.csv")
+    assert len(canaries) == tj["canaries"]["m"] == 80
+    assert canaries["included"].sum() == tj["canaries"]["n_included"]
+    # included canaries are training samples, so the accounting counts them
+    assert tj["n_train"] == int(pd.read_csv(out / "private" / "predictions.csv")["member"].sum()) + tj["canaries"]["n_included"]
+    doc = json.loads((out / "audit.json").read_text())
+    priv = doc["models"]["private"]["privacy"]
+    emp = priv["empirical_epsilon"]
+    assert emp["method"] == "steinke2023-one-run" and emp["m"] == 40  # the evaluation half
+    assert 0 <= emp["estimate"] <= priv["accountant"]["epsilon"]
+    assert emp["estimate"] == pytest.approx(one_run_lower_bound(emp["r"], emp["v"], delta=emp["delta"], m=emp["m"],
+                                                                confidence=emp["confidence"]), abs=1e-6)
+    assert priv["soundness"]["violated"] is False
+    assert doc["models"]["non_private"]["privacy"]["soundness"] is None
+    assert doc["models"]["non_private"]["privacy"]["empirical_epsilon"]["estimate"] >= 0

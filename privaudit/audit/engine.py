@@ -417,10 +417,34 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     return attacks
 
 
+def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, name: str, warnings: list[str],
+               seed: int) -> None:
+    """The one-run lower bound from the run's canaries (lower loss = guessed 'in'), and its soundness check."""
+    from privaudit.audit.empirical import one_run_audit, soundness
+
+    if canaries is None:
+        return
+    if not {"included", "loss"} <= set(canaries.columns) or canaries["loss"].isna().any():
+        raise DataError(f"model {name!r}: the canary table needs 'included' and a 'loss' for every canary")
+    dp = bool(run and run.get("dp"))
+    delta = float(run["delta"]) if dp else 0.0
+    res = one_run_audit(-canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool),
+                        delta=delta, confidence=0.95, seed=seed)
+    block["empirical_epsilon"] = res
+    if dp:
+        check = soundness(float(run["epsilon"]), res["r"], res["v"], delta, res["m"], confidence=0.99)
+        block["soundness"] = check
+        if check["violated"]:
+            warnings.append(f"{name}: SOUNDNESS VIOLATION: the canaries were guessed too well for the claimed "
+                            f"epsilon {run['epsilon']:.3g} (p = {check['p_value']:.2g} at 99% confidence); the "
+                            "training broke its own DP assumptions, so its epsilon must not be trusted")
+
+
 def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
-             age_edges) -> dict:
+             age_edges, canaries: pd.DataFrame | None = None) -> dict:
     block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges),
              "empirical_epsilon": None, "soundness": None}
+    _empirical(block, canaries, run, name, warnings, seed)
     if not run or not run.get("dp"):
         return block
     acc = {k: run.get(k) for k in PRIVACY_KEYS}
@@ -537,12 +561,14 @@ def run_audit(
     config: AuditConfig | None = None,
     task: str | None = None,
     data: dict | None = None,
+    canaries: dict[str, pd.DataFrame] | None = None,
 ) -> AuditReport:
     """Audit one or more models scored on the same test samples.
 
     ``predictions`` maps model name to its prediction table; ``runs`` maps model name to its ``train.json``
     (for the dp block); ``reference`` names the model the others are compared against (by default
-    ``non_private`` when present).
+    ``non_private`` when present); ``canaries`` maps model name to its canary table (``included``, ``loss``)
+    for the one-run empirical epsilon.
     """
     if not predictions:
         raise DataError("no prediction tables to audit")
@@ -569,7 +595,7 @@ def run_audit(
             "curves": curves,
             "fairness": _fairness(study, name),
             "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed,
-                                age_edges=config.age_edges),
+                                age_edges=config.age_edges, canaries=(canaries or {}).get(name)),
         }
     comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
                    for name in frames if reference is not None and name != reference}

@@ -167,7 +167,14 @@ class OpacusBackend:
         dp = config.dp
         frame = manifest.frame
         train_mask = (frame["split"] == "train").to_numpy()
-        n_train = int(train_mask.sum())
+        canaries = None
+        if config.canaries:
+            from privaudit.data.canaries import make_canaries
+
+            canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
+                                     seed=config.seed + 7919)
+        # Included canaries are training samples: the sample rate and delta account for them.
+        n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
         if config.batch_size > n_train:
             raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
                               "use a smaller batch size")
@@ -193,8 +200,12 @@ class OpacusBackend:
         model.to(device)
 
         x, y = self.load_data(manifest, size, console=console, quiet=quiet)
-        xt = (torch.from_numpy(x[train_mask]) - PIXEL_MEAN) / PIXEL_STD
-        yt = torch.from_numpy(y[train_mask])
+        x_train, y_train = x[train_mask], y[train_mask]
+        if canaries is not None:
+            cx, cy, included = canaries
+            x_train, y_train = np.concatenate([x_train, cx[included]]), np.concatenate([y_train, cy[included]])
+        xt = (torch.from_numpy(x_train) - PIXEL_MEAN) / PIXEL_STD
+        yt = torch.from_numpy(y_train)
         gen = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(TensorDataset(xt, yt), batch_size=config.batch_size, shuffle=True, generator=gen)
         optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
@@ -239,6 +250,15 @@ class OpacusBackend:
         }
         write_json(model_dir / "model.json", model_json)
         write_predictions(preds, out / "predictions.csv")
+        canary_info = None
+        if canaries is not None:
+            from privaudit.data.canaries import CANARY_KIND, canary_table
+
+            cx, cy, included = canaries
+            _, closs = _predict(base, cx, cy, device)
+            write_predictions(canary_table(included, closs), out / "canaries.csv")
+            canary_info = {"m": len(included), "n_included": int(included.sum()), "kind": CANARY_KIND,
+                           "inclusion_probability": 0.5, "seed": config.seed + 7919, "file": "canaries.csv"}
 
         privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
                    "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
@@ -259,7 +279,7 @@ class OpacusBackend:
             "optimizer": {"name": "NAdam", "lr": config.lr, "schedule": "constant"},
             "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
             "epochs": config.epochs, "device": str(device), "train_seconds": round(train_seconds, 2),
-            "init": init_info, "versions": versions(),
+            "init": init_info, "canaries": canary_info, "versions": versions(),
         }
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
