@@ -64,3 +64,21 @@ def test_figures_are_inline_svg_and_the_page_is_self_contained():
     assert html.count("<svg") == len(rep.data["study"]["labels"]) + len(rep.data["study"]["attributes"])
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)  # nothing points outside the file
     assert "url(http" not in html and "<script" not in html
+
+
+def test_a_soundness_violation_is_shouted():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    included = rng.random(1000) < 0.5
+    canaries = pd.DataFrame({"included": included.astype(int), "loss": np.where(included, 0.01, 2.0)
+                             + rng.normal(0, 0.001, 1000)})
+    run = {"dp": True, "epsilon": 0.5, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 5.0,
+           "sample_rate": 0.01, "steps": 10, "max_grad_norm": 1.0, "poisson_sampling": True}
+    rep = run_audit({"m": make_predictions()}, runs={"m": run}, canaries={"m": canaries},
+                    config=AuditConfig(n_boot=10))
+    priv = rep.models["m"]["privacy"]
+    assert priv["soundness"]["violated"] is True and priv["empirical_epsilon"]["estimate"] > 0.5
+    assert any("SOUNDNESS VIOLATION" in w for w in rep.warnings)
+    assert "Soundness violation" in render_html(rep)
