@@ -67,7 +67,8 @@ def validate_predictions(df: pd.DataFrame, source) -> pd.DataFrame:
     if df["sample_id"].duplicated().any():
         raise DataError(f"{source}: sample_id {df.loc[df['sample_id'].duplicated(), 'sample_id'].iloc[0]!r} "
                         "appears twice; sample ids must be unique")
-    df["split"] = df["split"].astype(str).str.strip().str.lower()
+    # other tools write "valid" or "validation" for the validation split
+    df["split"] = df["split"].astype(str).str.strip().str.lower().replace({"valid": "val", "validation": "val"})
     bad_split = ~df["split"].isin(["train", "val", "test"])
     if bad_split.any():
         raise DataError(f"{source}: column 'split' holds {df.loc[bad_split, 'split'].iloc[0]!r}; use train, val or test")

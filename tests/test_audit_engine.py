@@ -396,3 +396,28 @@ def test_accountant_cross_checks_and_one_sided_flags():
     assert any(f.startswith("accountant gdp") for f in block["flags"])
     assert not any("rdp" in f for f in block["flags"])
     rep.validate()
+
+
+def test_a_minimal_file_from_another_tool_is_audited_with_warnings():
+    """Only test rows, one label with an unknown cell, no member/patient_id/loss columns, 'validation' split
+    naming, and attribute values privaudit does not use: audited, with warnings, and no Python warning."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    n = 400
+    df = pd.DataFrame({"sample_id": np.arange(n), "split": ["validation"] * 100 + ["test"] * 300,
+                       "y_effusion": rng.integers(0, 2, n).astype(float), "sex": rng.choice(["female", "male"], n),
+                       "age": rng.integers(20, 90, n), "race": rng.choice(["A", "B", "C"], n)})
+    df["p_effusion"] = np.clip(0.3 * df["y_effusion"] + 0.7 * rng.random(n), 0, 1)
+    df.loc[150, "y_effusion"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = run_audit({"theirs": df}, config=AuditConfig(n_boot=50))
+    m = rep.models["theirs"]
+    assert m["utility"]["labels"]["effusion"]["n"] == 299
+    assert m["utility"]["labels"]["effusion"]["youden"]["threshold_source"] == "val"
+    assert m["privacy"]["attacks"] is None and any("no 'member' column" in w for w in rep.warnings)
+    assert set(m["fairness"]) == {"sex", "age_group", "race", "pearson_r"}
+    assert m["fairness"]["sex"]["effusion"]["statistical_parity_difference"]["privileged"] == "male"
+    assert m["fairness"]["pearson_r"]["age"]["macro"]["n"] == 299
+    rep.validate()

@@ -375,7 +375,10 @@ def _pearson(study: _Study, name: str) -> dict:
         err = np.abs(study.y[lab] - study.scores(name, lab))
         errs.append(err)
         out[lab] = _r_block(study, name, f"age vs |y - p| of {lab}", age, err)
-    macro = np.nanmean(np.vstack(errs), axis=0) if errs else np.array([])
+    stacked = np.vstack(errs)
+    known = np.isfinite(stacked)
+    with np.errstate(invalid="ignore"):  # a sample with no known label has no error: nan, left out of r
+        macro = np.where(known, stacked, 0.0).sum(axis=0) / known.sum(axis=0)
     out["macro"] = _r_block(study, name, "age vs mean |y - p|", age, macro)
     return {"age": out}
 
@@ -392,7 +395,11 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     """Threshold membership-inference attacks on members against an equal number of non-members."""
     from privaudit.audit.privacy import attack_metrics, loss_attack_scores
 
-    member = df["member"].to_numpy() if "member" in df.columns else np.zeros(0)
+    if "member" not in df.columns:
+        warnings.append(f"{name}: membership-inference attacks are null: the prediction file has no 'member' "
+                        "column (1 for training samples, 0 otherwise)")
+        return None
+    member = df["member"].to_numpy()
     n_in, n_out = int((member == 1).sum()), int((member == 0).sum())
     if n_in == 0 or n_out == 0:
         warnings.append(f"{name}: membership-inference attacks are null: the prediction file has {n_in} members "
