@@ -58,3 +58,65 @@ def test_per_group_risk_finds_the_exposed_group():
     assert g["F"]["auc"] > 0.8 and abs(g["M"]["auc"] - 0.5) < 0.05
     assert g["F"]["tpr_at_fpr"]["0.01"] > g["M"]["tpr_at_fpr"]["0.01"]
     assert g["F"]["n"] + g["M"]["n"] == 2 * n
+
+
+def _slow_lira(t, shadow, inn, online):
+    """The LiRA formula, one sample at a time with scipy's distributions."""
+    from scipy.stats import norm
+
+    out = np.empty(len(t))
+    for i in range(len(t)):
+        s_in, s_out = shadow[inn[:, i], i], shadow[~inn[:, i], i]
+        mu_o, sd_o = s_out.mean(), max(s_out.std(ddof=1), 1e-6)
+        if online:
+            mu_i, sd_i = s_in.mean(), max(s_in.std(ddof=1), 1e-6)
+            out[i] = norm.logpdf(t[i], mu_i, sd_i) - norm.logpdf(t[i], mu_o, sd_o)
+        else:
+            out[i] = norm.logcdf((t[i] - mu_o) / sd_o)
+    return out
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_lira_equals_the_per_example_formula_on_gaussian_statistics(online):
+    from privaudit.audit.privacy import lira_scores
+
+    rng = np.random.default_rng(5)
+    n, k = 60, 16
+    inn = rng.random((k, n)) < 0.5
+    inn[:4] = [True], [False], [True], [False]  # every sample has at least 2 in and 2 out shadows
+    shadow = rng.normal(0, 1, (k, n)) + 1.5 * inn
+    target = rng.normal(0, 1, n) + 1.5 * (np.arange(n) % 2)
+    fast = lira_scores(target, shadow, inn, online=online)
+    assert np.allclose(fast, _slow_lira(target, shadow, inn, online), atol=1e-9)
+    members = np.arange(n) % 2 == 1
+    assert fast[members].mean() > fast[~members].mean()
+
+
+def test_lira_fixed_variance_and_too_few_shadows():
+    from privaudit.audit.privacy import lira_scores
+
+    rng = np.random.default_rng(6)
+    inn = np.zeros((3, 10), bool)
+    inn[0] = True
+    scores = lira_scores(rng.normal(size=10), rng.normal(size=(3, 10)), inn, online=True)
+    assert np.isnan(scores).all()  # one in-shadow per sample is too few for a Gaussian
+    shadow = rng.normal(size=(8, 10))
+    fixed = lira_scores(np.zeros(10), shadow, np.zeros((8, 10), bool), online=False, fixed_variance=True)
+    sd = shadow.std(axis=0, ddof=1).mean()
+    from scipy.stats import norm
+
+    assert np.allclose(fixed, norm.logcdf((0 - shadow.mean(axis=0)) / sd))
+
+
+def test_rmia_equals_the_pairwise_definition():
+    from privaudit.audit.privacy import rmia_scores
+
+    rng = np.random.default_rng(7)
+    n, p, k, a, gamma = 40, 70, 3, 0.3, 1.2
+    tx, rx = rng.random(n), rng.random((k, n))
+    tz, rz = rng.random(p), rng.random((k, p))
+    fast = rmia_scores(tx, rx, tz, rz, gamma=gamma, a=a)
+    pr = lambda refs: 0.5 * ((1 + a) * refs.mean(axis=0) + (1 - a))  # noqa: E731
+    slow = np.array([np.mean([(tx[i] / pr(rx)[i]) / (tz[j] / pr(rz)[j]) > gamma for j in range(p)])
+                     for i in range(n)])
+    assert np.allclose(fast, slow)

@@ -118,3 +118,94 @@ def loss_attack_scores(df: pd.DataFrame, labels) -> dict[str, np.ndarray]:
     if "loss" in df.columns and df["loss"].notna().all():
         scores["loss"] = -df["loss"].to_numpy(dtype=float)
     return scores
+
+
+def logit_confidence(df: pd.DataFrame, labels) -> np.ndarray:
+    """LiRA's per-sample statistic: the logit-scaled confidence in the true labels, log(p / (1 - p)) of the
+    probability given to each known label's true value, **summed over the sample's known labels** (a
+    multi-label model is treated as one classifier of the label vector; per-label statistics would need a
+    separate attack per label). Samples without a known label get nan."""
+    p = np.clip(df[[f"p_{x}" for x in labels]].to_numpy(dtype=float), 1e-7, 1 - 1e-7)
+    y = df[[f"y_{x}" for x in labels]].to_numpy(dtype=float)
+    p_true = np.where(y == 1, p, 1 - p)
+    known = ~np.isnan(y)
+    stat = np.where(known, np.log(p_true) - np.log1p(-p_true), 0.0).sum(axis=1)
+    return np.where(known.any(axis=1), stat, np.nan)
+
+
+def _gauss_logpdf(x, mu, sd):
+    return -0.5 * ((x - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
+
+
+def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, *, online: bool = True,
+                fixed_variance: bool = False, min_models: int = 2) -> np.ndarray:
+    """Likelihood-ratio attack scores (Carlini et al. 2022, "Membership Inference Attacks From First
+    Principles"); higher = more likely a member.
+
+    ``target`` (n,) is the target model's statistic per sample (:func:`logit_confidence`), ``shadow`` (K, n) the
+    shadow models' statistics and ``shadow_in`` (K, n) whether each shadow trained on each sample. Per sample,
+    Gaussians are fitted to the shadow statistics with the sample in (mu_in, sd_in) and out (mu_out, sd_out):
+
+    * online: score = log N(t; mu_in, sd_in^2) - log N(t; mu_out, sd_out^2);
+    * offline (out shadows only): score = log Phi((t - mu_out) / sd_out), the one-sided test that t is larger
+      than the sample's out-distribution.
+
+    With ``fixed_variance`` one global sd (the pooled sd over all samples) replaces the per-sample ones, which
+    the paper recommends with few shadows. A sample with fewer than ``min_models`` in (online) or out shadows
+    gets nan.
+    """
+    from scipy.stats import norm
+
+    shadow = np.asarray(shadow, dtype=float)
+    inn = np.asarray(shadow_in, dtype=bool)
+    out = ~inn
+
+    def moments(mask):
+        k = mask.sum(axis=0)
+        mu = np.where(k > 0, np.where(mask, shadow, 0.0).sum(axis=0) / np.maximum(k, 1), np.nan)
+        var = np.where(mask, (shadow - mu) ** 2, 0.0).sum(axis=0) / np.maximum(k - 1, 1)
+        return mu, np.sqrt(var), k
+
+    mu_out, sd_out, k_out = moments(out)
+    if fixed_variance:
+        sd_out = np.full_like(sd_out, np.nanmean(sd_out[k_out >= 2]) if (k_out >= 2).any() else np.nan)
+    sd_out = np.maximum(sd_out, 1e-6)
+    if not online:
+        score = norm.logcdf((target - mu_out) / sd_out)
+        return np.where(k_out >= min_models, score, np.nan)
+    mu_in, sd_in, k_in = moments(inn)
+    if fixed_variance:
+        sd_in = np.full_like(sd_in, np.nanmean(sd_in[k_in >= 2]) if (k_in >= 2).any() else np.nan)
+    sd_in = np.maximum(sd_in, 1e-6)
+    score = _gauss_logpdf(target, mu_in, sd_in) - _gauss_logpdf(target, mu_out, sd_out)
+    return np.where((k_in >= min_models) & (k_out >= min_models), score, np.nan)
+
+
+def rmia_scores(target_prob: np.ndarray, ref_prob: np.ndarray, target_pop: np.ndarray, ref_pop: np.ndarray, *,
+                gamma: float = 1.0, a: float = 0.3) -> np.ndarray:
+    """Robust membership inference scores (Zarifzadeh et al. 2024, "Low-Cost High-Power Membership Inference
+    Attacks"); higher = more likely a member.
+
+    ``target_prob`` (n,) is Pr(x | theta) for each candidate x (the target model's probability of x's true
+    labels), ``ref_prob`` (K, n) the same under K reference models that did **not** train on x (offline
+    setting), and ``target_pop`` (P,), ``ref_pop`` (K, P) the same for a population set of non-members z.
+    Pr(x) is the offline approximation Pr(x) = ((1 + a) mean_k Pr(x | theta_k) + (1 - a)) / 2, which corrects
+    out-only references for the missing in-models. With ratio(x) = Pr(x | theta) / Pr(x),
+
+        score(x) = fraction of population z with ratio(x) / ratio(z) > gamma.
+    """
+    def ratio(p, refs):
+        return np.asarray(p, dtype=float) / (0.5 * ((1 + a) * np.mean(refs, axis=0) + (1 - a)))
+
+    rx = ratio(target_prob, ref_prob)
+    rz = np.sort(ratio(target_pop, ref_pop))
+    # count of z with rz < rx / gamma, for every x at once
+    return np.searchsorted(rz, rx / gamma, side="left") / len(rz)
+
+
+def true_label_probability(df: pd.DataFrame, labels) -> np.ndarray:
+    """Pr(x | theta) for RMIA: the product over known labels of the probability given to the true value."""
+    p = np.clip(df[[f"p_{x}" for x in labels]].to_numpy(dtype=float), 1e-7, 1 - 1e-7)
+    y = df[[f"y_{x}" for x in labels]].to_numpy(dtype=float)
+    logp = np.where(np.isnan(y), 0.0, np.where(y == 1, np.log(p), np.log1p(-p)))
+    return np.exp(logp.sum(axis=1))
