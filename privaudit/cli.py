@@ -461,6 +461,49 @@ def accountant_cmd(
         err_console.print(f"warning: {w}")
 
 
+@app.command("attack")
+@handle_errors
+def attack_cmd(
+    attack: Annotated[str, typer.Argument(help="lira or rmia.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'privaudit train'.")],
+    shadows: Annotated[Optional[int], typer.Option("--shadows", help="Shadow models for LiRA.")] = None,
+    references: Annotated[Optional[int], typer.Option("--references", help="Reference models for RMIA.")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="LiRA with out-shadows only.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", help="Shadow models trained at once.")] = 1,
+    seed: Seed_ = 0,
+    n_boot: NBoot_ = 1000,
+    quiet: Quiet_ = False,
+):
+    """Train shadow (LiRA) or reference (RMIA) models with the run's own backend, configuration and data, and
+    add the attack to the run's audit. Finished shadow models are reused when the command runs again.
+
+    Example:
+
+        privaudit attack lira runs/eps3 --shadows 16 --jobs 2
+
+        privaudit attack rmia runs/eps3 --references 4
+    """
+    from privaudit.errors import ConfigError
+    from privaudit.shadows import run_attack
+
+    k = shadows if attack == "lira" else references
+    if k is None:
+        raise ConfigError(f"give the number of models: --shadows K for lira, --references K for rmia")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a run directory")
+    path = run_attack(run_dir, attack, k, offline=offline, jobs=jobs, seed=seed,
+                      audit_config=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
+    from privaudit._fs import read_json
+
+    attacks = read_json(path)["models"]
+    for name, m in attacks.items():
+        for key, a in ((m["privacy"]["attacks"]) or {}).items():
+            if a and key.startswith(attack):
+                console.print(f"{name}: {key} AUC {a['auc']:.3f}, TPR at 1% FPR "
+                              f"{a['tpr_at_fpr']['0.01'] if a['tpr_at_fpr']['0.01'] is not None else 'n/a'}")
+    console.print(f"audit written to [bold]{path}[/]")
+
+
 def main() -> None:
     app()
 

@@ -105,7 +105,7 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
 
     from privaudit.data.manifest import read_csv
 
-    preds, runs, canaries, task = {}, {}, {}, None
+    preds, runs, canaries, scores, task = {}, {}, {}, {}, None
     for name, d in run_dirs.items():
         d = Path(d)
         if not (d / "predictions.csv").is_file():
@@ -117,7 +117,10 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
             task = task or runs[name].get("task")
         if (d / "canaries.csv").is_file():
             canaries[name] = read_csv(d / "canaries.csv")
-    return run_audit(preds, runs=runs, reference=reference, config=config, task=task, canaries=canaries)
+        if (d / "attack_scores.csv").is_file():
+            scores[name] = read_csv(d / "attack_scores.csv", dtype={"sample_id": str})
+    return run_audit(preds, runs=runs, reference=reference, config=config, task=task, canaries=canaries,
+                     attack_scores=scores)
 
 
 def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:

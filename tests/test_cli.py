@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY, invoke
 
-COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["data"], ["data", "synth"], []]
+COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["attack"], ["data"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "privaudit")

@@ -391,7 +391,8 @@ def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
             "n": res["n"], "x": "age", "y": "abs_error"}
 
 
-def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges) -> dict | None:
+def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges,
+             extra_scores: pd.DataFrame | None = None) -> dict | None:
     """Threshold membership-inference attacks on members against an equal number of non-members."""
     from privaudit.audit.privacy import attack_metrics, loss_attack_scores
 
@@ -412,12 +413,29 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     rows = np.r_[idx_in, idx_out]
     groups = {attr: values[rows] for attr, values in attribute_arrays(df, age_edges).items()}
     scores = loss_attack_scores(df, labels)
+    extra_null: list[str] = []
+    if extra_scores is not None:  # shadow-model attacks (LiRA, RMIA) scored by `privaudit attack`
+        aligned = extra_scores.set_index("sample_id").reindex(df["sample_id"].astype(str))
+        for col in aligned.columns:
+            sc = aligned[col].to_numpy(dtype=float)
+            missing = int(np.isnan(sc[rows]).sum())
+            if missing == len(rows):
+                warnings.append(f"{name}: attack {col} has no scores (too few shadow models); it is null")
+                extra_null.append(col)
+                continue
+            if missing:
+                warnings.append(f"{name}: attack {col} leaves out {missing} of the {len(rows)} attacked samples, "
+                                "which no shadow model had both in and out; train more shadow models to include them")
+            scores[col] = sc
     if "loss" not in scores:
         warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
                         "attack uses the labels and probabilities instead")
-    attacks = {"loss": None}
+    attacks = {"loss": None, **{col: None for col in extra_null}}
     for attack, sc in scores.items():
-        res, warns = attack_metrics(sc[idx_in], sc[idx_out], groups=groups)
+        ok = np.isfinite(sc[rows])  # shadow-model attacks may lack a score for a few samples
+        ok_in, ok_out = ok[:k], ok[k:]
+        res, warns = attack_metrics(sc[idx_in][ok_in], sc[idx_out][ok_out],
+                                    groups={a: g[ok] for a, g in groups.items()})
         attacks[attack] = res
         if attack == "loss":
             warnings.extend(f"{name}: loss attack: {w}" for w in warns)
@@ -448,8 +466,9 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
 
 
 def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
-             age_edges, canaries: pd.DataFrame | None = None) -> dict:
-    block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges),
+             age_edges, canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None) -> dict:
+    block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges,
+                                                     extra_scores=attack_scores),
              "empirical_epsilon": None, "soundness": None}
     _empirical(block, canaries, run, name, warnings, seed)
     if not run or not run.get("dp"):
@@ -569,13 +588,15 @@ def run_audit(
     task: str | None = None,
     data: dict | None = None,
     canaries: dict[str, pd.DataFrame] | None = None,
+    attack_scores: dict[str, pd.DataFrame] | None = None,
 ) -> AuditReport:
     """Audit one or more models scored on the same test samples.
 
     ``predictions`` maps model name to its prediction table; ``runs`` maps model name to its ``train.json``
     (for the dp block); ``reference`` names the model the others are compared against (by default
     ``non_private`` when present); ``canaries`` maps model name to its canary table (``included``, ``loss``)
-    for the one-run empirical epsilon.
+    for the one-run empirical epsilon; ``attack_scores`` maps model name to a table of ``sample_id`` plus one
+    score column per shadow-model attack (higher = member), as ``privaudit attack`` writes it.
     """
     if not predictions:
         raise DataError("no prediction tables to audit")
@@ -602,7 +623,8 @@ def run_audit(
             "curves": curves,
             "fairness": _fairness(study, name),
             "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed,
-                                age_edges=config.age_edges, canaries=(canaries or {}).get(name)),
+                                age_edges=config.age_edges, canaries=(canaries or {}).get(name),
+                                attack_scores=(attack_scores or {}).get(name)),
         }
     comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
                    for name in frames if reference is not None and name != reference}

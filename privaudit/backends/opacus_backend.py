@@ -155,7 +155,7 @@ class OpacusBackend:
         with _progress(console, quiet) as prog:
             t = prog.add_task("loading images", total=len(frame), info="")
             x = load_images(manifest.image_paths(), size, progress=lambda k: prog.update(t, completed=k))
-        y = frame[list(manifest.labels)].to_numpy(dtype=np.float32)
+        y = frame[list(manifest.labels)].to_numpy(dtype=np.float32).copy()  # writable, for torch.from_numpy
         return x, y
 
     def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:

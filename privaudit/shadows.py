@@ -1,0 +1,194 @@
+"""Shadow and reference models for LiRA and RMIA: independent training jobs through the backend registry.
+
+Each shadow model is one job described by a small JSON spec (``shadows/shadow_<k>/spec.json``: its seed, its
+inclusion mask over the pool, and the run's training configuration). A finished job leaves ``stats.csv`` (one
+row per pool sample: ``in``, the logit-scaled confidence and the true-label probability) and nothing else, so
+an interrupted attack resumes with the shadows it already has. The pool is every sample of the run's data;
+inclusion is drawn per patient, so a patient's images are in or out together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from privaudit._fs import private_mkdir, read_json, write_json
+from privaudit.config import TrainConfig
+from privaudit.errors import ConfigError, DataError
+
+ATTACKS = ("lira", "rmia")
+
+
+def _find_manifest(run_dir: Path, cfg: dict) -> Path:
+    rel = Path((cfg.get("data") or {}).get("manifest") or "")
+    for cand in (rel, run_dir / rel, run_dir.parent / rel):
+        if str(rel) and cand.is_file():
+            return cand
+    raise DataError(f"{run_dir}: cannot find the run's data ({rel}); shadow models train on the run's own data pool")
+
+
+def _load_run(run_dir: Path):
+    from privaudit.predictions import read_predictions
+
+    run_dir = Path(run_dir)
+    for f in ("predictions.csv", "train.json", "config.json"):
+        if not (run_dir / f).is_file():
+            raise DataError(f"{run_dir}: no {f}; give a run directory written by 'privaudit train'")
+    preds = read_predictions(run_dir / "predictions.csv")
+    if "loss" not in preds.columns or preds["loss"].isna().any():
+        raise DataError(f"{run_dir / 'predictions.csv'}: no per-sample 'loss' for every sample; attacks need the "
+                        "run's own per-sample statistics")
+    if "member" not in preds.columns or not ((preds["member"] == 1).any() and (preds["member"] == 0).any()):
+        raise DataError(f"{run_dir / 'predictions.csv'}: the attack needs both members and non-members")
+    cfg = read_json(run_dir / "config.json")
+    if "train" not in cfg:
+        raise DataError(f"{run_dir}: config.json has no training configuration; was this run trained by privaudit?")
+    return preds, cfg
+
+
+def _train_shadow(spec_path: str) -> str:
+    """One shadow job (module level, so that a process pool can run it)."""
+    import torch
+
+    from privaudit.audit.privacy import logit_confidence, true_label_probability
+    from privaudit.backends import create_backend
+    from privaudit.data.manifest import Manifest
+    from privaudit.predictions import read_predictions
+    from privaudit.workflow import DataSpec, load_data
+
+    spec_path = Path(spec_path)
+    spec = read_json(spec_path)
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    config = TrainConfig.from_dict(spec["config"])
+    manifest = load_data(DataSpec(path=Path(spec["manifest"]), preset="manifest", labels=tuple(spec["labels"])),
+                         config.task)
+    frame = manifest.frame.copy()
+    inside = set(spec["included"])
+    frame["split"] = np.where(frame["sample_id"].isin(inside), "train", "test")
+    shadow_manifest = dataclasses.replace(manifest, frame=frame)
+    with tempfile.TemporaryDirectory(dir=spec_path.parent) as tmp:
+        create_backend(config.backend).train(shadow_manifest, config, Path(tmp) / "run", quiet=True)
+        preds = read_predictions(Path(tmp) / "run" / "predictions.csv")
+    stats = pd.DataFrame({"sample_id": preds["sample_id"], "in": preds["sample_id"].isin(inside).astype(int),
+                          "logit_confidence": logit_confidence(preds, manifest.labels),
+                          "true_prob": true_label_probability(preds, manifest.labels)})
+    tmp_out = spec_path.with_name("stats.csv.tmp")
+    stats.to_csv(tmp_out, index=False)
+    os.replace(tmp_out, spec_path.with_name("stats.csv"))  # its presence marks the job done
+    return str(spec_path.parent)
+
+
+def train_shadows(run_dir: Path, k: int, *, jobs: int = 1, seed: int = 0, console=None, quiet: bool = False) -> list[Path]:
+    """Make sure ``k`` shadow models exist for the run (training only the missing ones); return their folders."""
+    from rich.progress import Progress
+
+    if k < 1:
+        raise ConfigError(f"--shadows/--references must be at least 1, got {k}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    run_dir = Path(run_dir)
+    preds, cfg = _load_run(run_dir)
+    manifest = _find_manifest(run_dir, cfg)
+    config = TrainConfig.from_dict(cfg["train"])
+    config = dataclasses.replace(config, canaries=0, init=config.init)
+    patients = np.array(sorted(preds["patient_id"].astype(str).unique())) if "patient_id" in preds else None
+    root = private_mkdir(run_dir / "shadows")
+    todo, folders = [], []
+    for i in range(k):
+        folder = private_mkdir(root / f"shadow_{i}")
+        folders.append(folder)
+        if (folder / "stats.csv").is_file():
+            continue
+        rng = np.random.default_rng([seed, i])
+        if patients is not None:
+            chosen = set(patients[rng.random(len(patients)) < 0.5])
+            included = preds.loc[preds["patient_id"].astype(str).isin(chosen), "sample_id"].tolist()
+        else:
+            included = preds.loc[rng.random(len(preds)) < 0.5, "sample_id"].tolist()
+        spec = {"index": i, "seed": config.seed + 1 + i, "manifest": str(manifest.absolute()),
+                "labels": [c[2:] for c in preds.columns if c.startswith("p_")], "included": included,
+                "config": dataclasses.replace(config, seed=config.seed + 1 + i).to_dict(),
+                "threads": max(1, (os.cpu_count() or 1) // jobs)}
+        write_json(folder / "spec.json", spec)
+        todo.append(str(folder / "spec.json"))
+    if not quiet and console is not None and len(todo) < k:
+        console.print(f"reusing {k - len(todo)} finished shadow model(s)")
+    with Progress(console=console, disable=quiet) as prog:
+        task = prog.add_task("shadow models", total=k, completed=k - len(todo))
+        if jobs == 1:
+            for spec in todo:
+                _train_shadow(spec)
+                prog.advance(task)
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                for _ in pool.map(_train_shadow, todo):
+                    prog.advance(task)
+    return folders
+
+
+def score_attack(run_dir: Path, attack: str, folders: list[Path], *, offline: bool = False) -> pd.DataFrame:
+    """Per-sample scores of ``attack`` for the run's target model, from the shadow statistics."""
+    from privaudit.audit.privacy import lira_scores, logit_confidence, rmia_scores, true_label_probability
+    from privaudit.predictions import labels_of
+
+    preds, _ = _load_run(run_dir)
+    labels = labels_of(preds)
+    ids = preds["sample_id"].astype(str)
+    stats = [pd.read_csv(f / "stats.csv", dtype={"sample_id": str}).set_index("sample_id").reindex(ids)
+             for f in folders]
+    inn = np.vstack([s["in"].to_numpy() == 1 for s in stats])
+    if attack == "lira":
+        shadow = np.vstack([s["logit_confidence"].to_numpy(dtype=float) for s in stats])
+        # With few shadows the paper fixes one global variance; one in and one out model then suffice per sample.
+        fixed = len(folders) < 16
+        score = lira_scores(logit_confidence(preds, labels), shadow, inn, online=not offline, fixed_variance=fixed,
+                            min_models=1 if fixed else 2)
+        name = "lira_offline" if offline else "lira"
+    elif attack == "rmia":
+        probs = np.vstack([s["true_prob"].to_numpy(dtype=float) for s in stats])
+        out = ~inn
+        ref_mean = np.where(out, probs, 0.0).sum(axis=0) / np.maximum(out.sum(axis=0), 1)
+        ref_mean = np.where(out.any(axis=0), ref_mean, np.nan)
+        target = true_label_probability(preds, labels)
+        pop = (preds["member"] == 0).to_numpy() & np.isfinite(ref_mean)
+        # population z: the target's non-members (never in its training set); each x is compared with them
+        score = rmia_scores(target, ref_mean[None, :], target[pop], ref_mean[pop][None, :])
+        score = np.where(np.isfinite(ref_mean), score, np.nan)
+        name = "rmia"
+    else:
+        raise ConfigError(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+    return pd.DataFrame({"sample_id": ids, name: score})
+
+
+def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, jobs: int = 1, seed: int = 0,
+               audit_config=None, console=None, quiet: bool = False) -> Path:
+    """Train (or reuse) shadow models, score the attack, and re-audit the run with it."""
+    from privaudit.config import AuditConfig
+    from privaudit.workflow import audit_run
+
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+    run_dir = Path(run_dir)
+    folders = train_shadows(run_dir, k, jobs=jobs, seed=seed, console=console, quiet=quiet)
+    scores = score_attack(run_dir, attack, folders, offline=offline)
+    path = run_dir / "attack_scores.csv"
+    if path.is_file():  # keep the other attacks' scores
+        old = pd.read_csv(path, dtype={"sample_id": str})
+        scores = old.drop(columns=[c for c in scores.columns if c != "sample_id" and c in old.columns]).merge(
+            scores, on="sample_id", how="outer")
+    tmp = path.with_name(path.name + ".tmp")
+    scores.to_csv(tmp, index=False)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return audit_run(run_dir, config=audit_config or AuditConfig())

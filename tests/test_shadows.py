@@ -1,0 +1,63 @@
+"""`privaudit attack`: shadow/reference models through the backend, resumable, scored into the run's audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import TINY, invoke
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cohort) -> Path:
+    out = tmp_path_factory.mktemp("atk") / "run"
+    res = invoke("train", "cxr", *TINY[:-3], "--data", cohort, "--no-dp", "--quiet", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    return out
+
+
+def test_lira_and_rmia_are_added_to_the_run_audit_and_shadows_resume(run):
+    res = invoke("attack", "lira", run, "--shadows", "4", "--n-boot", "20", "--quiet")
+    assert res.exit_code == 0, res.stderr
+    spec = json.loads((run / "shadows" / "shadow_0" / "spec.json").read_text())
+    assert spec["config"]["backend"] == "opacus" and spec["included"]
+    stats = pd.read_csv(run / "shadows" / "shadow_0" / "stats.csv", dtype={"sample_id": str})
+    assert set(stats.loc[stats["in"] == 1, "sample_id"]) == set(spec["included"])
+    preds = pd.read_csv(run / "predictions.csv", dtype={"sample_id": str})
+    # inclusion is per patient: a patient's images are in or out together
+    merged = stats.merge(preds[["sample_id", "patient_id"]], on="sample_id")
+    assert (merged.groupby("patient_id")["in"].nunique() == 1).all()
+    lira = json.loads((run / "audit.json").read_text())["models"]["run"]["privacy"]["attacks"]["lira"]
+    assert 0 <= lira["auc"] <= 1 and lira["n_members"] > 0
+
+    before = (run / "shadows" / "shadow_0" / "stats.csv").stat().st_mtime_ns
+    res = invoke("attack", "rmia", run, "--references", "4", "--n-boot", "20")
+    assert res.exit_code == 0, res.stderr
+    assert "reusing 4" in res.output
+    assert (run / "shadows" / "shadow_0" / "stats.csv").stat().st_mtime_ns == before  # not retrained
+    attacks = json.loads((run / "audit.json").read_text())["models"]["run"]["privacy"]["attacks"]
+    assert attacks["rmia"] is not None and attacks["lira"] is not None  # the earlier attack is kept
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--shadows", "0"], "at least 1"),
+    ([], "--shadows K"),
+])
+def test_attack_bad_options(run, args, needle):
+    res = invoke("attack", "lira", run, *args)
+    assert res.exit_code == 2 and needle in res.stderr
+
+
+def test_attack_needs_per_sample_losses(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("shadows"))
+    df = pd.read_csv(copy / "predictions.csv").drop(columns=["loss"])
+    df.to_csv(copy / "predictions.csv", index=False)
+    res = invoke("attack", "lira", copy, "--shadows", "2")
+    assert res.exit_code == 2 and "per-sample 'loss'" in res.stderr
+    assert not (copy / "shadows").exists()
