@@ -120,3 +120,30 @@ def test_rmia_equals_the_pairwise_definition():
     slow = np.array([np.mean([(tx[i] / pr(rx)[i]) / (tz[j] / pr(rz)[j]) > gamma for j in range(p)])
                      for i in range(n)])
     assert np.allclose(fast, slow)
+
+
+def test_trained_attack_is_cross_validated_and_finds_the_signal():
+    from privaudit.audit.privacy import trained_attack_scores
+
+    rng = np.random.default_rng(8)
+    member = np.r_[np.ones(500), np.zeros(500)]
+    noise = rng.normal(size=(1000, 3))
+    assert abs(roc_auc_score(member, trained_attack_scores(noise, member)) - 0.5) < 0.06  # nothing to find
+    signal = noise + member[:, None] * np.array([1.0, 0.0, 0.5])
+    assert roc_auc_score(member, trained_attack_scores(signal, member)) > 0.75
+
+
+def test_accountants_agree_within_documented_tolerances_over_a_grid():
+    """RDP is an upper bound above the tight PRV/PLD (typically 10-30%), PRV and PLD agree within 5%, and
+    Opacus' and dp_accounting's RDP agree within 2%."""
+    from privaudit.audit.accounting import cross_checks
+
+    for sigma in (0.8, 1.5):
+        for q in (0.01, 0.05):
+            for steps in (100, 1000):
+                c, warns = cross_checks(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
+                assert not warns, warns
+                tight = max(c["prv"], c["dp_accounting_pld"])
+                assert c["prv"] == pytest.approx(c["dp_accounting_pld"], rel=0.05)
+                assert c["rdp"] >= tight * 0.99 and c["dp_accounting_rdp"] >= tight * 0.99
+                assert c["rdp"] == pytest.approx(c["dp_accounting_rdp"], rel=0.02)

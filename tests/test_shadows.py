@@ -61,3 +61,15 @@ def test_attack_needs_per_sample_losses(run, tmp_path):
     res = invoke("attack", "lira", copy, "--shadows", "2")
     assert res.exit_code == 2 and "per-sample 'loss'" in res.stderr
     assert not (copy / "shadows").exists()
+
+
+def test_jobs_train_shadows_in_parallel_processes(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("shadows", "attack_scores.csv"))
+    res = invoke("attack", "lira", copy, "--shadows", "2", "--jobs", "2", "--offline", "--n-boot", "10", "--quiet")
+    assert res.exit_code == 0, res.stderr
+    assert all((copy / "shadows" / f"shadow_{i}" / "stats.csv").is_file() for i in range(2))
+    attacks = json.loads((copy / "audit.json").read_text())["models"]["run"]["privacy"]["attacks"]
+    assert attacks["lira_offline"] is not None

@@ -430,6 +430,13 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     if "loss" not in scores:
         warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
                         "attack uses the labels and probabilities instead")
+    base = [scores[x] for x in ("loss", "confidence", "entropy") if x in scores]
+    if base:
+        from privaudit.audit.privacy import trained_attack_scores
+
+        trained = np.full(len(df), np.nan)
+        trained[rows] = trained_attack_scores(np.column_stack(base)[rows], np.r_[np.ones(k), np.zeros(k)], seed=seed)
+        scores["trained"] = trained
     attacks = {"loss": None, **{col: None for col in extra_null}}
     for attack, sc in scores.items():
         ok = np.isfinite(sc[rows])  # shadow-model attacks may lack a score for a few samples

@@ -120,6 +120,23 @@ def loss_attack_scores(df: pd.DataFrame, labels) -> dict[str, np.ndarray]:
     return scores
 
 
+def trained_attack_scores(features: np.ndarray, member: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """A trained attack, as TF-Privacy's library offers: logistic regression on per-sample features (loss,
+    confidence, entropy), each sample scored by a model fitted on the other folds (stratified
+    cross-validation), so no sample is scored by a model that saw its membership."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(min(folds, np.bincount(member.astype(int)).min()))
+    if folds < 2:
+        return np.full(len(member), np.nan)
+    model = make_pipeline(StandardScaler(), LogisticRegression())
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model, features, member, cv=cv, method="decision_function")
+
+
 def logit_confidence(df: pd.DataFrame, labels) -> np.ndarray:
     """LiRA's per-sample statistic: the logit-scaled confidence in the true labels, log(p / (1 - p)) of the
     probability given to each known label's true value, **summed over the sample's known labels** (a
