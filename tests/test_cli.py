@@ -292,3 +292,8 @@ def test_canaries_give_a_one_run_empirical_epsilon_below_the_accountant(tmp_path
     assert priv["soundness"]["violated"] is False
     assert doc["models"]["non_private"]["privacy"]["soundness"] is None
     assert doc["models"]["non_private"]["privacy"]["empirical_epsilon"]["estimate"] >= 0
+    # a canary table that does not match what the audit needs is refused, and the audit is left as it was
+    before = (out / "private" / "audit.json").read_bytes()
+    pd.read_csv(out / "private" / "canaries.csv").drop(columns=["loss"]).to_csv(out / "private" / "canaries.csv")
+    _one_line_error(invoke("audit", out / "private", "--n-boot", "10"), "canary table", "loss")
+    assert (out / "private" / "audit.json").read_bytes() == before

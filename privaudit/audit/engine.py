@@ -392,7 +392,7 @@ def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
 
 
 def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges,
-             extra_scores: pd.DataFrame | None = None) -> dict | None:
+             extra_scores: pd.DataFrame | None = None, delta: float = 0.0) -> dict | None:
     """Threshold membership-inference attacks on members against an equal number of non-members."""
     from privaudit.audit.privacy import attack_metrics, loss_attack_scores
 
@@ -446,6 +446,10 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
         attacks[attack] = res
         if attack == "loss":
             warnings.extend(f"{name}: loss attack: {w}" for w in warns)
+            from privaudit.audit.privacy import repeated_trials_bound
+
+            res["epsilon_lower_bound_repeated_trials"] = repeated_trials_bound(
+                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta)
     return attacks
 
 
@@ -474,8 +478,9 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
 
 def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
              age_edges, canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None) -> dict:
+    delta = float(run["delta"]) if run and run.get("dp") and run.get("delta") else 0.0
     block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges,
-                                                     extra_scores=attack_scores),
+                                                     extra_scores=attack_scores, delta=delta),
              "empirical_epsilon": None, "soundness": None}
     _empirical(block, canaries, run, name, warnings, seed)
     if not run or not run.get("dp"):

@@ -68,7 +68,9 @@ def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndar
         if val is None:
             warnings.append(f"TPR at FPR {target:g} is not measurable with {len(nm)} non-members "
                             f"(needs at least {int(np.ceil(1 / target))})")
-    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
+    # Thin on a log-spaced FPR grid, so the low-FPR end that a log-log plot shows keeps its detail.
+    grid = np.r_[0.0, np.logspace(np.log10(1.0 / max(len(nm), 1)), 0, ROC_POINTS)]
+    keep = np.unique(np.r_[0, np.clip(np.searchsorted(fpr, grid, side="right") - 1, 0, len(fpr) - 1), len(fpr) - 1])
     out["roc"] = {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
     if groups:
         thr = threshold_at_fpr(nm, 0.01) if len(nm) >= 100 else None
@@ -91,6 +93,23 @@ def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndar
             by_group[attr] = res
         out["by_group"] = by_group
     return out, warnings
+
+
+def repeated_trials_bound(member_scores, nonmember_scores, *, delta: float, fpr: float = 0.01) -> dict | None:
+    """Jagielski et al. (2020)'s epsilon lower bound from the attack's TPR and FPR at its ``fpr`` threshold,
+    with Clopper-Pearson intervals. It is valid only when members and non-members come from independent
+    repeated trainings; from a single training run it is indicative, not a proof."""
+    from privaudit.audit.empirical import repeated_trials_lower_bound
+
+    m = np.asarray(member_scores, dtype=float)
+    nm = np.asarray(nonmember_scores, dtype=float)
+    if len(nm) < 1.0 / fpr:
+        return None
+    t = threshold_at_fpr(nm, fpr)
+    tp, fp = int((m >= t).sum()), int((nm >= t).sum())
+    res = repeated_trials_lower_bound(tp, len(m) - tp, fp, len(nm) - fp, delta=delta)
+    res["valid_for"] = "independent repeated trainings only, not a single run"
+    return res
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
