@@ -28,7 +28,8 @@ ATTACKS = ("lira", "rmia")
 
 def _find_manifest(run_dir: Path, cfg: dict) -> Path:
     rel = Path((cfg.get("data") or {}).get("manifest") or "")
-    for cand in (rel, run_dir / rel, run_dir.parent / rel):
+    places = [rel] if rel.is_absolute() else [run_dir / rel, run_dir.parent / rel]
+    for cand in places:
         if str(rel) and cand.is_file():
             return cand
     raise DataError(f"{run_dir}: cannot find the run's data ({rel}); shadow models train on the run's own data pool")
@@ -98,8 +99,15 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int = 1, seed: int = 0, consol
     run_dir = Path(run_dir)
     preds, cfg = _load_run(run_dir)
     manifest = _find_manifest(run_dir, cfg)
-    config = TrainConfig.from_dict(cfg["train"])
-    config = dataclasses.replace(config, canaries=0, init=config.init)
+    config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), canaries=0)
+    init = (read_json(run_dir / "train.json").get("init") or {}).get("path")
+    if init:  # shadows start where the target started; a study records the path relative to itself
+        places = [Path(init)] if Path(init).is_absolute() else [run_dir / init, run_dir.parent / init]
+        found = [p for p in places if p.is_file()]
+        if not found:
+            raise DataError(f"{run_dir}: the run started from weights at {init}, which are gone; shadow models "
+                            "must start from the same weights")
+        config = dataclasses.replace(config, init=str(found[0].absolute()))
     patients = np.array(sorted(preds["patient_id"].astype(str).unique())) if "patient_id" in preds else None
     root = private_mkdir(run_dir / "shadows")
     todo, folders = [], []

@@ -240,6 +240,9 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
             for name in runs:
                 runs[name]["init"]["path"] = "pretrain/model/weights.pt"
                 write_json(tmp / name / "train.json", runs[name])
+                cfg_json = read_json(tmp / name / "config.json")
+                cfg_json["train"]["init"] = "pretrain/model/weights.pt"
+                write_json(tmp / name / "config.json", cfg_json)
         for name in runs:  # each run directory also carries its own single-model audit
             single = audit_run_dirs({name: tmp / name}, config=audit)
             single.to_json(tmp / name / "audit.json")

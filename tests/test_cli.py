@@ -262,6 +262,12 @@ def test_pretraining_on_the_public_cohort_is_recorded(tmp_path):
     assert res.exit_code == 0, res.stderr
     tj = json.loads((out / "private" / "train.json").read_text())
     assert tj["init"]["path"] == "pretrain/model/weights.pt" and (out / tj["init"]["path"]).is_file()
+    assert json.loads((out / "private" / "config.json").read_text())["train"]["init"] == tj["init"]["path"]
+    # shadow models of a pretrained run start from the same weights
+    res = invoke("attack", "lira", out / "private", "--shadows", "2", "--n-boot", "10", "--quiet")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads((out / "private" / "shadows" / "shadow_0" / "spec.json").read_text())["config"]["init"] == str(
+        (out / "pretrain" / "model" / "weights.pt").absolute())
     public = pd.read_csv(out / "public_data" / "manifest.csv", dtype=str)
     private = pd.read_csv(out / "data" / "manifest.csv", dtype=str)
     assert not set(public["patient_id"]) & set(private["patient_id"])  # a separate cohort
