@@ -504,6 +504,42 @@ def attack_cmd(
     console.print(f"audit written to [bold]{path}[/]")
 
 
+@app.command("check")
+@handle_errors
+def check_cmd(
+    source: Annotated[Path, typer.Argument(help="A study or run directory, or an audit.json.")],
+    policy: Annotated[Path, typer.Option("--policy", help="Policy file (TOML); see examples/policy.toml.")],
+):
+    """Check an audit against a release policy; exit 0 when every check passes, 1 when any fails or cannot be
+    decided, 2 on bad input. Use it to gate a CI pipeline or a model release.
+
+    Example:
+
+        privaudit check runs/study1 --policy examples/policy.toml
+    """
+    from privaudit.audit.results import AuditReport
+    from privaudit.errors import DataError
+    from privaudit.reports.policy import Policy, evaluate
+
+    path = source / "audit.json" if source.is_dir() else source
+    if not path.is_file():
+        raise DataError(f"{path}: not found; give a study directory or an audit.json")
+    checks = evaluate(AuditReport.from_json(path).data, Policy.load(policy))
+    table = Table(title=f"policy {policy.name} on {path}")
+    for col in ("model", "check", "threshold", "value (95% CI)", "verdict"):
+        table.add_column(col)
+    colours = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
+    for c in checks:
+        value = "n/a" if c.value is None else f"{c.value:.3f}"
+        if c.ci:
+            value += f" ({c.ci[0]:.3f} to {c.ci[1]:.3f})"
+        verdict = f"[{colours[c.status]}]{c.status}[/]" + (f": {c.reason}" if c.reason else "")
+        table.add_row(c.model, c.check, str(c.threshold), value, verdict)
+    console.print(table)
+    if any(c.status != "pass" for c in checks):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY, invoke
 
-COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["attack"], ["data"], ["data", "synth"], []]
+COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["attack"], ["check"], ["data"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "privaudit")
@@ -303,3 +303,22 @@ def test_canaries_give_a_one_run_empirical_epsilon_below_the_accountant(tmp_path
     pd.read_csv(out / "private" / "canaries.csv").drop(columns=["loss"]).to_csv(out / "private" / "canaries.csv")
     _one_line_error(invoke("audit", out / "private", "--n-boot", "10"), "canary table", "loss")
     assert (out / "private" / "audit.json").read_bytes() == before
+
+
+def test_check_gates_on_a_policy(study: Path, tmp_path: Path):
+    lenient = tmp_path / "ok.toml"
+    lenient.write_text("[policy]\nmodels = ['private']\nmin_auroc = 0.0\nmax_epsilon = 100\n")
+    res = invoke("check", study, "--policy", lenient)
+    assert res.exit_code == 0, res.output
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[policy]\nmin_auroc = 0.999\nmax_epsilon = 0.1\n")
+    res = invoke("check", study, "--policy", strict)
+    assert res.exit_code == 1 and "fail" in res.output
+    example = Path(__file__).parents[1] / "examples" / "policy.toml"
+    assert invoke("check", study, "--policy", example).exit_code in (0, 1)  # the shipped example parses
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy]\nmin_aucroc = 0.8\n")
+    _one_line_error(invoke("check", study, "--policy", bad), "unknown policy key 'min_aucroc'")
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[policy]\nmax_epsilon = 'ten'\n")
+    _one_line_error(invoke("check", study, "--policy", wrong), "max_epsilon", "float")
