@@ -61,7 +61,8 @@ def test_figures_are_inline_svg_and_the_page_is_self_contained():
     df = make_predictions(n=800, seed=2)
     rep = run_audit({"a": df, "b": df.assign(p_a=1 - df["p_a"])}, config=AuditConfig(n_boot=30))
     html = render_html(rep)
-    assert html.count("<svg") == len(rep.data["study"]["labels"]) + len(rep.data["study"]["attributes"])
+    # one ROC per label, one forest plot per attribute, one log-log attack ROC
+    assert html.count("<svg") == len(rep.data["study"]["labels"]) + len(rep.data["study"]["attributes"]) + 1
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)  # nothing points outside the file
     assert "url(http" not in html and "<script" not in html
 

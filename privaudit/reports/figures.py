@@ -82,10 +82,32 @@ def forest_figure(doc: dict, attribute: str, label: str = "macro") -> str | None
     return _svg(fig)
 
 
+def attack_roc_figure(doc: dict, attack: str = "loss") -> str | None:
+    """Membership-inference ROC of each model on log-log axes, where the low-FPR regime that matters shows."""
+    curves = [(n, ((m.get("privacy") or {}).get("attacks") or {}).get(attack)) for n, m in doc["models"].items()]
+    curves = [(n, a) for n, a in curves if a and a.get("roc")]
+    if not curves:
+        return None
+    fig, ax = _figure(3.6, 3.4)
+    floor = 1.0 / max(a["n_nonmembers"] for _, a in curves)
+    for k, (name, a) in enumerate(curves):
+        fpr, tpr = np.asarray(a["roc"]["fpr"]), np.asarray(a["roc"]["tpr"])
+        keep = fpr > 0
+        ax.plot(fpr[keep], np.maximum(tpr[keep], floor), color=COLOURS[k % len(COLOURS)], lw=1.4,
+                label=f"{name} (AUC {a['auc']:.3f})")
+    grid = np.logspace(np.log10(floor), 0, 50)
+    ax.plot(grid, grid, color="#9ca3af", lw=0.8, ls="--", label="chance")
+    ax.set(xscale="log", yscale="log", xlabel="False positive rate", ylabel="True positive rate",
+           title=f"{attack} attack", xlim=(floor, 1), ylim=(floor, 1.05))
+    ax.legend(loc="lower right", fontsize=7, frameon=False)
+    return _svg(fig)
+
+
 def figures(doc: dict) -> dict:
-    """All report figures as ``{"roc": {label: svg}, "forest": {attribute: svg}}`` (missing ones left out)."""
+    """All report figures as ``{"roc": {label: svg}, "forest": {attribute: svg}, "attack": svg | None}``
+    (missing ones left out)."""
     labels = doc["study"].get("labels") or []
     roc = {lab: svg for lab in labels if (svg := roc_figure(doc, lab))}
     attrs = doc["study"].get("attributes") or []
     forest = {a: svg for a in attrs if (svg := forest_figure(doc, a))}
-    return {"roc": roc, "forest": forest}
+    return {"roc": roc, "forest": forest, "attack": attack_roc_figure(doc)}
