@@ -133,6 +133,16 @@ def _train_config(task, backend, arch, width, image_size, epochs, batch_size, ph
                        device=device, init=str(init) if init else None, canaries=canaries, dp=dp)
 
 
+def _audit_json(source: Path) -> Path:
+    """The audit.json of a study or run directory, or the file itself."""
+    from privaudit.errors import DataError
+
+    path = source / "audit.json" if source.is_dir() else source
+    if not path.is_file():
+        raise DataError(f"{path}: not found; give a study directory or an audit.json")
+    return path
+
+
 def _print_headline(doc: dict) -> None:
     from privaudit.reports.render import _ci
 
@@ -362,12 +372,9 @@ def report_cmd(
 
         privaudit report runs/cxr-opacus-20261128/
     """
-    from privaudit.errors import DataError
     from privaudit.reports import write_report
 
-    path = source / "audit.json" if source.is_dir() else source
-    if not path.is_file():
-        raise DataError(f"{path}: not found; give a study directory or an audit.json")
+    path = _audit_json(source)
     console.print(f"report written to [bold]{write_report(path, out, template_dir=template)}[/]")
 
 
@@ -518,12 +525,9 @@ def check_cmd(
         privaudit check runs/study1 --policy examples/policy.toml
     """
     from privaudit.audit.results import AuditReport
-    from privaudit.errors import DataError
     from privaudit.reports.policy import Policy, evaluate
 
-    path = source / "audit.json" if source.is_dir() else source
-    if not path.is_file():
-        raise DataError(f"{path}: not found; give a study directory or an audit.json")
+    path = _audit_json(source)
     checks = evaluate(AuditReport.from_json(path).data, Policy.load(policy))
     table = Table(title=f"policy {policy.name} on {path}")
     for col in ("model", "check", "threshold", "value (95% CI)", "verdict"):
