@@ -325,18 +325,18 @@ def _fairness(study: _Study, name: str) -> dict:
             study.warnings.append(f"{name}: attribute {attr!r} has {len(present)} group(s) in the test split; "
                                   "its fairness metrics are skipped")
             continue
-        per_label = {}
+        per_label, label_boot = {}, {}  # label_boot[(label, group)]: reused by the macro rows
         for lab in list(study.labels) + ["macro"]:
             groups, group_boot = {}, {}
             for g in present:
                 mask = values == g
                 if lab == "macro":
-                    parts = [study.auroc_boot(name, la, mask) for la in study.labels]
+                    parts = [label_boot[(la, g)] for la in study.labels]
                     point = float(np.mean([q[0] for q in parts]))
                     b = _nan_mean([q[1] for q in parts])
                     n, n_pos = int(mask.sum()), None
                 else:
-                    point, b, n, n_pos = study.auroc_boot(name, lab, mask)
+                    point, b, n, n_pos = label_boot[(lab, g)] = study.auroc_boot(name, lab, mask)
                 if n < MIN_GROUP_N or not np.isfinite(point):
                     why = (f"only {n} test samples" if n < MIN_GROUP_N
                            else "a label in it is null" if lab == "macro" else "one class")
@@ -557,11 +557,10 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
 
 def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, holm_family: bool) -> dict:
     sub = [rows[i] for i in idx]
-    v = dp_verdict([r["change"] for r in sub], [r["lo90"] for r in sub], [r["hi90"] for r in sub],
-                   [adjusted[i] for i in idx] if holm_family else [r["p"] for r in sub],
-                   margin=cfg.margin, alpha=cfg.alpha, names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub],
-                   adjusted=holm_family)
-    return v
+    return dp_verdict([r["change"] for r in sub], [r["lo90"] for r in sub], [r["hi90"] for r in sub],
+                      [adjusted[i] for i in idx] if holm_family else [r["p"] for r in sub],
+                      margin=cfg.margin, alpha=cfg.alpha,
+                      names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub], adjusted=holm_family)
 
 
 def _trade_offs(models: dict, study: _Study) -> dict | None:
