@@ -20,7 +20,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends.torch_models import create_model
 from privaudit.config import TrainConfig
-from privaudit.data.images import load_images
+from privaudit.data.inputs import load_inputs
 from privaudit.data.manifest import Manifest
 from privaudit.errors import CheckpointError, ConfigError, DPError
 from privaudit.predictions import build_predictions, write_predictions
@@ -150,13 +150,10 @@ def _progress(console, quiet: bool):
 class OpacusBackend:
     name = "opacus"
 
-    def load_data(self, manifest: Manifest, size: int, *, console=None, quiet=False):
-        frame = manifest.frame
+    def load_data(self, manifest: Manifest, size: int, *, task, console=None, quiet=False):
         with _progress(console, quiet) as prog:
-            t = prog.add_task("loading images", total=len(frame), info="")
-            x = load_images(manifest.image_paths(), size, progress=lambda k: prog.update(t, completed=k))
-        y = frame[list(manifest.labels)].to_numpy(dtype=np.float32).copy()  # writable, for torch.from_numpy
-        return x, y
+            t = prog.add_task("loading images", total=len(manifest.frame), info="")
+            return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
     def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
         from torch.utils.data import DataLoader, TensorDataset
@@ -199,7 +196,7 @@ class OpacusBackend:
             check_dp_compatible(model)
         model.to(device)
 
-        x, y = self.load_data(manifest, size, console=console, quiet=quiet)
+        x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
         x_train, y_train = x[train_mask], y[train_mask]
         if canaries is not None:
             cx, cy, included = canaries
@@ -372,7 +369,7 @@ class OpacusBackend:
             info = {"format": "state_dict", "architecture": arch, "width": w}
         device = pick_device("auto")
         model.to(device)
-        x, y = self.load_data(manifest, size, quiet=True)
+        x, y = self.load_data(manifest, size, task=task, quiet=True)
         try:
             probs, losses = _predict(model, x, y, device)
         except RuntimeError as e:
