@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch; installing it first stops pip from pulling a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,19 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e .
 	touch $@
+
+# System packages: Pango for WeasyPrint's PDF reports, and Chromium + poppler for the tests that open the
+# report in a real browser and as PDF pages. Installed with apt-get when we are root on Debian/Ubuntu (as in
+# CI); elsewhere install them yourself, or the browser test is skipped with its reason.
+SYSTEM_PACKAGES = libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core chromium poppler-utils
+
+system-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then echo "apt-get install $$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	    || echo "could not install $$missing: PDF or browser tests will be skipped"; fi; \
+	else echo "not root with apt-get: install $(SYSTEM_PACKAGES) yourself for PDF reports and the browser test"; fi
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install --quiet -e ".[test]"
@@ -28,7 +41,7 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/privaudit train-and-audit cxr --backend opacus
 
-test: install-test
+test: system-deps install-test
 	$(PY) -m pytest -n 2 -q
 
 clean:

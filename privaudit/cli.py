@@ -101,6 +101,9 @@ Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these 
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 Canaries_ = Annotated[int, typer.Option("--canaries", help="Insert this many canaries (each trained on with "
                                         "probability 1/2) for the one-run empirical epsilon.")]
+ModelCard_ = Annotated[Optional[Path], typer.Option("--model-card", help="Model card (TOML: description, "
+                     "intended_use, out_of_scope, limitations, ...) for the report's model section; see "
+                     "examples/model_card.toml.")]
 Force_ = Annotated[bool, typer.Option("--force", help="Replace what --out already holds.")]
 Quiet_ = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 NBoot_ = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")]
@@ -204,6 +207,8 @@ def train_and_audit_cmd(
     n_boot: NBoot_ = 1000,
     out: Annotated[Optional[Path], typer.Option("--out", help="Study directory (default runs/<task>-<backend>-"
                                                 "<timestamp>/).")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf", help="Also write report.pdf (WeasyPrint).")] = False,
+    model_card: ModelCard_ = None,
     force: Force_ = False,
     quiet: Quiet_ = False,
 ):
@@ -222,10 +227,91 @@ def train_and_audit_cmd(
     out = out or _default_out(task, backend)
     spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
     doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
-                          force=force, console=console, quiet=quiet)
+                          force=force, console=console, quiet=quiet, pdf=pdf, model_card=model_card)
     _print_headline(doc)
     runs = ", ".join(f"{name}/" for name in doc["models"])
-    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, {runs}")
+    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, {'report.pdf, ' if pdf else ''}{runs}")
+
+
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+Executor_ = Annotated[ExecutorName, typer.Option("--executor", help="Where the independent trainings run: local "
+                      "(a process pool sized to the machine, one process per GPU when there are GPUs) or ray "
+                      "(Ray tasks, one GPU per task when there are GPUs).")]
+RayAddress_ = Annotated[Optional[str], typer.Option("--ray-address", help="HOST:PORT of a running Ray cluster "
+                        "(with --executor ray; default: start Ray on this machine).")]
+
+
+@app.command("sweep")
+@handle_errors
+def sweep_cmd(
+    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    backend: Backend_ = "opacus",
+    epsilons: Annotated[str, typer.Option("--epsilons", help="Comma-separated settings: target epsilons, inf (no "
+                        "privacy) and clip (clipping with noise multiplier 0).")] = "1,3,8,inf",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per setting (--seed, --seed + 1, ...).")] = 1,
+    data: Data_ = None,
+    preset: Preset_ = None,
+    labels: Labels_ = None,
+    views: Views_ = "frontal",
+    delta: Delta_ = None,
+    max_grad_norm: Clip_ = 1.0,
+    accountant: Acc_ = Accountant.prv,
+    epochs: Epochs_ = 5,
+    batch_size: Batch_ = 64,
+    physical_batch_size: PBatch_ = None,
+    image_size: Size_ = None,
+    n_samples: NSamples_ = 3000,
+    width: Width_ = 32,
+    arch: Arch_ = None,
+    lr: LR_ = 2e-3,
+    seed: Seed_ = 0,
+    init: Init_ = None,
+    device: Device_ = "auto",
+    canaries: Canaries_ = 0,
+    n_boot: NBoot_ = 1000,
+    executor: Executor_ = ExecutorName.local,
+    ray_address: RayAddress_ = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Processes of the local pool (default: one per "
+                    "GPU, else one per CPU core).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory (default runs/<task>-<backend>-"
+                                                "<timestamp>/). Give an existing sweep to resume it.")] = None,
+    quiet: Quiet_ = False,
+):
+    """Train one model per (epsilon, seed) on the same data and splits, and audit them all as one study: the
+    paper's privacy-utility and privacy-fairness trade-offs. A failed or interrupted sweep resumes when run
+    again with the same --out: finished runs are kept and not redone.
+
+    Example:
+
+        privaudit sweep cxr --backend opacus --epsilons 1,3,8,inf --seeds 3 --out runs/sweep
+
+        privaudit sweep cxr --epsilons 1,8,inf,clip --executor ray --ray-address 10.0.0.5:6379 --out runs/sweep
+    """
+    from privaudit.errors import ConfigError
+    from privaudit.sweep import parse_epsilons, run_sweep, summary_table
+    from privaudit.workflow import DataSpec
+
+    points = parse_epsilons(epsilons)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if ray_address and executor != ExecutorName.ray:
+        raise ConfigError("--ray-address needs --executor ray")
+    cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
+                        device, init, False, None, delta, None, max_grad_norm, accountant, canaries)
+    out = out or _default_out(task, backend)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
+    doc = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
+                    jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
+    console.print(summary_table(doc))
+    macro = (doc["study"].get("trade_offs") or {}).get("macro_auroc") or {}
+    if macro.get("r") is not None:
+        console.print(f"Pearson's r of log(ε) vs macro AUROC: {macro['r']:.3f} (p = {macro['p_value']:.3g}, "
+                      f"n = {macro['n']} models)")
+    console.print(f"sweep written to [bold]{out}[/]: audit.json, report.html, {len(doc['models'])} run directories")
 
 
 @app.command("train")
@@ -361,21 +447,31 @@ def audit_cmd(
 @handle_errors
 def report_cmd(
     source: Annotated[Path, typer.Argument(help="A study or run directory, or an audit.json.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default report.html beside "
-                                                "audit.json).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, pdf or both.", metavar="html|pdf|both")] = "html",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default report.html / report.pdf "
+                                                "beside audit.json; with --format both, the PDF takes the same "
+                                                "name with .pdf).")] = None,
+    policy: Annotated[Optional[Path], typer.Option("--policy", help="Release policy (TOML): its pass / fail / "
+                                                   "inconclusive verdicts go into the summary.")] = None,
+    model_card: ModelCard_ = None,
     template: Annotated[Optional[Path], typer.Option("--template", help="Folder with your own "
-                                                     "report.html.j2.")] = None,
+                                                     "report.html.j2 (and report.css).")] = None,
 ):
-    """Render report.html from an audit.json alone.
+    """Render report.html and/or report.pdf from an audit.json alone.
 
-    Example:
+    Examples:
 
         privaudit report runs/cxr-opacus-20261128/
+
+        privaudit report runs/study1 --format both --policy examples/policy.toml --model-card examples/model_card.toml
+
+        privaudit report runs/study1/audit.json --format pdf --out signed/report.pdf
     """
     from privaudit.reports import write_report
 
     path = _audit_json(source)
-    console.print(f"report written to [bold]{write_report(path, out, template_dir=template)}[/]")
+    written = write_report(path, out, template_dir=template, fmt=fmt, policy=policy, model_card=model_card)
+    console.print("report written to " + ", ".join(f"[bold]{p}[/]" for p in written))
 
 
 @data_app.command("synth")
@@ -476,7 +572,10 @@ def attack_cmd(
     shadows: Annotated[Optional[int], typer.Option("--shadows", help="Shadow models for LiRA.")] = None,
     references: Annotated[Optional[int], typer.Option("--references", help="Reference models for RMIA.")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="LiRA with out-shadows only.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", help="Shadow models trained at once.")] = 1,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Shadow models trained at once by the local pool "
+                    "(default: one per GPU, else one per CPU core).")] = None,
+    executor: Executor_ = ExecutorName.local,
+    ray_address: RayAddress_ = None,
     seed: Seed_ = 0,
     n_boot: NBoot_ = 1000,
     quiet: Quiet_ = False,
@@ -489,6 +588,8 @@ def attack_cmd(
         privaudit attack lira runs/eps3 --shadows 16 --jobs 2
 
         privaudit attack rmia runs/eps3 --references 4
+
+        privaudit attack lira runs/eps3 --shadows 64 --executor ray --ray-address 10.0.0.5:6379
     """
     from privaudit.errors import ConfigError
     from privaudit.shadows import run_attack
@@ -498,8 +599,8 @@ def attack_cmd(
         raise ConfigError(f"give the number of models: --shadows K for lira, --references K for rmia")
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a run directory")
-    path = run_attack(run_dir, attack, k, offline=offline, jobs=jobs, seed=seed,
-                      audit_config=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
+    path = run_attack(run_dir, attack, k, offline=offline, jobs=jobs, executor=executor.value,
+                      ray_address=ray_address, seed=seed, audit_config=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
     from privaudit._fs import read_json
 
     attacks = read_json(path)["models"]

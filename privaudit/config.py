@@ -37,7 +37,7 @@ class DPConfig:
     enabled: bool = True
     epsilon: float | None = 8.0          # target epsilon; None when noise_multiplier is given
     delta: float | None = None           # None: default_delta(n_train), fixed when the data is known
-    noise_multiplier: float | None = None
+    noise_multiplier: float | None = None  # 0: clip-only (clipping and sampling, no noise, no epsilon claimed)
     max_grad_norm: float = 1.0           # per-sample clipping norm C
     accountant: str = "prv"              # prv (default, tight), rdp, gdp
     poisson_sampling: bool = True        # the accountants assume it; turning it off forfeits the DP claim
@@ -53,8 +53,9 @@ class DPConfig:
             raise ConfigError("give --epsilon or --noise-multiplier, not both: one determines the other")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}; use --no-dp for no privacy")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"--noise-multiplier must be > 0, got {self.noise_multiplier}")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise ConfigError(f"--noise-multiplier must be >= 0, got {self.noise_multiplier} (0 clips without "
+                              "noise: a clip-only baseline that earns no epsilon)")
         if self.delta is not None and not (0 < self.delta < 1):
             raise ConfigError(f"--delta must be in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:

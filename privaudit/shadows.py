@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +87,19 @@ def _train_shadow(spec_path: str) -> str:
     return str(spec_path.parent)
 
 
-def train_shadows(run_dir: Path, k: int, *, jobs: int = 1, seed: int = 0, console=None, quiet: bool = False) -> list[Path]:
-    """Make sure ``k`` shadow models exist for the run (training only the missing ones); return their folders."""
+def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: str = "local",
+                  ray_address: str | None = None, seed: int = 0, console=None, quiet: bool = False) -> list[Path]:
+    """Make sure ``k`` shadow models exist for the run (training only the missing ones); return their folders.
+
+    The missing ones are independent jobs on an executor (:mod:`privaudit.executors`): ``local`` runs ``jobs``
+    processes (default: one per GPU, else one per core), ``ray`` one Ray task per shadow model."""
     from rich.progress import Progress
+
+    from privaudit.executors import create_executor
 
     if k < 1:
         raise ConfigError(f"--shadows/--references must be at least 1, got {k}")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     run_dir = Path(run_dir)
     preds, cfg = _load_run(run_dir)
@@ -124,24 +129,21 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int = 1, seed: int = 0, consol
             included = preds.loc[rng.random(len(preds)) < 0.5, "sample_id"].tolist()
         spec = {"index": i, "seed": config.seed + 1 + i, "manifest": str(manifest.absolute()),
                 "labels": [c[2:] for c in preds.columns if c.startswith("p_")], "included": included,
-                "config": dataclasses.replace(config, seed=config.seed + 1 + i).to_dict(),
-                "threads": max(1, (os.cpu_count() or 1) // jobs)}
-        write_json(folder / "spec.json", spec)
-        todo.append(str(folder / "spec.json"))
+                "config": dataclasses.replace(config, seed=config.seed + 1 + i).to_dict()}
+        todo.append((folder, spec))
     if not quiet and console is not None and len(todo) < k:
         console.print(f"reusing {k - len(todo)} finished shadow model(s)")
-    with Progress(console=console, disable=quiet) as prog:
-        task = prog.add_task("shadow models", total=k, completed=k - len(todo))
-        if jobs == 1:
-            for spec in todo:
-                _train_shadow(spec)
-                prog.advance(task)
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                for _ in pool.map(_train_shadow, todo):
-                    prog.advance(task)
+    if not todo:
+        return folders
+    with create_executor(executor, jobs=jobs, address=ray_address,
+                         use_gpus=config.device != "cpu") as ex:
+        for folder, spec in todo:  # the threads share out the machine between the jobs that run at once
+            spec["threads"] = None if ex.name == "ray" else max(1, (os.cpu_count() or 1) // min(ex.slots, len(todo)))
+            write_json(folder / "spec.json", spec)
+        with Progress(console=console, disable=quiet) as prog:
+            task = prog.add_task(f"shadow models ({ex.name}, {ex.slots} at once)", total=k, completed=k - len(todo))
+            ex.run(_train_shadow, [str(folder / "spec.json") for folder, _ in todo],
+                   labels=[folder.name for folder, _ in todo], on_done=lambda i, _: prog.advance(task))
     return folders
 
 
@@ -179,8 +181,9 @@ def score_attack(run_dir: Path, attack: str, folders: list[Path], *, offline: bo
     return pd.DataFrame({"sample_id": ids, name: score})
 
 
-def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, jobs: int = 1, seed: int = 0,
-               audit_config=None, console=None, quiet: bool = False) -> Path:
+def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, jobs: int | None = None,
+               executor: str = "local", ray_address: str | None = None, seed: int = 0, audit_config=None,
+               console=None, quiet: bool = False) -> Path:
     """Train (or reuse) shadow models, score the attack, and re-audit the run with it."""
     from privaudit.config import AuditConfig
     from privaudit.workflow import audit_run
@@ -188,7 +191,8 @@ def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, job
     if attack not in ATTACKS:
         raise ConfigError(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
     run_dir = Path(run_dir)
-    folders = train_shadows(run_dir, k, jobs=jobs, seed=seed, console=console, quiet=quiet)
+    folders = train_shadows(run_dir, k, jobs=jobs, executor=executor, ray_address=ray_address, seed=seed,
+                            console=console, quiet=quiet)
     scores = score_attack(run_dir, attack, folders, offline=offline)
     path = run_dir / "attack_scores.csv"
     if path.is_file():  # keep the other attacks' scores

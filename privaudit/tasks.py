@@ -53,6 +53,16 @@ class TaskSpec:
     default_arch: str                # model used when none is named
     description: str = ""
     label_docs: dict = field(default_factory=dict)
+    # Defaults of the options a user leaves out (epochs, batch_size, width, lr, n_samples); see default().
+    defaults: dict = field(default_factory=dict)
+
+    def default(self, option: str):
+        """This task's default for a training or synthetic-cohort option, else the generic one."""
+        return self.defaults.get(option, GENERIC_DEFAULTS[option])
+
+
+# Option defaults shared by every task unless its TaskSpec.defaults says otherwise (cxr uses these).
+GENERIC_DEFAULTS: dict = {"epochs": 5, "batch_size": 64, "width": 32, "lr": 2e-3, "n_samples": 3000}
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -84,5 +94,24 @@ register_task(
         attributes=("sex", "age_group", "comorbidity"),
         default_arch="resnet9-gn",
         description="Multi-label chest radiograph classification (the UKA-CXR findings of arXiv:2302.01622).",
+    )
+)
+
+register_task(
+    TaskSpec(
+        name="pdac",
+        labels=("pdac",),
+        spatial_dims=3,
+        input_size=32,
+        in_channels=1,
+        # site: scanner or source, a known shortcut in public pancreas data (tumour and control scans come
+        # from different archives)
+        attributes=("sex", "age_group", "site"),
+        default_arch="cnn3d-gn",
+        description="Pancreatic ductal adenocarcinoma present or not in an abdominal CT volume "
+                    "(the paper's second task, N=1,625).",
+        label_docs={"pdac": "1 when the volume shows a pancreatic ductal adenocarcinoma (in the msd preset: "
+                            "when the segmentation holds the tumour class)"},
+        defaults={"epochs": 12, "batch_size": 32, "width": 16, "lr": 2e-3, "n_samples": 400},
     )
 )

@@ -7,6 +7,7 @@ and never touches an existing output unless ``force`` is set.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shlex
 import sys
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ def _prepare_data(config: TrainConfig, data: DataSpec, workdir: Path, *, console
         info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
     manifest = load_data(spec, config.task)
     info["n_images"] = len(manifest.frame)
+    # The hash of the canonical manifest table (what was trained on, whatever the preset), for provenance.
+    info["manifest_sha256"] = hashlib.sha256(manifest.frame.to_csv(index=False).encode()).hexdigest()
     return manifest, info
 
 
@@ -119,8 +122,21 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
             canaries[name] = read_csv(d / "canaries.csv")
         if (d / "attack_scores.csv").is_file():
             scores[name] = read_csv(d / "attack_scores.csv", dtype={"sample_id": str})
-    return run_audit(preds, runs=runs, reference=reference, config=config, task=task, canaries=canaries,
-                     attack_scores=scores)
+    report = run_audit(preds, runs=runs, reference=reference, config=config, task=task, canaries=canaries,
+                       attack_scores=scores)
+    # Provenance from the runs' config.json: the data they were trained on, their settings, the command.
+    configs = {name: read_json(Path(d) / "config.json") for name, d in run_dirs.items()
+               if (Path(d) / "config.json").is_file()}
+    if configs:
+        first = next(iter(configs.values()))
+        study = report.data["study"]
+        for k, v in (first.get("data") or {}).items():
+            if k != "n_images":
+                study["data"].setdefault(k, v)
+        if first.get("command"):
+            study.setdefault("command", first["command"])
+        study["configs"] = {name: c.get("train") for name, c in configs.items() if c.get("train")}
+    return report
 
 
 def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
@@ -129,6 +145,11 @@ def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
     from privaudit.reports import write_report
 
     run_dir = Path(run_dir)
+    if (run_dir / "sweep.json").is_file():  # an epsilon sweep: its runs sit two levels down (eps=<e>/seed=<s>)
+        from privaudit.sweep import audit_sweep
+
+        audit_sweep(run_dir, config=config)
+        return run_dir / "audit.json"
     if (run_dir / "predictions.csv").is_file():
         report = audit_run_dirs({run_dir.absolute().name: run_dir}, config=config)
     else:
@@ -196,13 +217,17 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
 
 def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline: bool = True,
                     pretrain: bool = False, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
-                    force: bool = False, console=None, quiet: bool = False) -> dict:
+                    force: bool = False, console=None, quiet: bool = False, pdf: bool = False,
+                    model_card: Path | None = None) -> dict:
     """Train the private model (and the non-private baseline), audit both, and write the study directory."""
     from privaudit.backends import create_backend
     from privaudit.reports import write_report
 
+    from privaudit.reports.render import load_model_card
+
     task = create_task(config.task)
     create_backend(config.backend)
+    card = load_model_card(model_card)  # a bad card fails before any training
     audit = audit or AuditConfig(seed=config.seed)
     with staged_dir(out, force=force) as tmp:
         manifest, data_info = _prepare_data(config, data, tmp, console=console, quiet=quiet)
@@ -251,8 +276,10 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
         report.data["study"]["task"] = config.task
         report.data["study"]["data"].update({k: v for k, v in data_info.items() if k != "n_images"})
         report.data["study"]["command"] = _command()
+        if card:
+            report.data["study"]["model_card"] = card  # kept, so that later re-renders show it too
         report.to_json(tmp / "audit.json")
-        write_report(tmp / "audit.json")
+        write_report(tmp / "audit.json", fmt="both" if pdf else "html")
     return report.data
 
 

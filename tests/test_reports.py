@@ -1,28 +1,71 @@
-"""Reports: rendered from audit.json alone, autoescaped, with aggregates only."""
+"""Reports: rendered from audit.json alone, autoescaped, with aggregates only; HTML, PDF and a real browser."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from conftest import invoke
 from privaudit.audit import run_audit
 from privaudit.config import AuditConfig
-from privaudit.errors import DataError
+from privaudit.errors import ConfigError, DataError
 from privaudit.reports import render_html, write_report
 from test_audit_engine import make_predictions
+
+SECTIONS = ("Summary", "Model and intended use", "Data", "Privacy guarantee", "Utility", "Fairness",
+            "Empirical privacy", "Trade-offs", "Warnings and limitations", "Provenance")
 
 
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.tags, self.text = [], []
+        self.tags, self.text, self.h2 = [], [], []
+        self._in_h2 = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
+        self._in_h2 = tag == "h2"
+
+    def handle_endtag(self, tag):
+        self._in_h2 = False if tag == "h2" else self._in_h2
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._in_h2:
+            self.h2.append(data.strip())
+
+
+def _dp_run(eps: float, sigma: float = 1.0) -> dict:
+    return {"dp": True, "epsilon": eps, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": sigma,
+            "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0, "poisson_sampling": True,
+            "backend": "opacus", "architecture": "resnet9-gn", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def sweep_audit(tmp_path_factory) -> Path:
+    """A stored audit.json of an epsilon sweep: four DP models (weaker signal at smaller epsilon) and a
+    non-private one, all scored on the same test samples."""
+    base = make_predictions(n=600, seed=5)
+    preds, runs = {}, {}
+    rng = np.random.default_rng(0)
+    for eps, noise in ((1.0, 2.0), (3.0, 1.2), (8.0, 0.7), (30.0, 0.4)):
+        df = base.copy()
+        for lab in ("a", "b"):
+            df[f"p_{lab}"] = 1 / (1 + np.exp(-(np.log(df[f"p_{lab}"] / (1 - df[f"p_{lab}"]))
+                                               + rng.normal(0, noise, len(df)))))
+        preds[f"eps={eps:g}/seed=0"], runs[f"eps={eps:g}/seed=0"] = df, _dp_run(eps)
+    preds["eps=inf/seed=0"] = base
+    rep = run_audit(preds, runs=runs, reference="eps=inf/seed=0", config=AuditConfig(n_boot=50))
+    out = tmp_path_factory.mktemp("sweep") / "audit.json"
+    rep.to_json(out)
+    return out
 
 
 def test_data_values_are_escaped_and_no_patient_rows_leak(tmp_path):
@@ -37,38 +80,176 @@ def test_data_values_are_escaped_and_no_patient_rows_leak(tmp_path):
     assert evil in "".join(parser.text)  # shown as text
     for sid in df["sample_id"].head(50):
         assert f">{sid}<" not in html
-    for heading in ("Summary", "Data", "Privacy guarantee", "Utility", "Fairness", "Empirical privacy",
-                    "Warnings and limitations", "Provenance"):
-        assert f">{heading}<" in html
+    for pid in df["patient_id"].head(50):
+        assert f">{pid}<" not in html
+    # every section, in the issue's order
+    assert [h.split(". ", 1)[-1] for h in parser.h2 if h != "Contents"] == list(SECTIONS)
+
+
+def test_data_section_has_composition_flags_and_split_check():
+    df = make_predictions(n=400, seed=3, patients="pairs")
+    df.loc[df.index[:6], "sex"] = "X"  # a tiny group
+    rep = run_audit({"m": df}, config=AuditConfig(n_boot=10))
+    comp = rep.data["study"]["data"]["composition"]["sex"]["groups"]
+    assert comp["X"]["n"] == 6 and comp["X"]["small"] is True
+    assert comp["F"]["n"] == int((df["sex"] == "F").sum())
+    assert sum(g["n_test"] for g in comp.values()) == int((df["split"] == "test").sum())
+    check = rep.data["study"]["data"]["patient_split_check"]
+    # patients come in pairs with independently drawn splits, so some sit in two splits
+    pairs = df.groupby("patient_id")["split"].nunique()
+    assert check["patients_in_several_splits"] == int((pairs > 1).sum()) > 0
+    assert any("more than one split" in w for w in rep.warnings)
+    html = render_html(rep)
+    assert "Composition by sex" in html and "appear in more than one split" in html
+    assert html.count("<svg") >= 2  # a composition bar chart per attribute
 
 
 def test_report_errors(tmp_path):
     rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
     rep.to_json(tmp_path / "audit.json")
-    out = write_report(tmp_path / "audit.json")
+    [out] = write_report(tmp_path / "audit.json")
     assert out.read_text().startswith("<!DOCTYPE html>")
     with pytest.raises(DataError, match="--template"):
         write_report(tmp_path / "audit.json", tmp_path / "r.html", template_dir=tmp_path / "nope")
+    (tmp_path / "empty_tpl").mkdir()
+    with pytest.raises(DataError, match="no report.html.j2"):
+        write_report(tmp_path / "audit.json", tmp_path / "r.html", template_dir=tmp_path / "empty_tpl")
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
         write_report(tmp_path / "bad.json")
-    assert not (tmp_path / "report.html.tmp").exists()
+    newer = json.loads((tmp_path / "audit.json").read_text())
+    newer["schema_version"] = 99
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    with pytest.raises(DataError, match="newer"):
+        write_report(tmp_path / "newer.json")
+    with pytest.raises(ConfigError, match="--format"):
+        write_report(tmp_path / "audit.json", fmt="docx")
+    assert not (tmp_path / "r.html").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_model_card_is_validated_and_shown(tmp_path):
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    rep.to_json(tmp_path / "audit.json")
+    card = tmp_path / "card.toml"
+    card.write_text('description = "Flags <b>findings</b>"\nout_of_scope = ["children", "lateral views"]\n')
+    [out] = write_report(tmp_path / "audit.json", model_card=card)
+    html = out.read_text()
+    assert "Flags &lt;b&gt;findings&lt;/b&gt;" in html and "<li>lateral views</li>" in html
+    card.write_text('descripton = "typo"\n')
+    before = out.read_text()
+    with pytest.raises(ConfigError, match="unknown model-card key 'descripton'"):
+        write_report(tmp_path / "audit.json", model_card=card)
+    card.write_text('out_of_scope = 3\n')
+    with pytest.raises(ConfigError, match="'out_of_scope' must be text or a list of texts"):
+        write_report(tmp_path / "audit.json", model_card=card)
+    assert out.read_text() == before  # a refused card leaves the existing report alone
 
 
 def test_figures_are_inline_svg_and_the_page_is_self_contained():
-    import re
-
     df = make_predictions(n=800, seed=2)
     rep = run_audit({"a": df, "b": df.assign(p_a=1 - df["p_a"])}, config=AuditConfig(n_boot=30))
     html = render_html(rep)
-    # one ROC per label, one forest plot per attribute, one log-log attack ROC
-    assert html.count("<svg") == len(rep.data["study"]["labels"]) + len(rep.data["study"]["attributes"]) + 1
+    study = rep.data["study"]
+    # one ROC per label, one forest plot and one composition chart per attribute, one log-log ROC per attack;
+    # no trade-off curves without several epsilons
+    attacks = {a for m in rep.data["models"].values() for a, v in m["privacy"]["attacks"].items() if v}
+    assert "loss" in attacks
+    expected = len(study["labels"]) + 2 * len(study["attributes"]) + len(attacks)
+    assert html.count("<svg") == expected
+    assert "there is no trade-off" in html
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)  # nothing points outside the file
     assert "url(http" not in html and "<script" not in html
 
 
+def test_sweep_report_draws_the_trade_off_curves_and_warns_about_selection(sweep_audit):
+    from privaudit.audit.results import AuditReport
+    from privaudit.reports.figures import tradeoff_fairness_figure, tradeoff_utility_figure
+
+    doc = AuditReport.from_json(sweep_audit).data
+    html = render_html(AuditReport.from_json(sweep_audit))
+    assert "privacy-utility" in tradeoff_utility_figure(doc)
+    for attr in doc["study"]["attributes"]:
+        assert f"privacy-fairness: {attr}" in tradeoff_fairness_figure(doc, attr)
+    assert html.count("privacy-fairness:") == len(doc["study"]["attributes"])
+    assert "covers that model alone" in html
+    # the r of log(epsilon) vs macro AUROC in the table is the audit's, which recomputes with scipy
+    from scipy.stats import pearsonr
+
+    names = [n for n in doc["models"] if n != "eps=inf/seed=0"]
+    r = pearsonr(np.log([doc["models"][n]["privacy"]["accountant"]["epsilon"] for n in names]),
+                 [doc["models"][n]["utility"]["macro_auroc"]["estimate"] for n in names])[0]
+    assert doc["study"]["trade_offs"]["macro_auroc"]["r"] == pytest.approx(r, abs=1e-9)
+    assert f"{r:.3f}" in html
+
+
+def test_policy_verdict_lands_in_the_summary(sweep_audit, tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text('[policy]\nmodels = ["eps=8/seed=0"]\nmax_epsilon = 10.0\nmin_auroc = 0.99\n')
+    [out] = write_report(sweep_audit, tmp_path / "r.html", policy=policy)
+    html = out.read_text()
+    summary = html[html.index('id="summary"'):html.index('id="model"')]
+    assert "Policy p.toml: <strong>FAIL</strong>" in summary and "(1 of 2 checks pass)" in summary
+
+
+def test_pdf_has_pages_contents_and_the_figures(sweep_audit, tmp_path):
+    pypdf = pytest.importorskip("pypdf")
+    try:
+        import weasyprint  # noqa: F401
+    except OSError as e:  # pragma: no cover - the Pango libraries are missing
+        pytest.skip(f"WeasyPrint cannot load Pango here: {e}")
+    html, pdf = write_report(sweep_audit, tmp_path / "report.html", fmt="both")
+    assert html.suffix == ".html" and pdf.suffix == ".pdf" and pdf.read_bytes().startswith(b"%PDF")
+    reader = pypdf.PdfReader(str(pdf))
+    assert 6 <= len(reader.pages) <= 60
+    first = reader.pages[0].extract_text()
+    assert "Contents" in first and "Summary" in first
+    text = "".join(p.extract_text() for p in reader.pages)
+    for heading in SECTIONS:
+        assert heading in text
+    last = reader.pages[-1].extract_text()
+    assert f"page {len(reader.pages)} of {len(reader.pages)}" in last  # page numbers from @page
+
+
+def test_report_cli_formats_and_bad_input(study: Path, tmp_path: Path):
+    res = invoke("report", study, "--format", "pdf", "--out", tmp_path / "r.pdf")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+    res = invoke("report", study, "--format", "docx", "--out", tmp_path / "r.docx")
+    assert res.exit_code == 2 and "--format" in res.stderr and "Traceback" not in res.output
+    bad = tmp_path / "trunc.json"
+    bad.write_text((study / "audit.json").read_text()[:500])
+    res = invoke("report", bad, "--out", tmp_path / "t.html")
+    assert res.exit_code == 2 and "not valid JSON" in res.stderr and not (tmp_path / "t.html").exists()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_a_real_browser(sweep_audit, tmp_path):
+    """Open the report in headless Chromium: it renders a full page, with no console errors."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium here: install Debian's 'chromium' package (make test does, as root)")
+    from PIL import Image
+
+    [html] = write_report(sweep_audit, tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--hide-scrollbars",
+           "--window-size=412,2000", f"--screenshot={shot}", html.as_uri()]  # a phone-wide viewport
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not re.search(r"CONSOLE|Uncaught|Failed to load resource", proc.stderr), proc.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (412, 2000)
+        px = np.asarray(im.convert("L"), dtype=float)
+    # a rendered page has text and figures: many dark pixels, not a blank screen
+    assert (px < 128).mean() > 0.01 and px.std() > 20
+
+
 def test_a_soundness_violation_is_shouted():
-    import numpy as np
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -82,4 +263,5 @@ def test_a_soundness_violation_is_shouted():
     priv = rep.models["m"]["privacy"]
     assert priv["soundness"]["violated"] is True and priv["empirical_epsilon"]["estimate"] > 0.5
     assert any("SOUNDNESS VIOLATION" in w for w in rep.warnings)
-    assert "Soundness violation" in render_html(rep)
+    html = render_html(rep)
+    assert "SOUNDNESS VIOLATION" in html and "soundness violated" in html  # in the section and the summary

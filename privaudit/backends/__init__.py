@@ -31,6 +31,9 @@ class Backend(Protocol):
 # name -> (module, attribute, the install hint shown when the framework is missing)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     "opacus": ("privaudit.backends.opacus_backend", "OpacusBackend", "pip install 'torch>=2.4' opacus"),
+    # TF-Privacy 0.9's declared requirements are stale (TF < 2.16, numpy < 2), hence the --no-deps step
+    "tf": ("privaudit.backends.tf_backend", "TfBackend",
+           "pip install 'privaudit[tf]' && pip install --no-deps tf-keras==2.21.0 tensorflow-privacy==0.9.0"),
 }
 
 

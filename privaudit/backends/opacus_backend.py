@@ -259,7 +259,13 @@ class OpacusBackend:
 
         privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
                    "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
-        if engine is not None:
+        if engine is not None and dp.noise_multiplier == 0:
+            # Clip-only baseline: per-sample clipping and Poisson sampling as under DP, but no noise, so no
+            # epsilon is claimed (dp false); the clipping is recorded to separate its cost from the noise's.
+            privacy = {**privacy, "noise_multiplier": 0.0, "max_grad_norm": dp.max_grad_norm,
+                       "sample_rate": float(loader.sample_rate), "poisson_sampling": True, "clip_only": True,
+                       "clipping": "flat", "grad_sample_mode": "hooks"}
+        elif engine is not None:
             history_acc = engine.accountant.history  # [(noise_multiplier, sample_rate, steps)]
             nm, q = float(optimizer.noise_multiplier), float(history_acc[0][1]) if history_acc else float(loader.sample_rate)
             privacy = {
@@ -322,7 +328,7 @@ class OpacusBackend:
                 if len(x_val):
                     _, vl = _predict(model, x_val, y_val, device)
                     rec["val_loss"] = float(np.mean(vl))
-                if engine is not None:
+                if engine is not None and dp.noise_multiplier != 0:  # clip-only (no noise) earns no epsilon
                     rec["epsilon"] = float(engine.get_epsilon(dp.delta))
                 history.append(rec)
                 info = f"loss {rec['train_loss']:.3f}" if rec["train_loss"] is not None else ""

@@ -85,6 +85,49 @@ class ResNet9(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class CNN3D(nn.Module):
+    """``cnn3d-gn``: a small CT classifier built from MONAI's ``Convolution`` blocks (conv, GroupNorm, ReLU).
+
+    stem (3x3x3 stride-2 conv to ``width``) -> ``stages`` stride-2 blocks doubling the width (capped at
+    4 x width), each followed by a stride-1 block -> global average *and* max pooling (a small focal lesion
+    survives max pooling; diffuse context such as scanner noise survives the average) -> linear head.
+    Activations are not in-place, since Opacus' per-sample hooks fail on in-place ops. Fully convolutional with
+    global pooling, so any input edge of at least ``2 ** (stages + 1)`` works (16 and up with the defaults);
+    ``width`` sets the channels. ``spatial_dims`` 3 for volumes (2 works too).
+    """
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 1, width: int = 16, spatial_dims: int = 3,
+                 stages: int = 3, dropout: float = 0.0):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+
+        def block(c_in, c_out, stride):
+            return Convolution(spatial_dims=spatial_dims, in_channels=c_in, out_channels=c_out, strides=stride,
+                               kernel_size=3, act=("relu", {"inplace": False}),
+                               norm=("group", {"num_groups": gn_groups(c_out)}), bias=False)
+
+        conv = _conv(spatial_dims)
+        # A plain conv first, so the checkpoint keys (stem.0.weight, fc.weight) tell width and input channels.
+        self.stem = nn.Sequential(conv(in_channels, width, 3, stride=2, padding=1, bias=False),
+                                  nn.GroupNorm(gn_groups(width), width), nn.ReLU(inplace=False))
+        layers, c = [], width
+        for i in range(stages):
+            c_out = min(width * 2 ** (i + 1), 4 * width)
+            layers += [block(c, c_out, 2), block(c_out, c_out, 1)]
+            c = c_out
+        self.features = nn.Sequential(*layers)
+        avg = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[spatial_dims]
+        mx = {2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}[spatial_dims]
+        self.avg, self.max = avg(1), mx(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x):
+        x = self.features(self.stem(x))
+        pooled = torch.cat([torch.flatten(self.avg(x), 1), torch.flatten(self.max(x), 1)], dim=1)
+        return self.fc(self.dropout(pooled))
+
+
 # name -> factory(in_channels, num_classes, width, spatial_dims); "dp_ok" marks DP-compatible models.
 _MODELS: dict[str, dict] = {
     "resnet9-gn": {
@@ -96,6 +139,11 @@ _MODELS: dict[str, dict] = {
         "factory": lambda **kw: ResNet9(norm="batch", **kw),
         "spatial_dims": (2, 3),
         "doc": "ResNet-9 with BatchNorm: non-private baselines only; refused for DP",
+    },
+    "cnn3d-gn": {
+        "factory": lambda **kw: CNN3D(**kw),
+        "spatial_dims": (2, 3),
+        "doc": "small CT classifier from MONAI Convolution blocks with GroupNorm (the pdac default); DP-compatible",
     },
 }
 

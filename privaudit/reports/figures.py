@@ -103,11 +103,124 @@ def attack_roc_figure(doc: dict, attack: str = "loss") -> str | None:
     return _svg(fig)
 
 
+SPLIT_COLOURS = {"train": "#0b6e99", "val": "#9ca3af", "test": "#c2410c"}
+
+
+def composition_figure(doc: dict, attribute: str) -> str | None:
+    """The cohort by one sensitive attribute: a horizontal bar per group, stacked by split, with small
+    (under-represented) groups marked."""
+    comp = ((doc["study"].get("data") or {}).get("composition") or {}).get(attribute)
+    if not comp or not comp.get("groups"):
+        return None
+    groups = list(comp["groups"])
+    fig, ax = _figure(4.6, 0.32 * len(groups) + 0.9)
+    left = np.zeros(len(groups))
+    for split, colour in SPLIT_COLOURS.items():
+        vals = np.array([comp["groups"][g][f"n_{split}"] for g in groups], dtype=float)
+        ax.barh(range(len(groups)), vals, left=left, color=colour, label=split, height=0.7)
+        left += vals
+    ax.set_yticks(range(len(groups)), [f"{g} *" if comp["groups"][g].get("small") else g for g in groups])
+    ax.invert_yaxis()
+    ax.set(xlabel="images", title=attribute)
+    ax.set_axisbelow(True)
+    ax.grid(axis="x", color="#e5e7eb", lw=0.6)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(groups) < 4 else -0.18),
+              ncol=3)
+    return _svg(fig)
+
+
+def _epsilon_points(doc: dict):
+    """(name, epsilon or None, model) for every model; None for non-private and clip-only runs."""
+    out = []
+    for name, m in doc["models"].items():
+        acc = (m.get("privacy") or {}).get("accountant")
+        out.append((name, acc.get("epsilon") if acc else None, m))
+    return out
+
+
+def tradeoff_utility_figure(doc: dict) -> str | None:
+    """The privacy-utility curve: epsilon (log axis) against macro AUROC with its CI; the models without a
+    finite epsilon (non-private, clip-only) as horizontal reference lines. Needs two finite epsilons."""
+    pts = _epsilon_points(doc)
+    finite = [(n, e, m) for n, e, m in pts if e is not None]
+    if len({round(e, 6) for _, e, _ in finite}) < 2:
+        return None
+    fig, ax = _figure(4.6, 3.2)
+    est = np.array([m["utility"]["macro_auroc"]["estimate"] for _, _, m in finite], dtype=float)
+    lo = np.array([m["utility"]["macro_auroc"].get("ci_low") or np.nan for _, _, m in finite], dtype=float)
+    hi = np.array([m["utility"]["macro_auroc"].get("ci_high") or np.nan for _, _, m in finite], dtype=float)
+    x = np.array([e for _, e, _ in finite])
+    ax.errorbar(x, est, yerr=[est - lo, hi - est], fmt="o", color=COLOURS[0], ms=4, capsize=2, lw=1,
+                label="DP models (95% CI)")
+    agg = doc["study"].get("aggregates") or {}
+    means = sorted((v["epsilon"]["mean"], v["macro_auroc"]["mean"]) for v in agg.values()
+                   if isinstance(v, dict) and (v.get("epsilon") or {}).get("mean") is not None
+                   and (v.get("macro_auroc") or {}).get("mean") is not None)
+    if means:
+        ax.plot(*zip(*means), color=COLOURS[0], lw=1, alpha=0.7, label="mean over seeds")
+    for k, (name, _, m) in enumerate((n, e, m) for n, e, m in pts if e is None):
+        ax.axhline(m["utility"]["macro_auroc"]["estimate"], color=COLOURS[(k + 1) % len(COLOURS)], lw=1, ls="--",
+                   label=f"{name} (no finite epsilon)")
+    ax.set(xscale="log", xlabel="epsilon (accountant)", ylabel="macro AUROC", title="privacy-utility")
+    ax.grid(color="#e5e7eb", lw=0.6)
+    ax.legend(fontsize=6, frameon=False, loc="lower right")
+    return _svg(fig)
+
+
+def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
+    """The privacy-fairness curve for one attribute: epsilon against each group's performance-parity gap
+    (macro AUROC) with its CI, and the non-private gap as a dashed line in the group's colour."""
+    pts = _epsilon_points(doc)
+    finite = sorted(((n, e, m) for n, e, m in pts if e is not None), key=lambda t: t[1])
+    if len({round(e, 6) for _, e, _ in finite}) < 2:
+        return None
+    groups = list(dict.fromkeys(g for _, _, m in finite for g in
+                                (((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {})
+                                .get("performance_parity", {})))
+    if not groups:
+        return None
+    fig, ax = _figure(4.6, 3.2)
+    for k, g in enumerate(groups):
+        colour = COLOURS[k % len(COLOURS)]
+        xs, ys, lo, hi = [], [], [], []
+        for _, e, m in finite:
+            est = ((((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {})
+                   .get("performance_parity", {}).get(g)) or {}
+            if est.get("estimate") is None:
+                continue
+            xs.append(e), ys.append(est["estimate"])
+            lo.append(est["estimate"] - (est.get("ci_low") if est.get("ci_low") is not None else est["estimate"]))
+            hi.append((est.get("ci_high") if est.get("ci_high") is not None else est["estimate"]) - est["estimate"])
+        if xs:
+            jitter = np.exp(0.02 * (k - len(groups) / 2))  # small multiplicative offset so bars do not overlap
+            ax.errorbar(np.array(xs) * jitter, ys, yerr=[lo, hi], fmt="o-", color=colour, ms=3, capsize=2, lw=1,
+                        label=str(g))
+        for n, e, m in pts:
+            if e is None:
+                est = ((((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {})
+                       .get("performance_parity", {}).get(g)) or {}
+                if est.get("estimate") is not None:
+                    ax.axhline(est["estimate"], color=colour, lw=0.8, ls="--", alpha=0.7)
+    ax.axhline(0, color="#6b7280", lw=0.6)
+    ax.set(xscale="log", xlabel="epsilon (accountant)", ylabel="parity gap (macro AUROC)",
+           title=f"privacy-fairness: {attribute}")
+    ax.grid(color="#e5e7eb", lw=0.6)
+    ax.legend(fontsize=6, frameon=False, loc="best")
+    return _svg(fig)
+
+
 def figures(doc: dict) -> dict:
-    """All report figures as ``{"roc": {label: svg}, "forest": {attribute: svg}, "attack": svg | None}``
-    (missing ones left out)."""
+    """All report figures: ``roc`` and ``forest`` and ``composition`` and ``tradeoff_fairness`` (dicts of SVG
+    by label or attribute), ``attack`` (dict by attack name) and ``tradeoff_utility`` (SVG or None)."""
     labels = doc["study"].get("labels") or []
     roc = {lab: svg for lab in labels if (svg := roc_figure(doc, lab))}
     attrs = doc["study"].get("attributes") or []
     forest = {a: svg for a in attrs if (svg := forest_figure(doc, a))}
-    return {"roc": roc, "forest": forest, "attack": attack_roc_figure(doc)}
+    comp_attrs = list(((doc["study"].get("data") or {}).get("composition") or {}))
+    composition = {a: svg for a in comp_attrs if (svg := composition_figure(doc, a))}
+    attack_names = list(dict.fromkeys(a for m in doc["models"].values()
+                                      for a in ((m.get("privacy") or {}).get("attacks") or {})))
+    attack = {a: svg for a in attack_names if (svg := attack_roc_figure(doc, a))}
+    fairness_curves = {a: svg for a in attrs if (svg := tradeoff_fairness_figure(doc, a))}
+    return {"roc": roc, "forest": forest, "composition": composition, "attack": attack,
+            "tradeoff_utility": tradeoff_utility_figure(doc), "tradeoff_fairness": fairness_curves}

@@ -1,0 +1,34 @@
+"""Fast per-sample clipping for DP-SGD: Opacus' clipping, noise and accounting at close to non-private cost.
+
+``FastGradSampleModule`` computes every sample's gradient norm in the ordinary backward pass (per layer,
+the cheaper of the ghost norm and materialised per-sample gradients) and the clipped gradient sum by
+book-keeping, without a second backward pass. ``FastPrivacyEngine`` is Opacus' ``PrivacyEngine`` with
+``grad_sample_mode="fast"``; its ``FastDPOptimizer`` is Opacus' ``DPOptimizer`` with only the clipping step
+replaced, so Poisson sampling, noise, ``BatchMemoryManager`` and the accountant stay Opacus'.
+
+Supported trainable layers: ``Linear``, ``Conv1d/2d/3d`` (any stride, padding and padding mode, dilation,
+groups), ``GroupNorm`` and ``Embedding``. ``FastPrivacyEngine`` falls back to Opacus' hooks mode, with a
+:class:`FastDPFallbackWarning`, for a model with any other trainable layer.
+"""
+
+from privaudit.backends.fastdp._layers import GHOST_RATIO, SUPPORTED_TYPES, use_ghost
+from privaudit.backends.fastdp._module import (
+    FastDPError,
+    FastGradSampleModule,
+    UnsupportedModelError,
+    unsupported_layers,
+)
+from privaudit.backends.fastdp._opacus import (
+    GRAD_SAMPLE_MODES,
+    FastDPFallbackWarning,
+    FastDPOptimizer,
+    FastPrivacyEngine,
+    PerSampleLoss,
+    forward_backward,
+)
+
+__all__ = [
+    "GHOST_RATIO", "GRAD_SAMPLE_MODES", "SUPPORTED_TYPES", "FastDPError", "FastDPFallbackWarning",
+    "FastDPOptimizer", "FastGradSampleModule", "FastPrivacyEngine", "PerSampleLoss", "UnsupportedModelError",
+    "forward_backward", "unsupported_layers", "use_ghost",
+]

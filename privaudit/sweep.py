@@ -1,0 +1,300 @@
+"""Epsilon sweeps: one model per (epsilon, seed) on the same data and splits, audited as one study.
+
+A sweep directory holds::
+
+    sweep.json                  what was asked (task, training and data options, epsilons, seeds)
+    data/                       the synthetic cohort, when no --data was given
+    eps=<e>/seed=<s>/           one run directory per run (config.json, model/, train.json, predictions.csv,
+                                audit.json), written all-or-nothing
+    audit.json, report.html     the study: every run as one model named "eps=<e>/seed=<s>"
+
+``<e>`` is a number (DP-SGD at that target epsilon), ``inf`` (no privacy) or ``clip`` (per-sample clipping and
+Poisson sampling with noise multiplier 0: the cost of clipping without the cost of noise; it earns no epsilon).
+The runs are independent jobs on an :mod:`executor <privaudit.executors>`. A run directory is written only when
+its run has finished, so a failed or interrupted sweep resumes by training only the runs that are missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from privaudit._fs import holds_run, private_mkdir, read_json, staged_dir, write_json
+from privaudit.config import AuditConfig, TrainConfig
+from privaudit.errors import ConfigError, DataError, OutputExistsError
+
+SWEEP_FILE = "sweep.json"
+SWEEP_KIND = "privaudit epsilon sweep"
+RUN_FILES = ("config.json", "train.json", "predictions.csv", "audit.json", "model/model.json")
+NON_PRIVATE, CLIP_ONLY = "inf", "clip"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One privacy setting of a sweep: ``label`` names it in run names (``eps=<label>/seed=<s>``)."""
+
+    label: str
+    epsilon: float | None   # target epsilon; None for the non-private and clip-only runs
+    kind: str               # "dp", "non_private" or "clip_only"
+
+
+def parse_epsilons(text: str | None) -> list[SweepPoint]:
+    """``"1,3,8,inf,clip"`` -> the sweep's points, in the order given. Refuses an empty list, epsilon <= 0, a
+    value that is not a number (or ``inf``/``clip``), and repeats."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not items:
+        raise ConfigError("--epsilons is empty; give a comma-separated list such as 1,3,8,inf (inf: no privacy, "
+                          "clip: clipping without noise)")
+    points, seen = [], set()
+    for item in items:
+        low = item.lower()
+        if low in ("inf", "infinity", "none"):
+            point = SweepPoint(NON_PRIVATE, None, "non_private")
+        elif low == CLIP_ONLY:
+            point = SweepPoint(CLIP_ONLY, None, "clip_only")
+        else:
+            try:
+                eps = float(item)
+            except ValueError:
+                raise ConfigError(f"--epsilons: {item!r} is not a number; give positive numbers, inf (no privacy) "
+                                  "or clip (clipping without noise)") from None
+            if math.isinf(eps) and eps > 0:
+                point = SweepPoint(NON_PRIVATE, None, "non_private")
+            elif not (eps > 0 and math.isfinite(eps)):
+                raise ConfigError(f"--epsilons: epsilon must be above 0, got {item}; epsilon = 0 would need infinite "
+                                  "noise (use inf for a non-private run)")
+            else:
+                point = SweepPoint(f"{eps:g}", eps, "dp")
+        if point.label in seen:
+            raise ConfigError(f"--epsilons: {item} appears twice; give each epsilon once")
+        seen.add(point.label)
+        points.append(point)
+    return points
+
+
+def run_name(point: SweepPoint | str, seed: int) -> str:
+    label = point.label if isinstance(point, SweepPoint) else point
+    return f"eps={label}/seed={seed}"
+
+
+def point_config(base: TrainConfig, point: SweepPoint, seed: int) -> TrainConfig:
+    """The training configuration of one run: the base options with this point's privacy and this seed."""
+    if point.kind == "non_private":
+        dp = dataclasses.replace(base.dp, enabled=False)
+    elif point.kind == "clip_only":
+        dp = dataclasses.replace(base.dp, enabled=True, epsilon=None, noise_multiplier=0.0)
+    else:
+        dp = dataclasses.replace(base.dp, enabled=True, epsilon=point.epsilon, noise_multiplier=None)
+    return dataclasses.replace(base, dp=dp, seed=seed)
+
+
+def _identity(base: TrainConfig, data) -> dict:
+    """What every run of a sweep shares, so that a resumed sweep can refuse to mix different settings."""
+    train = base.to_dict()
+    train.pop("seed")
+    dp = train.pop("dp")
+    train.update({f"dp.{k}": dp[k] for k in ("delta", "max_grad_norm", "accountant", "poisson_sampling")})
+    spec = {"path": str(Path(data.path).absolute()) if data.path else None, "preset": data.preset,
+            "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed}
+    if data.path is None:
+        spec["n_samples"] = data.n_samples
+    return {"task": base.task, "train": train, "data": spec}
+
+
+def _option(key: str) -> str:
+    name = key.split(".")[-1]
+    return "--data" if name == "path" else "--" + name.replace("_", "-")
+
+
+def check_sweep_dir(out: Path, base: TrainConfig, data) -> dict | None:
+    """The existing sweep at ``out`` (its sweep.json) when it can be resumed with these settings, None when
+    ``out`` is new or empty; refuses a directory that holds anything else, or a sweep of other settings."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; give a directory for the sweep")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    path = out / SWEEP_FILE
+    if not path.is_file():
+        what = "a privaudit run or study" if holds_run(out) else "files"
+        raise OutputExistsError(f"--out {out} already holds {what} but no {SWEEP_FILE}, so it is not a sweep; choose "
+                                "a new directory for the sweep (nothing there was changed)")
+    try:
+        old = read_json(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}); choose a new --out, or repair the file") from None
+    if old.get("kind") != SWEEP_KIND or "identity" not in old:
+        raise DataError(f"{path}: not a privaudit sweep file; choose a new --out")
+    new = _identity(base, data)
+    if old["identity"].get("task") != new["task"]:
+        raise ConfigError(f"--out {out} holds a sweep of task {old['identity'].get('task')!r}, not {new['task']!r}; "
+                          "choose another --out (its finished runs are kept)")
+    for section in ("train", "data"):
+        was, now = old["identity"].get(section) or {}, new[section]
+        for key in sorted(set(was) | set(now)):
+            if was.get(key) != now.get(key):
+                raise ConfigError(f"--out {out} holds a sweep trained with {_option(key)} {was.get(key)}, not "
+                                  f"{now.get(key)}; resume it with the same options, or choose another --out "
+                                  "(its finished runs are kept)")
+    return old
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A run directory that a finished run wrote (the run is not redone on resume)."""
+    return all((Path(run_dir) / f).is_file() for f in RUN_FILES)
+
+
+def _manifest_for_runs(data_info: dict) -> dict:
+    """config.json's data block as seen from a run directory, two levels below the sweep directory."""
+    info = dict(data_info)
+    if info.get("synthetic"):
+        info["manifest"] = "../../data/manifest.csv"
+    return info
+
+
+def train_run(spec: dict) -> dict:
+    """One run of a sweep (a job: module level, so that a process pool or Ray can run it).
+
+    Trains into a staged folder, audits it alone, and only then moves it to its run directory."""
+    from privaudit.workflow import _train_into, audit_run_dirs, load_data
+
+    t0 = time.perf_counter()
+    config: TrainConfig = spec["config"]
+    manifest = load_data(spec["data"], config.task)
+    run_dir = Path(spec["run_dir"])
+    private_mkdir(run_dir.parent)
+    with staged_dir(run_dir, force=True) as tmp:  # force: a leftover incomplete folder is not a finished run
+        info = _train_into(manifest, config, tmp, data_info=spec["data_info"], console=None, quiet=True)
+        cfg_json = read_json(tmp / "config.json")
+        cfg_json.update({"command": spec["command"], "sweep": {"run": spec["name"], "epsilon": spec["label"]}})
+        write_json(tmp / "config.json", cfg_json)
+        audit_run_dirs({spec["name"]: tmp}, config=spec["audit"]).to_json(tmp / "audit.json")
+    return {"name": spec["name"], "dp": bool(info.get("dp")), "epsilon": info.get("epsilon"),
+            "steps": info.get("steps"), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_sweep(base: TrainConfig, data, out: Path, *, points: list[SweepPoint], seeds: int,
+              executor: str = "local", ray_address: str | None = None, jobs: int | None = None,
+              audit: AuditConfig | None = None, console=None, quiet: bool = False) -> dict:
+    """Train every (epsilon, seed) run that ``out`` does not hold yet, then audit all of them as one study.
+
+    Returns the study's audit document (also written to ``out/audit.json`` with ``out/report.html``)."""
+    from privaudit.backends import create_backend
+    from privaudit.executors import create_executor
+    from privaudit.tasks import create_task
+    from privaudit.workflow import _command, load_data, synthesize
+
+    if not points:
+        raise ConfigError("--epsilons is empty; give a comma-separated list such as 1,3,8,inf")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    task = create_task(base.task)
+    create_backend(base.backend)
+    audit = audit or AuditConfig(seed=base.seed)
+    out = Path(out).absolute()
+    old = check_sweep_dir(out, base, data)
+    if data.path is not None:
+        load_data(data, base.task)  # bad data fails here, before anything is written
+    seed_list = [base.seed + k for k in range(seeds)]
+    runs = {run_name(p, s): (p, s) for p in points for s in seed_list}
+    todo = [name for name in runs if not is_complete(out / name)]
+
+    with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
+        private_mkdir(out)
+        write_json(out / SWEEP_FILE, {
+            "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
+            "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
+            "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command()})
+        if data.path is None:
+            manifest_path = out / "data" / "manifest.csv"
+            if not manifest_path.is_file():
+                with staged_dir(out / "data", force=True) as tmp:
+                    synthesize(base.task, tmp, n=data.n_samples, image_size=base.image_size or task.input_size,
+                               seed=data.seed, console=console, quiet=quiet)
+            run_data = dataclasses.replace(data, path=manifest_path, preset="manifest")
+            data_info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.n_samples,
+                         "seed": data.seed}
+        else:
+            run_data = dataclasses.replace(data, path=Path(data.path).absolute())
+            data_info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
+        for name in todo:  # folders left by a run that was killed mid-way
+            for partial in (out / name).parent.glob(f".{Path(name).name}.partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        specs = [{"name": name, "label": runs[name][0].label, "run_dir": str(out / name),
+                  "config": point_config(base, *runs[name]), "data": run_data,
+                  "data_info": _manifest_for_runs(data_info), "audit": audit, "command": _command()}
+                 for name in todo]
+        if console is not None and not quiet:
+            reused = len(runs) - len(todo)
+            console.print(f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
+                          f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
+                          f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
+
+        def done(i, res):
+            if console is not None and not quiet:
+                eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
+                console.print(f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
+
+        t0 = time.perf_counter()
+        ex.run(train_run, specs, labels=todo, on_done=done)
+        train_seconds = time.perf_counter() - t0
+        executor_info = {**ex.describe(), "trained": len(todo), "reused": len(runs) - len(todo),
+                         "train_seconds": round(train_seconds, 2)}
+    return audit_sweep(out, config=audit, executor_info=executor_info)
+
+
+def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = None) -> dict:
+    """Audit the runs of the sweep at ``out`` as one study: writes ``audit.json`` and ``report.html``."""
+    from privaudit.reports import write_report
+    from privaudit.workflow import _command, audit_run_dirs
+
+    out = Path(out)
+    sweep = read_json(out / SWEEP_FILE)
+    missing = [name for name in sweep["runs"] if not is_complete(out / name)]
+    if missing:
+        raise DataError(f"{out}: run {missing[0]} is not finished ({len(missing)} missing); run the same "
+                        "'privaudit sweep' command again to train the missing runs")
+    names = list(sweep["runs"])
+    reference = next((n for n in names if n.startswith(f"eps={NON_PRIVATE}/")), None)
+    report = audit_run_dirs({name: out / name for name in names}, config=config, reference=reference)
+    study = report.data["study"]
+    study["task"] = sweep["identity"]["task"]
+    data_info = {"manifest": "data/manifest.csv"} if (out / "data" / "manifest.csv").is_file() else {}
+    study["data"].update(data_info)
+    study["command"] = _command()
+    study["sweep"] = {"epsilons": sweep["epsilons"], "seeds": sweep["seeds"], "runs": names,
+                      **({"executor": executor_info} if executor_info else {})}
+    report.to_json(out / "audit.json")
+    write_report(out / "audit.json")
+    return report.data
+
+
+def summary_table(doc: dict):
+    """A rich table of the study's aggregates: per epsilon setting, the mean and sd over seeds."""
+    from rich.table import Table
+
+    def ms(a):
+        if not a or a.get("mean") is None:
+            return "n/a"
+        s = f"{a['mean']:.3f}"
+        if a.get("sd") is not None:
+            s += f" ± {a['sd']:.3f}"
+        if a.get("ci_low") is not None:
+            s += f" ({a['ci_low']:.3f} to {a['ci_high']:.3f})"
+        return s
+
+    table = Table(title=f"privaudit sweep: {doc['study'].get('task')} (mean ± sd over seeds, 95% bootstrap CI "
+                        "of the mean)")
+    for col in ("epsilon setting", "seeds", "ε (accountant)", "macro AUROC"):
+        table.add_column(col)
+    for label, agg in (doc["study"].get("aggregates") or {}).items():
+        eps = agg.get("epsilon") or {}
+        eps_text = "∞ (no DP)" if label == NON_PRIVATE else "none (clip only)" if label == CLIP_ONLY else (
+            f"{eps['mean']:.2f}" + (f" ± {eps['sd']:.2f}" if eps.get("sd") is not None else "")
+            if eps.get("mean") is not None else "n/a")
+        table.add_row(label, str(agg.get("n_seeds")), eps_text, ms(agg.get("macro_auroc")))
+    return table
