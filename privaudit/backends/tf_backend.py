@@ -78,6 +78,14 @@ def masked_bce(logits, targets):
     return tf.reduce_sum(loss, axis=1) / tf.maximum(n_known, 1.0)
 
 
+def make_optimizer(lr: float):
+    """NAdam with a constant learning rate, the same for DP and non-private training.
+
+    ``jit_compile=False``: XLA-compiling the update costs seconds per run on CPU and gains nothing at this size.
+    """
+    return import_keras().optimizers.Nadam(learning_rate=lr, epsilon=NADAM_EPS, jit_compile=False)
+
+
 def pick_device(name: str = "auto") -> str:
     tf = import_tf()
     gpus = tf.config.list_physical_devices("GPU")
@@ -418,7 +426,7 @@ class TfBackend:
             init_info = None
             if config.init:
                 init_info = self._load_init(model, Path(config.init))
-            optimizer = keras.optimizers.Nadam(learning_rate=config.lr, epsilon=NADAM_EPS)
+            optimizer = make_optimizer(config.lr)
             if dp.enabled:
                 noise_multiplier = dp.noise_multiplier
                 if noise_multiplier is None:
