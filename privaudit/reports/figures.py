@@ -180,6 +180,7 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
     if not groups:
         return None
     fig, ax = _figure(4.6, 3.2)
+    drawn = 0
     for k, g in enumerate(groups):
         colour = COLOURS[k % len(COLOURS)]
         xs, ys, lo, hi = [], [], [], []
@@ -195,12 +196,18 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
             jitter = np.exp(0.02 * (k - len(groups) / 2))  # small multiplicative offset so bars do not overlap
             ax.errorbar(np.array(xs) * jitter, ys, yerr=[lo, hi], fmt="o-", color=colour, ms=3, capsize=2, lw=1,
                         label=str(g))
+            drawn += 1
         for n, e, m in pts:
             if e is None:
                 est = ((((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {})
                        .get("performance_parity", {}).get(g)) or {}
                 if est.get("estimate") is not None:
                     ax.axhline(est["estimate"], color=colour, lw=0.8, ls="--", alpha=0.7)
+    if not drawn:  # every group's gap is null (small or one-class groups): nothing to draw
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return None
     ax.axhline(0, color="#6b7280", lw=0.6)
     ax.set(xscale="log", xlabel="epsilon (accountant)", ylabel="parity gap (macro AUROC)",
            title=f"privacy-fairness: {attribute}")
