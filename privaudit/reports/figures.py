@@ -138,6 +138,17 @@ def _epsilon_points(doc: dict):
     return out
 
 
+def _epsilon_axis(ax, eps) -> None:
+    """A log epsilon axis ticked at the epsilons used, labelled plainly (1, 3, 8) rather than as powers."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted({float(f"{e:.2g}") for e in eps})  # seeds reach slightly different epsilons
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+
+
 def tradeoff_utility_figure(doc: dict) -> str | None:
     """The privacy-utility curve: epsilon (log axis) against macro AUROC with its CI; the models without a
     finite epsilon (non-private, clip-only) as horizontal reference lines. Needs two finite epsilons."""
@@ -161,7 +172,8 @@ def tradeoff_utility_figure(doc: dict) -> str | None:
     for k, (name, _, m) in enumerate((n, e, m) for n, e, m in pts if e is None):
         ax.axhline(m["utility"]["macro_auroc"]["estimate"], color=COLOURS[(k + 1) % len(COLOURS)], lw=1, ls="--",
                    label=f"{name} (no finite epsilon)")
-    ax.set(xscale="log", xlabel="epsilon (accountant)", ylabel="macro AUROC", title="privacy-utility")
+    _epsilon_axis(ax, x)
+    ax.set(xlabel="epsilon (accountant)", ylabel="macro AUROC", title="privacy-utility")
     ax.grid(color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=6, frameon=False, loc="lower right")
     return _svg(fig)
@@ -209,7 +221,8 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
         plt.close(fig)
         return None
     ax.axhline(0, color="#6b7280", lw=0.6)
-    ax.set(xscale="log", xlabel="epsilon (accountant)", ylabel="parity gap (macro AUROC)",
+    _epsilon_axis(ax, [e for _, e, _ in finite])
+    ax.set(xlabel="epsilon (accountant)", ylabel="parity gap (macro AUROC)",
            title=f"privacy-fairness: {attribute}")
     ax.grid(color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=6, frameon=False, loc="best")
