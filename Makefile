@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch; installing it first stops pip from pulling a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo demo-tf test install install-tf install-test system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,19 +30,34 @@ system-deps:
 	    || echo "could not install $$missing: PDF or browser tests will be skipped"; fi; \
 	else echo "not root with apt-get: install $(SYSTEM_PACKAGES) yourself for PDF reports and the browser test"; fi
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# The tf backend (optional): TensorFlow from the extra, then tf-keras and TF-Privacy without their declared
+# requirements, which are stale (they would pull TF < 2.16 and numpy < 2, or a Keras 3 TF-Privacy cannot import).
+TF_NODEPS ?= tf-keras==2.21.0 tensorflow-privacy==0.9.0
+
+$(VENV)/.installed-tf: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[tf]"
+	$(PIP) install --quiet --no-deps $(TF_NODEPS)
+	touch $@
+
+# The tests cover the tf backend too, so the test set-up installs it.
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-tf
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
+
+install-tf: $(VENV)/.installed-tf
 
 install-test: $(VENV)/.installed-test
 
 demo: install
 	$(VENV)/bin/privaudit train-and-audit cxr --backend opacus
 
+demo-tf: install-tf
+	$(VENV)/bin/privaudit train-and-audit cxr --backend tf
+
 test: system-deps install-test
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

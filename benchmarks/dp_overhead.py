@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss, forward_backward
 from privaudit.backends.opacus_backend import masked_bce
-from privaudit.backends.torch_models import create_model, list_models
+from privaudit.backends.torch_models import create_model
+from privaudit.errors import PrivauditError
+from privaudit.tasks import create_task
 
 MODES = ("non-dp", "hooks", "ew", "ghost", "fast")
 
@@ -139,9 +141,10 @@ def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_
         print(f"{r.mode:<7}{med[r.mode]:9.1f} ms/step {ratio}   peak {peaks[r.mode]:6.0f} MiB{note}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"# {name}: {arch} {dims}D, width {width} ({n_params / 1e6:.2f}M parameters), input 1x{'x'.join([str(size)] * dims)}, "
-          f"batch {batch}; median of {len(times[runners[0].mode])} steps after {args.warmup} warm-up, "
-          f"{rounds} interleaved rounds; {device.type}, {threads} threads; torch {torch.__version__}", flush=True)
+    shape = "x".join([str(size)] * dims)
+    print(f"# {name}: {arch} {dims}D, width {width} ({n_params / 1e6:.2f}M parameters), input 1x{shape}, "
+          f"batch {batch}; median of {len(times[runners[0].mode])} steps after {args.warmup} warm-up, {rounds} "
+          f"interleaved rounds; {device.type}, {threads} threads; torch {torch.__version__}", flush=True)
 
 
 def main() -> None:
@@ -151,18 +154,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="the timed steps are split into this many rounds")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     ap.add_argument("--cxr-width", type=int, default=64)
     ap.add_argument("--cxr-size", type=int, default=64)
     ap.add_argument("--cxr-batch", type=int, default=64)
-    ap.add_argument("--pdac-width", type=int, default=32)
-    ap.add_argument("--pdac-size", type=int, default=32)
-    ap.add_argument("--pdac-batch", type=int, default=8)
+    ap.add_argument("--pdac-width", type=int, default=None, help="default: the pdac task's (16)")
+    ap.add_argument("--pdac-size", type=int, default=None, help="default: the pdac task's input edge (32)")
+    ap.add_argument("--pdac-batch", type=int, default=None, help="default: the pdac task's batch size (32)")
     ap.add_argument("--skip-pdac", action="store_true")
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)
     if unknown:
         sys.exit(f"unknown mode {sorted(unknown)[0]!r}; use some of {', '.join(MODES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -174,8 +180,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     bench("cxr", "resnet9-gn", 2, args.cxr_size, args.cxr_width, args.cxr_batch, 5, args, device)
     if not args.skip_pdac:
-        arch = "cnn3d-gn" if "cnn3d-gn" in list_models() else "resnet9-gn"
-        bench("pdac", arch, 3, args.pdac_size, args.pdac_width, args.pdac_batch, 1, args, device)
+        try:
+            task = create_task("pdac")
+            arch, size, labels, defaults = task.default_arch, task.input_size, len(task.labels), task.defaults
+        except PrivauditError:   # no pdac task registered: the 3D ResNet-9
+            arch, size, labels, defaults = "resnet9-gn", 32, 1, {}
+        bench("pdac", arch, 3, args.pdac_size or size, args.pdac_width or defaults.get("width", 16),
+              args.pdac_batch or defaults.get("batch_size", 32), labels, args, device)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ class Accountant(str, Enum):
     gdp = "gdp"
 
 
+class Clipping(str, Enum):
+    hooks = "hooks"
+    ew = "ew"
+    ghost = "ghost"
+    fast = "fast"
+
+
 def handle_errors(fn):
     """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
 
@@ -65,17 +72,39 @@ def _version(value: bool):
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _main(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False):
     """privaudit: private, fair and accurate medical-imaging models, and the evidence for it."""
+    if ctx.invoked_subcommand not in (None, "train"):
+        from privaudit.backends.distributed import launch_env
+
+        try:
+            launched = launch_env() is not None
+        except PrivauditError:
+            launched = True
+        if launched:   # every torchrun process runs the command; only `train` knows how to share the work
+            err_console.print(f"[bold red]error:[/] under torchrun only 'privaudit train' runs data-parallel; run "
+                              f"'privaudit {ctx.invoked_subcommand}' as a single process (train, then audit the run)",
+                              markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
 
 
 # ---- shared options ------------------------------------------------------------------------------------------
-Backend_ = Annotated[str, typer.Option("--backend", "-b", help="Training backend: opacus (PyTorch + Opacus).")]
+Backend_ = Annotated[str, typer.Option("--backend", "-b", help="Training backend: opacus (PyTorch + Opacus) or tf "
+                                        "(TensorFlow + TF-Privacy, an extra: see README).")]
 Data_ = Annotated[Optional[Path], typer.Option("--data", help="A manifest.csv or a dataset folder (CheXpert, NIH, "
-                                               "MIMIC-CXR-JPG). Default: a freshly synthesised cohort.")]
-Preset_ = Annotated[Optional[str], typer.Option("--preset", help="Force a layout: manifest, chexpert, nih, mimic "
-                                                "(default: detected).")]
+                                               "MIMIC-CXR-JPG; for pdac an MSD Task07_Pancreas folder or its "
+                                               "parent). Default: a freshly synthesised cohort.")]
+Preset_ = Annotated[Optional[str], typer.Option("--preset", help="Force a layout: manifest, chexpert, nih, mimic, "
+                                                "msd (default: detected).")]
+Controls_ = Annotated[Optional[Path], typer.Option("--controls", help="msd preset: folder of tumour-free CT volumes "
+                                                   "(NIfTI, e.g. NIH Pancreas-CT converted), the negatives; site is "
+                                                   "then the source, a shortcut the audit shows.")]
+LabelFrom_ = Annotated[Optional[str], typer.Option("--label-from", help="msd preset: segmentation (default: a case "
+                                                   "is a tumour scan when its label map holds the tumour class, "
+                                                   "else refused) or dataset (every MSD case positive, maps unread).",
+                                                   metavar="segmentation|dataset")]
 Labels_ = Annotated[Optional[str], typer.Option("--labels", help="Comma-separated subset of the task's labels.")]
 Views_ = Annotated[str, typer.Option("--views", help="frontal (default) or all.")]
 Epsilon_ = Annotated[Optional[float], typer.Option("--epsilon", help="Target epsilon (default 8 unless "
@@ -86,16 +115,26 @@ Noise_ = Annotated[Optional[float], typer.Option("--noise-multiplier", help="Use
                                                  "a target epsilon.")]
 Clip_ = Annotated[float, typer.Option("--max-grad-norm", help="Per-sample clipping norm C.")]
 Acc_ = Annotated[Accountant, typer.Option("--accountant", help="Privacy accountant.")]
+Clipping_ = Annotated[Clipping, typer.Option("--clipping", help="Per-sample clipping engine (opacus backend): "
+                      "Opacus' hooks, ew (expanded weights) or ghost modes, or fast (privaudit's engine: the same "
+                      "clipped, noised gradient and epsilon at close to non-private speed; models with other "
+                      "layers than Linear, Conv, GroupNorm and Embedding fall back to hooks).")]
 NoDP_ = Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")]
-Epochs_ = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
-Batch_ = Annotated[int, typer.Option("--batch-size", help="Logical (expected) batch size.")]
+Epochs_ = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the task's; cxr 5, "
+                                                "pdac 12).")]
+Batch_ = Annotated[Optional[int], typer.Option("--batch-size", help="Logical (expected) batch size (default: the "
+                                               "task's; cxr 64, pdac 32).")]
 PBatch_ = Annotated[Optional[int], typer.Option("--physical-batch-size", help="Largest batch held in memory at "
                                                 "once (default: the batch size).")]
-Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels (default: the task's, 64).")]
-NSamples_ = Annotated[int, typer.Option("--n-samples", help="Size of the synthetic cohort when --data is not given.")]
-Width_ = Annotated[int, typer.Option("--width", help="Channels of the network's first stage.")]
-Arch_ = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the task's, resnet9-gn).")]
-LR_ = Annotated[float, typer.Option("--lr", help="NAdam learning rate.")]
+Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels or voxels (default: the "
+                                              "task's; cxr 64, pdac 32).")]
+NSamples_ = Annotated[Optional[int], typer.Option("--n-samples", help="Size of the synthetic cohort when --data is "
+                                                  "not given (default: the task's; cxr 3000, pdac 400).")]
+Width_ = Annotated[Optional[int], typer.Option("--width", help="Channels of the network's first stage (default: the "
+                                               "task's; cxr 32, pdac 16).")]
+Arch_ = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the task's; resnet9-gn for cxr, "
+                                              "cnn3d-gn for pdac).")]
+LR_ = Annotated[Optional[float], typer.Option("--lr", help="NAdam learning rate (default: the task's, 2e-3).")]
 Seed_ = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
 Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights (a state_dict).")]
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
@@ -114,15 +153,28 @@ def _labels(text: str | None):
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
 
 
+def _n_samples(task: str, n: int | None) -> int:
+    """The synthetic cohort size: as given, else the task's default."""
+    from privaudit.tasks import create_task
+
+    return int(create_task(task).default("n_samples")) if n is None else int(n)
+
+
 def _default_out(task: str, backend: str) -> Path:
     return Path("runs") / f"{task}-{backend}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
-                  init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0) -> TrainConfig:
+                  init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0,
+                  clipping=Clipping.hooks) -> TrainConfig:
     from privaudit.tasks import create_task
 
-    create_task(task)
+    spec = create_task(task)
+    # Options left out take the task's defaults (a 3D task trains a smaller network for more epochs).
+    epochs = spec.default("epochs") if epochs is None else epochs
+    batch_size = spec.default("batch_size") if batch_size is None else batch_size
+    width = spec.default("width") if width is None else width
+    lr = spec.default("lr") if lr is None else lr
     if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
         from privaudit.errors import ConfigError
 
@@ -133,7 +185,8 @@ def _train_config(task, backend, arch, width, image_size, epochs, batch_size, ph
                   max_grad_norm=max_grad_norm, accountant=accountant.value)
     return TrainConfig(task=task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
                        batch_size=batch_size, physical_batch_size=physical_batch_size or batch_size, lr=lr, seed=seed,
-                       device=device, init=str(init) if init else None, canaries=canaries, dp=dp)
+                       device=device, init=str(init) if init else None, canaries=canaries,
+                       clipping=Clipping(clipping).value, dp=dp)
 
 
 def _audit_json(source: Path) -> Path:
@@ -175,10 +228,12 @@ def _print_headline(doc: dict) -> None:
 @app.command("train-and-audit")
 @handle_errors
 def train_and_audit_cmd(
-    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    task: Annotated[str, typer.Argument(help="Task: cxr or pdac.")],
     backend: Backend_ = "opacus",
     data: Data_ = None,
     preset: Preset_ = None,
+    controls: Controls_ = None,
+    label_from: LabelFrom_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -186,20 +241,21 @@ def train_and_audit_cmd(
     noise_multiplier: Noise_ = None,
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
+    clipping: Clipping_ = Clipping.hooks,
     no_dp: NoDP_ = False,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also train the non-private model "
                                            "for comparison.")] = True,
     pretrain: Annotated[bool, typer.Option("--pretrain/--no-pretrain", help="First pretrain both models without "
                         "privacy on a separate synthetic public cohort, as the paper pretrained on public data "
                         "(cxr only).")] = False,
-    epochs: Epochs_ = 5,
-    batch_size: Batch_ = 64,
+    epochs: Epochs_ = None,
+    batch_size: Batch_ = None,
     physical_batch_size: PBatch_ = None,
     image_size: Size_ = None,
-    n_samples: NSamples_ = 3000,
-    width: Width_ = 32,
+    n_samples: NSamples_ = None,
+    width: Width_ = None,
     arch: Arch_ = None,
-    lr: LR_ = 2e-3,
+    lr: LR_ = None,
     seed: Seed_ = 0,
     init: Init_ = None,
     device: Device_ = "auto",
@@ -223,9 +279,11 @@ def train_and_audit_cmd(
     from privaudit.workflow import DataSpec, train_and_audit
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
-                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries)
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
+                        clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
+                    seed=seed, controls=controls, label_from=label_from)
     doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
                           force=force, console=console, quiet=quiet, pdf=pdf, model_card=model_card)
     _print_headline(doc)
@@ -248,26 +306,29 @@ RayAddress_ = Annotated[Optional[str], typer.Option("--ray-address", help="HOST:
 @app.command("sweep")
 @handle_errors
 def sweep_cmd(
-    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    task: Annotated[str, typer.Argument(help="Task: cxr or pdac.")],
     backend: Backend_ = "opacus",
     epsilons: Annotated[str, typer.Option("--epsilons", help="Comma-separated settings: target epsilons, inf (no "
                         "privacy) and clip (clipping with noise multiplier 0).")] = "1,3,8,inf",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per setting (--seed, --seed + 1, ...).")] = 1,
     data: Data_ = None,
     preset: Preset_ = None,
+    controls: Controls_ = None,
+    label_from: LabelFrom_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     delta: Delta_ = None,
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
-    epochs: Epochs_ = 5,
-    batch_size: Batch_ = 64,
+    clipping: Clipping_ = Clipping.hooks,
+    epochs: Epochs_ = None,
+    batch_size: Batch_ = None,
     physical_batch_size: PBatch_ = None,
     image_size: Size_ = None,
-    n_samples: NSamples_ = 3000,
-    width: Width_ = 32,
+    n_samples: NSamples_ = None,
+    width: Width_ = None,
     arch: Arch_ = None,
-    lr: LR_ = 2e-3,
+    lr: LR_ = None,
     seed: Seed_ = 0,
     init: Init_ = None,
     device: Device_ = "auto",
@@ -301,9 +362,11 @@ def sweep_cmd(
     if ray_address and executor != ExecutorName.ray:
         raise ConfigError("--ray-address needs --executor ray")
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
-                        device, init, False, None, delta, None, max_grad_norm, accountant, canaries)
+                        device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
+                        clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
+                    seed=seed, controls=controls, label_from=label_from)
     doc = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
                     jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
     console.print(summary_table(doc))
@@ -317,10 +380,12 @@ def sweep_cmd(
 @app.command("train")
 @handle_errors
 def train_cmd(
-    task: Annotated[str, typer.Argument(help="Task: cxr.")],
+    task: Annotated[str, typer.Argument(help="Task: cxr or pdac.")],
     backend: Backend_ = "opacus",
     data: Data_ = None,
     preset: Preset_ = None,
+    controls: Controls_ = None,
+    label_from: LabelFrom_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -328,15 +393,16 @@ def train_cmd(
     noise_multiplier: Noise_ = None,
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
+    clipping: Clipping_ = Clipping.hooks,
     no_dp: NoDP_ = False,
-    epochs: Epochs_ = 5,
-    batch_size: Batch_ = 64,
+    epochs: Epochs_ = None,
+    batch_size: Batch_ = None,
     physical_batch_size: PBatch_ = None,
     image_size: Size_ = None,
-    n_samples: NSamples_ = 3000,
-    width: Width_ = 32,
+    n_samples: NSamples_ = None,
+    width: Width_ = None,
     arch: Arch_ = None,
-    lr: LR_ = 2e-3,
+    lr: LR_ = None,
     seed: Seed_ = 0,
     init: Init_ = None,
     device: Device_ = "auto",
@@ -355,10 +421,17 @@ def train_cmd(
     from privaudit.workflow import DataSpec, train
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
-                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries)
+                        device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
+                        clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed)
-    info = train(cfg, spec, out, force=force, console=console, quiet=quiet)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
+                    seed=seed, controls=controls, label_from=label_from)
+    from privaudit.backends.distributed import rank_zero_out
+
+    with rank_zero_out(out) as target:   # under torchrun only rank 0 writes --out; the others use scratch
+        info = train(cfg, spec, target, force=force, console=console, quiet=quiet)
+    if info.get("written") is False:
+        return
     eps = f"ε = {info['epsilon']:.2f} (δ = {info['delta']:.0e}, {info['accountant']})" if info["dp"] else "no DP"
     console.print(f"run written to [bold]{out}[/]: {info['steps']} steps, {eps}")
 
@@ -374,13 +447,16 @@ def audit_cmd(
     reference: Annotated[Optional[str], typer.Option("--reference", help="Model the others are compared "
                          "against.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights trained elsewhere "
-                          "(a state_dict; TorchScript with --trust-checkpoint).")] = None,
+                          "(a state_dict; TorchScript with --trust-checkpoint; a Keras .keras file).")] = None,
     data: Data_ = None,
     preset: Preset_ = None,
+    controls: Controls_ = None,
+    label_from: LabelFrom_ = None,
     labels: Labels_ = None,
-    task: Annotated[str, typer.Option("--task", help="Task of the checkpoint.")] = "cxr",
+    task: Annotated[str, typer.Option("--task", help="Task of the checkpoint: cxr or pdac.")] = "cxr",
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint.")] = "resnet9-gn",
-    backend: Backend_ = "opacus",
+    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="Backend that loads the checkpoint "
+                       "(default: tf for a .keras file, else opacus).")] = None,
     image_size: Size_ = None,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow TorchScript checkpoints, "
                                 "which contain code: only for files you trust.")] = False,
@@ -411,6 +487,8 @@ def audit_cmd(
         privaudit audit --predictions dp.csv --predictions base.csv --reference base --out audit/
 
         privaudit audit --checkpoint model.pt --arch resnet9-gn --data manifest.csv --out audit/
+
+        privaudit audit --checkpoint model.keras --data manifest.csv --out audit/
     """
     from privaudit.errors import ConfigError
     from privaudit.workflow import DataSpec, audit_checkpoint, audit_predictions, audit_run
@@ -434,7 +512,8 @@ def audit_cmd(
     else:
         if out is None:
             raise ConfigError("--checkpoint needs --out DIR for the run directory it writes")
-        spec = DataSpec(path=data, preset=preset, labels=_labels(labels), seed=seed)
+        spec = DataSpec(path=data, preset=preset, labels=_labels(labels), seed=seed, controls=controls,
+                        label_from=label_from)
         path = audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend, image_size=image_size,
                                 trust=trust_checkpoint, config=config, force=force)
     from privaudit._fs import read_json
@@ -477,34 +556,105 @@ def report_cmd(
 @data_app.command("synth")
 @handle_errors
 def synth_cmd(
-    task: Annotated[str, typer.Argument(help="Task: cxr.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for images, manifest.csv and cohort.json.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 3000,
-    image_size: Annotated[int, typer.Option("--image-size", help="Edge of each image in pixels.")] = 64,
+    task: Annotated[str, typer.Argument(help="Task: cxr or pdac.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images or volumes, manifest.csv and "
+                                      "cohort.json.")],
+    n: Annotated[Optional[int], typer.Option("--n", help="Number of images or volumes (default: the task's; cxr "
+                                             "3000, pdac 400).")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Edge of each image in pixels, or of "
+                                                      "each CT cube in voxels (default: the task's; cxr 64, pdac "
+                                                      "32).")] = None,
     seed: Seed_ = 0,
-    public: Annotated[bool, typer.Option("--public", help="Make a 'public' pretraining cohort instead.")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Make a 'public' pretraining cohort instead (cxr).")] = False,
+    layout: Annotated[str, typer.Option("--layout", help="manifest (default), or msd for pdac: the Medical "
+                                        "Segmentation Decathlon layout (dataset.json, imagesTr/, labelsTr/) plus a "
+                                        "controls/ folder, for the msd preset.", metavar="manifest|msd")]
+    = "manifest",
     force: Force_ = False,
     quiet: Quiet_ = False,
 ):
-    """Write a synthetic cohort in the real file formats (PNG + manifest.csv + cohort.json).
+    """Write a synthetic cohort in the real file formats: PNG radiographs (cxr) or NIfTI CT volumes in HU (pdac),
+    with manifest.csv and cohort.json, which documents the planted subgroup effects.
 
-    Example:
+    Examples:
 
         privaudit data synth cxr --out cohort/ --n 500 --image-size 64 --seed 1
+
+        privaudit data synth pdac --out ct/ --n 400 --image-size 32 --seed 0
+
+        privaudit data synth pdac --out Task07_Pancreas/ --layout msd
     """
     from privaudit._fs import staged_dir
     from privaudit.errors import ConfigError
     from privaudit.tasks import create_task
     from privaudit.workflow import synthesize
 
-    create_task(task)
+    spec = create_task(task)
+    n = _n_samples(task, n)
+    image_size = spec.input_size if image_size is None else image_size
     if n < 20:
         raise ConfigError(f"--n {n} is too small for train/val/test splits; use at least 20")
     if image_size < 16:
         raise ConfigError(f"--image-size {image_size} is too small; use at least 16")
+    if layout not in ("manifest", "msd"):
+        raise ConfigError(f"--layout {layout!r} is not one of manifest, msd")
     with staged_dir(out, force=force) as tmp:
-        synthesize(task, tmp, n=n, image_size=image_size, seed=seed, public=public, console=console, quiet=quiet)
-    console.print(f"cohort written to [bold]{out}[/]: manifest.csv, cohort.json, images/")
+        synthesize(task, tmp, n=n, image_size=image_size, seed=seed, public=public, layout=layout, console=console,
+                   quiet=quiet)
+    if layout == "msd":
+        console.print(f"cohort written to [bold]{out}[/]: dataset.json, imagesTr/, labelsTr/, controls/, cohort.json; "
+                      f"load it with --data {out} --controls {Path(out) / 'controls'}")
+    else:
+        console.print(f"cohort written to [bold]{out}[/]: manifest.csv, cohort.json, images/")
+
+
+@data_app.command("cache")
+@handle_errors
+def cache_cmd(
+    data: Annotated[Path, typer.Argument(help="A manifest.csv or a dataset folder (CheXpert, NIH, MIMIC-CXR-JPG).")],
+    image_size: Annotated[int, typer.Option("--image-size", help="Edge in pixels that training will use.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Cache folder (default: .privaudit-cache/images-<N>px "
+                                                "beside the manifest; elsewhere, point PRIVAUDIT_IMAGE_CACHE at "
+                                                "it for training).")] = None,
+    task: Annotated[str, typer.Option("--task", help="Task whose manifest this is: cxr.")] = "cxr",
+    preset: Preset_ = None,
+    labels: Labels_ = None,
+    views: Views_ = "frontal",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes decoding images (default: the CPU cores).")]
+    = 0,
+    force: Force_ = False,
+    quiet: Quiet_ = False,
+):
+    """Decode and resize every image once into a memory-mapped array that training then reads.
+
+    Training on the same manifest at the same --image-size uses the cache by itself while it is valid, and
+    warns and reads the images when the manifest or a file changed since (rebuild with --force).
+
+    Example:
+
+        privaudit data cache cohort/manifest.csv --image-size 256
+    """
+    import os
+
+    from rich.progress import Progress
+
+    from privaudit.data.cache import CACHE_ENV, build_cache, default_cache_dir
+    from privaudit.errors import ConfigError
+    from privaudit.tasks import create_task
+    from privaudit.workflow import DataSpec, load_data
+
+    if create_task(task).spatial_dims != 2:
+        raise ConfigError(f"task {task!r} has 3D volumes, which are cached on first use (see PRIVAUDIT_CACHE_DIR); "
+                          "privaudit data cache is for 2D images")
+    manifest = load_data(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views), task)
+    with Progress(console=console, disable=quiet) as prog:
+        t = prog.add_task("caching images", total=len(manifest.frame))
+        folder, built = build_cache(manifest, image_size, out, force=force, jobs=jobs or os.cpu_count() or 1,
+                                    progress=lambda k: prog.update(t, completed=k))
+    what = "written to" if built else "already up to date in"
+    console.print(f"image cache for {len(manifest.frame)} images at {image_size}x{image_size} {what} [bold]{folder}[/]")
+    if Path(folder).absolute() != default_cache_dir(manifest, image_size).absolute():
+        console.print(f"training finds it with: export {CACHE_ENV}={folder}")
 
 
 @app.command("accountant")

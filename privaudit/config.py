@@ -15,6 +15,9 @@ from pathlib import Path
 from privaudit.errors import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+# How per-sample gradients are clipped (opacus backend): Opacus' hooks, expanded weights (ew) and ghost
+# clipping, or privaudit's fast engine (privaudit.backends.fastdp). Same clipping, noise and accounting.
+CLIPPING_MODES = ("hooks", "ew", "ghost", "fast")
 
 
 def default_delta(n_train: int) -> float:
@@ -96,6 +99,7 @@ class TrainConfig:
     device: str = "auto"               # auto: CUDA when available
     init: str | None = None            # path of weights to start from (state_dict)
     canaries: int = 0                  # canaries for the one-run empirical epsilon (each included w.p. 1/2)
+    clipping: str = "hooks"            # per-sample clipping engine: one of CLIPPING_MODES
     dp: DPConfig = field(default_factory=DPConfig)
 
     def __post_init__(self):
@@ -111,6 +115,11 @@ class TrainConfig:
             raise ConfigError(f"--image-size must be at least 16, got {self.image_size}")
         if self.canaries < 0:
             raise ConfigError(f"--canaries must be 0 or more, got {self.canaries}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ConfigError(f"unknown --clipping {self.clipping!r}; use one of {', '.join(CLIPPING_MODES)}")
+        if self.clipping != "hooks" and self.backend != "opacus":
+            raise ConfigError(f"--clipping {self.clipping} is an option of the opacus backend, not of "
+                              f"{self.backend!r}; leave --clipping out")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
 

@@ -143,9 +143,10 @@ class LocalExecutor(Executor):
         ctx = mp.get_context("spawn")  # fork would copy torch's threads and CUDA state into the workers
         gpu_ids = None
         if self.gpus:
+            visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
             gpu_ids = ctx.Queue()
             for k in range(workers):  # one GPU per worker, round robin when there are more workers than GPUs
-                gpu_ids.put(k % self.gpus)
+                gpu_ids.put(visible[k % self.gpus] if len(visible) >= self.gpus else k % self.gpus)
         threads = max(1, _cpu_count() // workers)
         failure = None
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
@@ -200,9 +201,9 @@ class RayExecutor(Executor):
                                          f"{RAY_HINT}") from None
         self.address = address
         self._owned = False
+        if address and address not in ("auto", "local"):
+            probe_address(address)
         if not ray.is_initialized():
-            if address and address not in ("auto", "local"):
-                probe_address(address)
             try:
                 if address:
                     ray.init(address=address, log_to_driver=False)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,13 @@ class DataSpec:
     preset: str | None = None
     labels: tuple[str, ...] | None = None
     views: str = "frontal"
-    n_samples: int = 3000          # synthetic cohort size
+    n_samples: int | None = None   # synthetic cohort size; None: the task's default (cxr 3000, pdac 400)
     seed: int = 0
+    controls: Path | None = None   # msd preset: folder of tumour-free control volumes
+    label_from: str | None = None  # msd preset: segmentation (default) or dataset
+
+    def cohort_size(self, task: str) -> int:
+        return int(self.n_samples) if self.n_samples is not None else int(create_task(task).default("n_samples"))
 
 
 def _command() -> str:
@@ -43,21 +49,33 @@ def load_data(spec: DataSpec, task: str):
     from privaudit.data.presets import load_data as _load
 
     return _load(Path(spec.path), task=create_task(task), preset=spec.preset, labels=spec.labels, views=spec.views,
-                 seed=spec.seed)
+                 seed=spec.seed, controls=spec.controls, label_from=spec.label_from)
 
 
 def synthesize(task: str, out: Path, *, n: int, image_size: int, seed: int, public: bool = False,
-               console=None, quiet: bool = False) -> Path:
+               layout: str = "manifest", console=None, quiet: bool = False) -> Path:
+    """Write the task's synthetic cohort into ``out``: radiographs for cxr, NIfTI CT volumes for pdac
+    (``layout="msd"``: the Decathlon folder layout plus a controls folder)."""
     from rich.progress import Progress
 
-    if task != "cxr":
+    if task not in ("cxr", "pdac"):
         raise ConfigError(f"no synthetic cohort for task {task!r} yet; give --data")
-    from privaudit.data.synth_cxr import synthesize_cxr
+    if layout != "manifest" and task != "pdac":
+        raise ConfigError(f"--layout {layout} exists for task pdac only; {task} cohorts use the manifest layout")
+    if public and task != "cxr":
+        raise ConfigError(f"--public (a pretraining cohort) exists for task cxr only")
 
     private_mkdir(out)
     what = "public" if public else "synthetic"
     with Progress(console=console, disable=quiet) as prog:
         t = prog.add_task(f"writing {what} cohort", total=n)
+        if task == "pdac":
+            from privaudit.data.synth_ct import synthesize_ct
+
+            return synthesize_ct(out, n=n, image_size=image_size, seed=seed, layout=layout,
+                                 progress=lambda k: prog.update(t, completed=k))
+        from privaudit.data.synth_cxr import synthesize_cxr
+
         return synthesize_cxr(out, n=n, image_size=image_size, seed=seed, public=public,
                               progress=lambda k: prog.update(t, completed=k))
 
@@ -86,15 +104,26 @@ def train(config: TrainConfig, data: DataSpec, out: Path, *, force: bool = False
 def _prepare_data(config: TrainConfig, data: DataSpec, workdir: Path, *, console, quiet):
     task = create_task(config.task)
     if data.path is None:
-        manifest_path = synthesize(config.task, workdir / "data", n=data.n_samples,
+        n = data.cohort_size(config.task)
+        manifest_path = synthesize(config.task, workdir / "data", n=n,
                                    image_size=config.image_size or task.input_size, seed=data.seed,
                                    console=console, quiet=quiet)
         spec = dataclasses.replace(data, path=manifest_path, preset="manifest")
-        info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.n_samples, "seed": data.seed}
+        info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": n, "seed": data.seed}
     else:
         spec = data
         info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
-    manifest = load_data(spec, config.task)
+        if data.controls is not None:
+            info["controls"] = str(Path(data.controls).absolute())
+        if data.label_from is not None:
+            info["label_from"] = data.label_from
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = load_data(spec, config.task)
+    for w in caught:  # shown as usual, and kept so that the audit lists them too
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if caught:
+        info["warnings"] = [str(w.message) for w in caught]
     info["n_images"] = len(manifest.frame)
     # The hash of the canonical manifest table (what was trained on, whatever the preset), for provenance.
     info["manifest_sha256"] = hashlib.sha256(manifest.frame.to_csv(index=False).encode()).hexdigest()
@@ -133,6 +162,9 @@ def audit_run_dirs(run_dirs: dict[str, Path], *, config: AuditConfig, reference:
         for k, v in (first.get("data") or {}).items():
             if k != "n_images":
                 study["data"].setdefault(k, v)
+        # What the data loader warned about (e.g. a source that is a shortcut to the label) belongs in the audit.
+        report.data["warnings"].extend(f"data: {w}" for w in (first.get("data") or {}).get("warnings", [])
+                                       if f"data: {w}" not in report.data["warnings"])
         if first.get("command"):
             study.setdefault("command", first["command"])
         study["configs"] = {name: c.get("train") for name, c in configs.items() if c.get("train")}
@@ -151,7 +183,10 @@ def audit_run(run_dir: Path, *, config: AuditConfig) -> Path:
         audit_sweep(run_dir, config=config)
         return run_dir / "audit.json"
     if (run_dir / "predictions.csv").is_file():
-        report = audit_run_dirs({run_dir.absolute().name: run_dir}, config=config)
+        name = run_dir.absolute().name
+        if (run_dir / "config.json").is_file():  # a sweep's run keeps its study name, eps=<e>/seed=<s>
+            name = (read_json(run_dir / "config.json").get("sweep") or {}).get("run") or name
+        report = audit_run_dirs({name: run_dir}, config=config)
     else:
         runs = {d.name: d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "predictions.csv").is_file()}
         if (run_dir / "audit.json").is_file():  # a study keeps its own models (not e.g. its pretraining run)
@@ -187,9 +222,12 @@ def audit_predictions(files: list[Path], names: list[str] | None, out: Path, *, 
     return Path(out) / "audit.json"
 
 
-def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, arch: str, backend: str,
+def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, arch: str, backend: str | None,
                      image_size: int | None, trust: bool, config: AuditConfig, force: bool = False) -> Path:
-    """Predict with a checkpoint trained elsewhere, then audit it: writes a run directory at ``out``."""
+    """Predict with a checkpoint trained elsewhere, then audit it: writes a run directory at ``out``.
+
+    ``backend=None`` picks it from the file name: ``.keras`` files go to the tf backend, others to opacus.
+    """
     from privaudit.audit import run_audit
     from privaudit.backends import create_backend
     from privaudit.predictions import write_predictions
@@ -197,6 +235,7 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
 
     if data.path is None:
         raise ConfigError("--checkpoint needs --data MANIFEST: the samples to score the model on")
+    backend = backend or ("tf" if Path(checkpoint).suffix == ".keras" else "opacus")
     be = create_backend(backend)
     manifest = load_data(data, task)
     with staged_dir(out, force=force) as tmp:
@@ -234,7 +273,7 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
         if pretrain:
             if config.task != "cxr":
                 raise ConfigError("--pretrain needs a synthetic public cohort, which exists for cxr only")
-            pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(1000, data.n_samples // 2),
+            pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(1000, data.cohort_size(config.task) // 2),
                                            image_size=config.image_size or task.input_size, seed=data.seed + 10_000,
                                            public=True, console=console, quiet=quiet)
             pub = load_data(DataSpec(path=pub_manifest_path, preset="manifest", seed=data.seed), config.task)
@@ -245,7 +284,9 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
             _train_into(pub, pre_cfg, tmp / "pretrain", data_info={"manifest": "public_data/manifest.csv",
                                                                   "synthetic": True, "public": True},
                         console=console, quiet=quiet)
-            config = dataclasses.replace(config, init=str(tmp / "pretrain" / "model" / "weights.pt"))
+            # the backend's weights file as its model.json names it: weights.pt (opacus) or model.keras (tf)
+            pre_weights = "pretrain/model/" + read_json(tmp / "pretrain" / "model" / "model.json")["weights"]
+            config = dataclasses.replace(config, init=str(tmp / pre_weights))
             data_info["pretraining"] = {"description": PUBLIC_COHORT_DOC, "manifest": "public_data/manifest.csv",
                                         "epochs": pretrain_epochs, "dp": False}
         runs = {}
@@ -263,10 +304,10 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
         if pretrain:
             # Keep the init path valid after the staged folder is renamed into place.
             for name in runs:
-                runs[name]["init"]["path"] = "pretrain/model/weights.pt"
+                runs[name]["init"]["path"] = pre_weights
                 write_json(tmp / name / "train.json", runs[name])
                 cfg_json = read_json(tmp / name / "config.json")
-                cfg_json["train"]["init"] = "pretrain/model/weights.pt"
+                cfg_json["train"]["init"] = pre_weights
                 write_json(tmp / name / "config.json", cfg_json)
         for name in runs:  # each run directory also carries its own single-model audit
             single = audit_run_dirs({name: tmp / name}, config=audit)

@@ -712,9 +712,9 @@ def _trade_offs(models: dict, study: _Study, prevalence: dict | None = None) -> 
                               "(non-private and clip-only runs have none), and r needs at least 4")
     x = np.log([eps[n] for n in dp_models]) if dp_models else np.zeros(0)
 
-    def r(what, y, yname):
+    def r(what, y, yname, warn=True):
         return _r_quiet(study, f"log(epsilon) vs {what}", x, [np.nan if v is None else v for v in y], "log_epsilon",
-                        yname, warn=not few)
+                        yname, warn=warn and not few)
 
     out = {"x": "log(epsilon)", "models": dp_models, "epsilons": [eps[n] for n in dp_models],
            "macro_auroc": r("macro AUROC", [models[n]["utility"]["macro_auroc"]["estimate"] for n in dp_models],
@@ -722,6 +722,7 @@ def _trade_offs(models: dict, study: _Study, prevalence: dict | None = None) -> 
            "auroc": {lab: r(f"AUROC of {lab}", [models[n]["utility"]["labels"][lab]["auroc"]["estimate"]
                                                  for n in dp_models], "auroc") for lab in study.labels},
            "performance_parity": {}}
+    null_gaps = []  # one warning for them all: a small group's gap is null in most models
     for attr in study.attributes:
         for lab in list(study.labels) + ["macro"]:
             groups_here = list(dict.fromkeys(
@@ -730,8 +731,14 @@ def _trade_offs(models: dict, study: _Study, prevalence: dict | None = None) -> 
             for g in groups_here:
                 y = [((models[n]["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}).get(g)
                       or {}).get("estimate") for n in dp_models]
-                out["performance_parity"].setdefault(attr, {}).setdefault(lab, {})[g] = r(
-                    f"parity gap of {attr}={g} ({lab})", y, "performance_parity")
+                block = r(f"parity gap of {attr}={g} ({lab})", y, "performance_parity", warn=False)
+                out["performance_parity"].setdefault(attr, {}).setdefault(lab, {})[g] = block
+                if block["r"] is None:
+                    null_gaps.append(f"{attr}={g} ({lab}, {block['n']} points)")
+    if null_gaps and not few:
+        study.warnings.append(f"study: Pearson's r of log(epsilon) vs the parity gap is null for {len(null_gaps)} "
+                              f"group(s), whose gap is null (a small or one-class group) or constant in too many "
+                              f"models for 4 points: {', '.join(null_gaps[:6])}{', ...' if len(null_gaps) > 6 else ''}")
     if groups is not None:
         out["label_difficulty"] = _label_difficulty(models, study, groups, prevalence or {})
     return out

@@ -18,6 +18,7 @@ from torch import nn
 
 from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
+from privaudit.backends import distributed
 from privaudit.backends.torch_models import create_model
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -49,6 +50,21 @@ def versions() -> dict:
 
     return {"privaudit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "opacus": opacus.__version__, "numpy": np.__version__}
+
+
+def peak_memory(device) -> dict:
+    """Peak memory so far: the process's CPU resident set (getrusage, since the process started, so a second
+    run in the same process reports at least the first's) and, on CUDA, the tensors' peak since this run began."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    out = {"cpu_rss_peak_mb": round(rss_mb, 1), "cpu_scope": "process peak (getrusage ru_maxrss)",
+           "cuda_max_allocated_mb": None}
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -156,7 +172,9 @@ class OpacusBackend:
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
     def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
-        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data import DataLoader
+
+        from privaudit.data.cache import ArrayDataset, loader_options
 
         task = create_task(config.task)
         arch = config.arch or task.default_arch
@@ -167,6 +185,10 @@ class OpacusBackend:
         canaries = None
         if config.canaries:
             from privaudit.data.canaries import make_canaries
+
+            if task.spatial_dims != 2:
+                raise ConfigError(f"--canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
+                                  "without --canaries (the loss and LiRA/RMIA attacks still audit membership)")
 
             canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
                                      seed=config.seed + 7919)
@@ -184,7 +206,11 @@ class OpacusBackend:
 
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        device = pick_device(config.device)
+        ddp = distributed.setup(config.device)   # torchrun: join the process group; else one process
+        device = ddp.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        quiet = quiet or not ddp.is_main
         model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
                              width=config.width, spatial_dims=task.spatial_dims)
         init_info = None
@@ -195,34 +221,46 @@ class OpacusBackend:
         if dp.enabled:
             check_dp_compatible(model)
         model.to(device)
+        model = distributed.wrap_model(model, ddp, dp=dp.enabled)   # DPDDP under DP, DDP otherwise
 
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
-        x_train, y_train = x[train_mask], y[train_mask]
+        extra = None
         if canaries is not None:
             cx, cy, included = canaries
-            x_train, y_train = np.concatenate([x_train, cx[included]]), np.concatenate([y_train, cy[included]])
-        xt = (torch.from_numpy(x_train) - PIXEL_MEAN) / PIXEL_STD
-        yt = torch.from_numpy(y_train)
-        gen = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(TensorDataset(xt, yt), batch_size=config.batch_size, shuffle=True, generator=gen)
+            extra = (cx[included], cy[included])
+        # Rows are read per batch (a memory-mapped cache is paged in as needed), by worker processes on CUDA.
+        dataset = ArrayDataset(x, y, np.flatnonzero(train_mask), extra=extra, mean=PIXEL_MEAN, std=PIXEL_STD)
+        gen = torch.Generator().manual_seed(distributed.sampling_seed(config.seed, ddp))
+        # Under DP the batch stays global (Opacus' Poisson loader); without DP torchrun ranks split it evenly.
+        sampler = None if dp.enabled else distributed.shard_sampler(dataset, ddp, seed=config.seed)
+        batch = config.batch_size if dp.enabled else distributed.local_batch_size(config.batch_size, ddp)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=sampler is None, sampler=sampler, generator=gen,
+                            collate_fn=ArrayDataset.collate,
+                            **loader_options(device, local_world_size=ddp.local_world_size))
         optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
 
         engine = None
         if dp.enabled:
-            from opacus import PrivacyEngine
+            # Opacus' PrivacyEngine plus grad_sample_mode="fast" (privaudit.backends.fastdp); ghost clipping
+            # needs the criterion, as one loss per sample.
+            from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss
 
             common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=dp.max_grad_norm,
-                          poisson_sampling=True)
+                          poisson_sampling=True, grad_sample_mode=config.clipping,
+                          criterion=PerSampleLoss(masked_bce))
             with warnings.catch_warnings():
                 # secure_mode (a cryptographic RNG for the noise) is off, as in Opacus' default; train.json says so.
                 warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-                engine = PrivacyEngine(accountant=dp.accountant)
+                engine = FastPrivacyEngine(accountant=dp.accountant)
                 warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
                 if dp.epsilon is not None:
-                    model, optimizer, loader = engine.make_private_with_epsilon(
+                    made = engine.make_private_with_epsilon(
                         target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs, **common)
                 else:
-                    model, optimizer, loader = engine.make_private(noise_multiplier=dp.noise_multiplier, **common)
+                    made = engine.make_private(noise_multiplier=dp.noise_multiplier, **common)
+                model, optimizer, loader = made[0], made[1], made[-1]   # ghost also returns its loss wrapper
+        if engine is not None:
+            loader = distributed.after_make_private(loader, optimizer, ddp, seed=config.seed)   # torchrun only
 
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer see inputs that need no gradient; torch warns, harmlessly.
@@ -230,7 +268,10 @@ class OpacusBackend:
             history, steps, train_seconds = self._fit(model, optimizer, loader, engine, dp, config, x, y, frame,
                                                       device, console, quiet)
 
-        base = model._module if hasattr(model, "_module") else model
+        distributed.teardown(ddp, model)   # every rank holds the same weights; the ranks are done with each other
+        base = distributed.unwrap_model(model)
+        if not ddp.is_main:   # only rank 0 predicts and writes the run directory
+            return {"rank": ddp.rank, "world_size": ddp.world_size, "steps": steps, "written": False}
         probs, losses = _predict(base, x, y, device)
         preds = build_predictions(frame, manifest.labels, probs, losses)
 
@@ -264,7 +305,7 @@ class OpacusBackend:
             # epsilon is claimed (dp false); the clipping is recorded to separate its cost from the noise's.
             privacy = {**privacy, "noise_multiplier": 0.0, "max_grad_norm": dp.max_grad_norm,
                        "sample_rate": float(loader.sample_rate), "poisson_sampling": True, "clip_only": True,
-                       "clipping": "flat", "grad_sample_mode": "hooks"}
+                       "clipping": "flat", "grad_sample_mode": engine.grad_sample_mode}
         elif engine is not None:
             history_acc = engine.accountant.history  # [(noise_multiplier, sample_rate, steps)]
             nm, q = float(optimizer.noise_multiplier), float(history_acc[0][1]) if history_acc else float(loader.sample_rate)
@@ -273,7 +314,7 @@ class OpacusBackend:
                 "accountant": dp.accountant, "noise_multiplier": nm, "max_grad_norm": dp.max_grad_norm,
                 "sample_rate": q, "steps": int(sum(h[2] for h in history_acc)), "poisson_sampling": True,
                 "target_epsilon": dp.epsilon, "accountant_history": [list(h) for h in history_acc],
-                "clipping": "flat", "grad_sample_mode": "hooks", "secure_mode": False,
+                "clipping": "flat", "grad_sample_mode": engine.grad_sample_mode, "secure_mode": False,
             }
         train_json = {
             "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
@@ -282,7 +323,8 @@ class OpacusBackend:
             "optimizer": {"name": "NAdam", "lr": config.lr, "schedule": "constant"},
             "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
             "epochs": config.epochs, "device": str(device), "train_seconds": round(train_seconds, 2),
-            "init": init_info, "canaries": canary_info, "versions": versions(),
+            "init": init_info, "canaries": canary_info, "versions": versions(), "distributed": ddp.describe(),
+            "peak_memory": peak_memory(device),
         }
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
@@ -307,16 +349,17 @@ class OpacusBackend:
                                              optimizer=optimizer)
                 else:
                     ctx = contextlib.nullcontext(loader)
+                from privaudit.backends.fastdp import forward_backward   # each grad-sample mode's backward pass
+
                 with ctx as batches:
                     for xb, yb in batches:
                         xb, yb = xb.to(device), yb.to(device)
                         optimizer.zero_grad(set_to_none=True)
-                        # Sum / batch size equals the mean, and stays defined for the empty batches that
-                        # Poisson sampling can draw (the step then adds noise only, as the accountant assumes).
-                        loss = masked_bce(model(xb), yb).sum() / max(1, len(xb))
-                        loss.backward()
-                        if len(xb):
-                            losses.append(float(loss.detach()))
+                        # The mean per-sample loss, as sum / max(1, n): defined for the empty batches that Poisson
+                        # sampling can draw (the step then adds noise only, as the accountant assumes).
+                        batch_loss = forward_backward(model, xb, yb, masked_bce, engine=engine)
+                        if batch_loss is not None:
+                            losses.append(batch_loss)
                         optimizer.step()
                         if dp.enabled and optimizer._is_last_step_skipped:
                             continue

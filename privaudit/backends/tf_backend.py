@@ -23,6 +23,7 @@ field. What is TensorFlow-specific:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -78,6 +79,21 @@ def masked_bce(logits, targets):
     return tf.reduce_sum(loss, axis=1) / tf.maximum(n_known, 1.0)
 
 
+def peak_memory(device: str) -> dict:
+    """Peak memory, in the opacus backend's train.json shape: the process's CPU resident set (getrusage, since the
+    process started) and, on a GPU, TensorFlow's peak allocation on it."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"cpu_rss_peak_mb": round(rss / 2**20 if sys.platform == "darwin" else rss / 2**10, 1),
+           "cpu_scope": "process peak (getrusage ru_maxrss)", "cuda_max_allocated_mb": None}
+    if device.startswith("/GPU"):
+        info = import_tf().config.experimental.get_memory_info(device.strip("/"))
+        out["cuda_max_allocated_mb"] = round(info["peak"] / 2**20, 1)
+    return out
+
+
 def make_optimizer(lr: float):
     """NAdam with a constant learning rate, the same for DP and non-private training.
 
@@ -108,38 +124,73 @@ def dp_event(noise_multiplier: float, sample_rate: float, steps: int):
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
 
 
-def _fresh_accountant(accountant: str):
+def _fresh_accountant(accountant: str, *, discretization: float = PLD_DISCRETIZATION):
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
     if accountant == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if accountant == "prv":
-        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
     raise ConfigError(f"accountant {accountant!r} is not available in the tf backend (dp_accounting has no GDP "
                       "accountant); use --accountant prv (dp_accounting's PLD, tight) or rdp")
 
 
-def compute_epsilon(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp_accounting logs (absl) each RDP order that fails to converge; those orders are dropped from the minimum,
+    which stays a valid bound, so the lines are noise on the user's console."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def compute_epsilon(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    discretization: float = PLD_DISCRETIZATION) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps with the dp_accounting accountant for ``accountant``."""
     if steps == 0:
         return 0.0
-    return float(_fresh_accountant(accountant).compose(dp_event(noise_multiplier, sample_rate, steps))
-                 .get_epsilon(delta))
+    with _quiet_absl():
+        acc = _fresh_accountant(accountant, discretization=discretization)
+        return float(acc.compose(dp_event(noise_multiplier, sample_rate, steps)).get_epsilon(delta))
 
 
 def noise_for_epsilon(accountant: str, *, epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
-    """The smallest noise multiplier (to 1e-4) whose epsilon is at most ``epsilon`` (dp_accounting's calibration)."""
+    """The noise multiplier whose epsilon is at most ``epsilon`` and within 1e-3 (in sigma) of it, found with
+    dp_accounting's calibration (Brent's method).
+
+    PLD at the accounting resolution (1e-3) costs seconds per evaluation, so the search runs first at a coarse
+    resolution (1e-2), whose epsilon is pessimistic (an upper bound), and then refines at full resolution between
+    that sigma and the first sigma below it (in steps of 5%, then 10%) that misses the target. The final check steps sigma up until the full-resolution epsilon meets the target.
+    """
     import dp_accounting
 
     _fresh_accountant(accountant)  # refuse an unknown accountant first
-    tol = 1e-4
-    sigma = float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _fresh_accountant(accountant), lambda s: dp_event(s, sample_rate, steps), epsilon, delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.05, 1.0), tol=tol))
+    tol = 1e-3
+
+    def calibrate(discretization, bracket):
+        with _quiet_absl():
+            return float(dp_accounting.calibrate_dp_mechanism(
+                lambda: _fresh_accountant(accountant, discretization=discretization),
+                lambda s: dp_event(s, sample_rate, steps), epsilon, delta, bracket_interval=bracket, tol=tol))
+
+    def eps(sigma):
+        return compute_epsilon(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
+
+    sigma = calibrate(1e-2 if accountant == "prv" else None,
+                      dp_accounting.LowerEndpointAndGuess(0.05, 1.0))
+    if accountant == "prv":
+        lo = 0.95 * sigma
+        while eps(lo) <= epsilon:  # the coarse epsilon can overstate by 10% and more at small epsilon
+            sigma, lo = lo, 0.9 * lo
+        sigma = calibrate(PLD_DISCRETIZATION, dp_accounting.ExplicitBracketInterval(lo, sigma))
     # Brent's method stops within tol of the root on either side: step up until the target is really met.
-    while compute_epsilon(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
-                          delta=delta) > epsilon:
+    while eps(sigma) > epsilon:
         sigma += tol
     return sigma
 
@@ -194,9 +245,10 @@ class DPStep:
         self.global_state = self.query.initial_global_state()
         self.events = []  # the DpEvent each noised step reports
         spec = model.inputs[0].shape[1:]
-        self.clipped_sum = tf.function(self._clipped_sum, input_signature=[
+        # autograph=False: these functions have no tensor-dependent Python control flow to convert
+        self.clipped_sum = tf.function(self._clipped_sum, autograph=False, input_signature=[
             tf.TensorSpec([None, *spec], tf.float32), tf.TensorSpec([None, model.outputs[0].shape[-1]], tf.float32)])
-        self._apply = tf.function(self._noise_and_apply)
+        self._apply = tf.function(self._noise_and_apply, autograph=False)
 
     def _clipped_sum(self, x, y):
         tf = import_tf()
@@ -257,7 +309,7 @@ class PlainStep:
         self.model, self.optimizer = model, optimizer
         optimizer.build(model.trainable_variables)
         spec = model.inputs[0].shape[1:]
-        self._step = tf.function(self._fn, input_signature=[
+        self._step = tf.function(self._fn, autograph=False, input_signature=[
             tf.TensorSpec([None, *spec], tf.float32), tf.TensorSpec([None, model.outputs[0].shape[-1]], tf.float32)])
 
     def _fn(self, x, y):
@@ -393,6 +445,9 @@ class TfBackend:
         if config.canaries:
             from privaudit.data.canaries import make_canaries
 
+            if task.spatial_dims != 2:
+                raise ConfigError(f"--canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
+                                  "without --canaries (the loss and LiRA/RMIA attacks still audit membership)")
             canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
                                      seed=config.seed + 7919)
         # Included canaries are training samples: the sample rate and delta account for them.
@@ -470,7 +525,13 @@ class TfBackend:
 
         privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
                    "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
-        if dp.enabled:
+        if dp.enabled and noise_multiplier == 0:
+            # Clip-only baseline (as the opacus backend's): clipping and Poisson sampling as under DP, but no
+            # noise, so no epsilon is claimed (dp false).
+            privacy = {**privacy, "noise_multiplier": 0.0, "max_grad_norm": dp.max_grad_norm,
+                       "sample_rate": sample_rate, "poisson_sampling": True, "clip_only": True, "clipping": "flat",
+                       "grad_sample_mode": "tf.vectorized_map"}
+        elif dp.enabled:
             if any(abs(e - noise_multiplier) > 1e-5 * noise_multiplier for e in step.events):
                 raise RuntimeError(f"the DP query reported noise multipliers {set(step.events)} != {noise_multiplier}")
             privacy = {
@@ -495,6 +556,8 @@ class TfBackend:
             "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
             "epochs": config.epochs, "device": device, "train_seconds": round(train_seconds, 2),
             "init": init_info, "canaries": canary_info, "versions": versions(),
+            "peak_memory": peak_memory(device),
+            "distributed": None,  # one process (the opacus backend's torchrun block; no multi-worker TF here)
         }
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
@@ -536,7 +599,7 @@ class TfBackend:
                 if len(x_val):
                     _, vl = predict_arrays(step.model, x_val, y_val)
                     rec["val_loss"] = float(np.mean(vl))
-                if dp.enabled:
+                if dp.enabled and noise_multiplier > 0:
                     rec["epsilon"] = compute_epsilon(dp.accountant, noise_multiplier=noise_multiplier,
                                                      sample_rate=sample_rate, steps=steps, delta=dp.delta)
                 history.append(rec)
@@ -578,6 +641,7 @@ class TfBackend:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(f"{checkpoint}: the model fails on {size}-pixel inputs ({type(e).__name__}: {first}); "
                                   "check --image-size") from None
-        info = {"format": "keras", "architecture": arch or model.name, "checkpoint": str(checkpoint),
+        # the architecture is the file's own (its Keras model name); --arch does not apply to a full model file
+        info = {"format": "keras", "architecture": model.name, "checkpoint": str(checkpoint),
                 "sha256": sha256(checkpoint), "backend": self.name, "image_size": size}
         return build_predictions(manifest.frame, manifest.labels, probs, losses), info

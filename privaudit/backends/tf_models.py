@@ -1,4 +1,5 @@
-"""Keras model zoo, layer for layer the same networks as :mod:`privaudit.backends.torch_models`.
+"""Keras model zoo, layer for layer the same networks as :mod:`privaudit.backends.torch_models`
+(``resnet9-gn`` and ``cnn3d-gn``, each in 2D and 3D).
 
 ``resnet9-gn`` mirrors the torch ResNet9: a 7x7/2 stem convolution, GroupNorm, Mish and a 3x3/2 max pool, four
 BasicBlocks of widths (w, 2w, 4w, 8w) with strides (1, 2, 2, 2) and 1x1 projection shortcuts, global average
@@ -11,8 +12,9 @@ in PyTorch pads with -inf; here the pooled tensor is a Mish output (always above
 zero-padded, pooled and shifted back, which gives the same maxima. Only built-in, serialisable layers are used
 (no ``Lambda``), so the saved ``.keras`` files load with ``safe_mode=True``.
 
-Layer names follow the torch parameter names (``stem_conv`` for ``stem.0``, ``block2_conv1`` for
-``blocks.2.conv1``, ``fc``), which :func:`torch_weight_map` uses to copy weights across.
+Layer names follow the torch parameter names (``stem_conv`` for ``stem.0``, ``block2_1_conv`` for
+``blocks.2.conv1``, ``features3_norm`` for ``features.3.adn.N``, ``fc``), which :func:`torch_weight_map` uses
+to copy weights across.
 """
 
 from __future__ import annotations
@@ -81,10 +83,36 @@ def resnet9_gn(*, in_channels: int, num_classes: int, width: int, spatial_dims: 
     return keras.Model(inp, out, name=f"resnet9_gn_{spatial_dims}d")
 
 
+def cnn3d_gn(*, in_channels: int, num_classes: int, width: int, spatial_dims: int, size: int | None = None,
+             stages: int = 3, dropout: float = 0.0):
+    """torch_models.CNN3D in Keras: a 3x3 stride-2 stem, then per stage a stride-2 block doubling the width
+    (capped at 4 x width) and a stride-1 block (conv, GroupNorm, ReLU: MONAI's Convolution order), global
+    average and max pooling concatenated, dropout, a linear head."""
+    keras = import_keras()
+    _, _, _, gap = _layers(spatial_dims)
+    gmp = {2: keras.layers.GlobalMaxPooling2D, 3: keras.layers.GlobalMaxPooling3D}[spatial_dims]
+    inp = keras.Input(shape=(size,) * spatial_dims + (in_channels,), name="image")
+    x = _conv_norm(inp, width, 3, 2, 1, spatial_dims, "stem", act=False)
+    x = keras.layers.ReLU(name="stem_act")(x)
+    c, j = width, 0
+    for i in range(stages):
+        c_out = min(width * 2 ** (i + 1), 4 * width)
+        for stride in (2, 1):
+            x = _conv_norm(x, c_out, 3, stride, 1, spatial_dims, f"features{j}", act=False)
+            x = keras.layers.ReLU(name=f"features{j}_act")(x)
+            j += 1
+        c = c_out
+    pooled = keras.layers.Concatenate(name="pool")([gap(name="avg")(x), gmp(name="max")(x)])
+    out = keras.layers.Dense(num_classes, name="fc")(keras.layers.Dropout(dropout, name="dropout")(pooled))
+    return keras.Model(inp, out, name=f"cnn3d_gn_{spatial_dims}d")
+
+
 # name -> factory(in_channels, num_classes, width, spatial_dims, size) and the dims it supports
 _MODELS: dict[str, dict] = {
     "resnet9-gn": {"factory": resnet9_gn, "spatial_dims": (2, 3),
                    "doc": "ResNet-9 with GroupNorm and Mish (the paper's model), as torch_models.ResNet9"},
+    "cnn3d-gn": {"factory": cnn3d_gn, "spatial_dims": (2, 3),
+                 "doc": "small CT classifier with GroupNorm and ReLU (the pdac default), as torch_models.CNN3D"},
 }
 
 
@@ -123,6 +151,9 @@ def torch_weight_map(model) -> dict[str, tuple[str, str]]:
             tk = "stem.1"
         elif n == "fc":
             tk = "fc"
+        elif n.startswith("features") and n.endswith(("_conv", "_norm")):  # cnn3d-gn: MONAI Convolution blocks
+            j, part = n[len("features"):].split("_")
+            tk = f"features.{j}.{'conv' if part == 'conv' else 'adn.N'}"
         elif n.startswith("block") and ("_conv" in n or "_norm" in n):
             b, rest = n[len("block"):].split("_", 1)
             tk = {"1_conv": "conv1", "1_norm": "norm1", "2_conv": "conv2", "2_norm": "norm2",

@@ -20,12 +20,20 @@ def load_inputs(manifest: Manifest, task: TaskSpec, size: int, *,
     """Read every row of ``manifest`` for ``task`` at edge length ``size``; return (x, y).
 
     ``y`` is (N, n_labels) float32 with NaN for unknown labels, writable (for ``torch.from_numpy``).
+    2D images come from the manifest's preprocessed cache when it is valid (see :mod:`privaudit.data.cache`);
+    ``x`` is then a copy-on-write memory map of the cached array.
     """
     paths = manifest.image_paths()
     if task.spatial_dims == 2:
+        from privaudit.data.cache import open_cache
         from privaudit.data.images import load_images
 
-        x = load_images(paths, size, progress=progress)
+        # A valid `privaudit data cache` array (memory-mapped) when there is one; else decode the files.
+        x = open_cache(manifest, size)
+        if x is None:
+            x = load_images(paths, size, progress=progress)
+        elif progress is not None:
+            progress(len(paths))
     else:
         from privaudit.data.volumes import load_volumes  # 3D: MONAI preprocessing with a disk cache
 

@@ -14,6 +14,8 @@ chexpert   a CheXpert CSV (header has ``Path, Sex, Age, Frontal/Lateral``), or a
 nih        an NIH ChestX-ray14 table (header has ``Image Index, Finding Labels``), or a folder holding
            ``Data_Entry_2017_v2020.csv`` or ``Data_Entry_2017.csv`` (the v2020 file wins if both exist)
 mimic      a folder holding ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (MIMIC-CXR-JPG)
+msd        (task ``pdac``) a Medical Segmentation Decathlon folder with ``dataset.json`` and ``imagesTr/``, or
+           its parent holding ``Task07_Pancreas/``; tumour-free controls come from ``controls=DIR``
 =========  ==================================================================================================
 
 Label mapping (task ``cxr``; see :data:`CHEXPERT_LABEL_MAP`, :data:`MIMIC_LABEL_MAP`, :data:`NIH_LABEL_MAP`):
@@ -71,6 +73,7 @@ the column or value at fault.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -161,16 +164,18 @@ class Preset:
     load: PresetLoader
     detect: Callable[[Path], bool] | None = None   # None: used only when named explicitly
     looks_for: str = ""                             # shown when auto-detection finds nothing
+    options: tuple[str, ...] = ()                   # extra keyword options its loader takes (controls, ...)
 
 
 _PRESETS: dict[str, Preset] = {}
 
 
 def register_preset(
-    name: str, fn: PresetLoader, *, detect: Callable[[Path], bool] | None = None, looks_for: str = ""
+    name: str, fn: PresetLoader, *, detect: Callable[[Path], bool] | None = None, looks_for: str = "",
+    options: tuple[str, ...] = (),
 ) -> Preset:
     """Register (or replace) a preset; ``detect`` makes it take part in auto-detection, in registration order."""
-    preset = Preset(name=name, load=fn, detect=detect, looks_for=looks_for)
+    preset = Preset(name=name, load=fn, detect=detect, looks_for=looks_for, options=tuple(options))
     _PRESETS[name] = preset
     return preset
 
@@ -209,11 +214,24 @@ def load_data(
     views: str = "frontal",
     seed: int = 0,
     check_files: bool = True,
+    controls: Path | None = None,
+    label_from: str | None = None,
 ) -> Manifest:
-    """Load a manifest CSV or a dataset folder as a validated :class:`Manifest` (see the module docstring)."""
+    """Load a manifest CSV or a dataset folder as a validated :class:`Manifest` (see the module docstring).
+
+    ``controls`` and ``label_from`` are options of the presets that take them (``msd``); given to another
+    preset they are refused rather than ignored.
+    """
     path = Path(path)
     name = preset if preset is not None else detect_preset(path)
-    return create_preset(name).load(path, task=task, labels=labels, views=views, seed=seed, check_files=check_files)
+    chosen = create_preset(name)
+    extra = {k: v for k, v in {"controls": controls, "label_from": label_from}.items() if v is not None}
+    for option in extra:
+        if option not in chosen.options:
+            takers = [p.name for p in _PRESETS.values() if option in p.options] or ["no"]
+            raise ConfigError(f"--{option.replace('_', '-')} applies to the {' and '.join(takers)} preset, but {path} "
+                              f"is read with preset {name!r}; drop the option or name the preset with --preset")
+    return chosen.load(path, task=task, labels=labels, views=views, seed=seed, check_files=check_files, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -650,4 +668,203 @@ register_preset(
 )
 register_preset(
     "mimic", _load_mimic, detect=_detect_mimic, looks_for=f"a folder with {MIMIC_METADATA}[.gz]",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Medical Segmentation Decathlon (Task07_Pancreas) + tumour-free controls, for task pdac
+
+MSD_DATASET = "dataset.json"
+MSD_PANCREAS = "Task07_Pancreas"
+MSD_DEFAULT_TUMOUR_CLASS = 2   # Task07_Pancreas: 0 background, 1 pancreas, 2 cancer
+MSD_TUMOUR_NAMES = re.compile(r"cancer|tumou?r|mass|lesion|neoplasm|pdac", re.IGNORECASE)
+MSD_LABEL_FROM = ("segmentation", "dataset")
+DEMOGRAPHICS = "demographics.csv"
+MSD_SITE, CONTROLS_SITE = "msd", "controls"
+SOURCE_SHORTCUT_WARNING = (
+    "site is set from each source (msd: tumour scans, controls: tumour-free scans), so the source is a shortcut "
+    "to the label: a model can learn the scanner or archive instead of the pancreas. Read the audit's fairness "
+    "by site with that in mind, and add controls from the tumour archive's own scanners where you can"
+)
+
+
+def _msd_folder(path: Path) -> Path | None:
+    """The MSD task folder for ``path``: the folder itself, its dataset.json's folder, or its Task07_Pancreas."""
+    path = Path(path)
+    if path.is_file() and path.name == MSD_DATASET:
+        return path.parent
+    if not path.is_dir():
+        return None
+    if (path / MSD_DATASET).is_file() or (path / "imagesTr").is_dir():
+        return path
+    if (path / MSD_PANCREAS).is_dir():
+        return path / MSD_PANCREAS
+    return None
+
+
+def _detect_msd(path: Path) -> bool:
+    return _msd_folder(path) is not None
+
+
+def _msd_tumour_class(dataset: dict, source: Path) -> int:
+    names = dataset.get("labels")
+    if names is None:
+        return MSD_DEFAULT_TUMOUR_CLASS
+    if not isinstance(names, dict):
+        raise DataError(f"{source}: 'labels' must map class numbers to names, like "
+                        '{"0": "background", "1": "pancreas", "2": "cancer"}')
+    found = [k for k, v in names.items() if MSD_TUMOUR_NAMES.search(str(v))]
+    if not found:
+        raise DataError(f"{source}: 'labels' names no tumour class ({', '.join(f'{k}: {v}' for k, v in names.items())}); "
+                        "the msd preset needs one called cancer, tumour, mass or lesion")
+    try:
+        return int(found[0])
+    except ValueError:
+        raise DataError(f"{source}: label class {found[0]!r} is not a number") from None
+
+
+def _relative(folder: Path, entry, source: Path, key: str) -> str:
+    if not isinstance(entry, str) or not entry.strip():
+        raise DataError(f"{source}: a 'training' entry has no {key!r} path; each entry needs image and label")
+    rel = entry.strip()
+    return rel[2:] if rel.startswith("./") else rel
+
+
+def _demographics(folder: Path, frame: pd.DataFrame, names: pd.Series) -> pd.DataFrame:
+    """Join ``folder/demographics.csv`` (image, sex, age, optional patient_id) onto ``frame`` by image path
+    (relative to ``folder``) or, failing that, by file name. Absent file: sex and age stay absent."""
+    table = folder / DEMOGRAPHICS
+    if not table.is_file():
+        return frame
+    demo = read_csv(table, dtype=str)
+    _require(demo, ["image"], table, "it needs an image column (the file, relative to its folder) plus sex and/or age")
+    demo["image"] = demo["image"].astype(str).str.strip().str.removeprefix("./")
+    if demo["image"].duplicated().any():
+        raise _bad_value(table, "image", demo["image"], demo["image"].duplicated(), "each image must have one row")
+    by_path = demo.set_index("image")
+    by_name = demo.assign(_name=demo["image"].map(lambda s: Path(s).name)).drop_duplicates("_name").set_index("_name")
+    key = names.where(names.isin(by_path.index), names.map(lambda s: Path(s).name))
+    table_rows = by_path.reindex(names.where(names.isin(by_path.index)))
+    name_rows = by_name.reindex(key)
+    out = frame.copy()
+    for col in ("sex", "age", "patient_id"):
+        if col in demo.columns:
+            values = table_rows[col].to_numpy(dtype=object)
+            fallback = name_rows[col].to_numpy(dtype=object)
+            merged = np.where(pd.isna(values), fallback, values)
+            if col == "sex":
+                merged = _recode(pd.Series(merged, index=out.index), {"F": "F", "M": "M", "Female": "F", "Male": "M",
+                                                                     "female": "F", "male": "M"}, "sex", table)
+            if col == "patient_id":
+                merged = np.where(pd.isna(merged), out["patient_id"].to_numpy(dtype=object), merged)
+            out[col] = merged
+    return out
+
+
+def _control_volumes(controls: Path) -> list[Path]:
+    """NIfTI volumes anywhere below ``controls``, except in hidden folders and label folders."""
+    from privaudit.data.volumes import is_nifti
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(controls):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.lower().startswith("label"))
+        found += [Path(dirpath) / f for f in sorted(filenames) if is_nifti(Path(f)) and not f.startswith(".")]
+    return found
+
+
+def _load_msd(
+    path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool,
+    controls: Path | None = None, label_from: str | None = None,
+) -> Manifest:
+    """MSD Task07_Pancreas (``dataset.json``, ``imagesTr/``, ``labelsTr/``) plus tumour-free ``controls``."""
+    from privaudit.data.volumes import label_values, volume_shape
+
+    path = Path(path)
+    labels = _resolve_labels(task, labels, {"pdac": ("tumour class in labelsTr",)}, "msd")
+    label_from = label_from or "segmentation"
+    if label_from not in MSD_LABEL_FROM:
+        raise ConfigError(f"--label-from {label_from!r} is not one of {', '.join(MSD_LABEL_FROM)}")
+    folder = _msd_folder(path)
+    if folder is None:
+        raise DataError(f"{path}: not an MSD task folder (no dataset.json, imagesTr/ or {MSD_PANCREAS}/); give the "
+                        f"{MSD_PANCREAS} folder or its parent")
+    source = folder / MSD_DATASET
+    if not source.is_file():
+        raise DataError(f"{folder}: no {MSD_DATASET}; an MSD task folder holds dataset.json beside imagesTr/ and "
+                        "labelsTr/ (restore it from the Decathlon archive)")
+    try:
+        dataset = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{source}: not readable JSON ({type(e).__name__}); restore it from the Decathlon archive") from None
+    training = dataset.get("training") if isinstance(dataset, dict) else None
+    if not isinstance(training, list) or not training:
+        raise DataError(f"{source}: no 'training' list of image/label pairs; is this an MSD dataset.json?")
+    tumour = _msd_tumour_class(dataset, source)
+
+    rows = []
+    for entry in training:
+        if not isinstance(entry, dict):
+            raise DataError(f"{source}: 'training' entries must be objects with image and label paths")
+        image = _relative(folder, entry.get("image"), source, "image")
+        label = _relative(folder, entry.get("label"), source, "label")
+        if check_files:
+            for rel in (image, label):
+                if not (folder / rel).is_file():
+                    raise DataError(f"{source}: {folder / rel} does not exist; the dataset.json and the folders "
+                                    "imagesTr/ and labelsTr/ must match")
+            shape_i, shape_l = volume_shape(folder / image), volume_shape(folder / label)
+            if shape_i != shape_l:
+                raise DataError(f"{folder / label}: label map shape {'x'.join(map(str, shape_l))} does not match its "
+                                f"image {folder / image} ({'x'.join(map(str, shape_i))}); pair each image with its "
+                                "own segmentation")
+            if label_from == "segmentation":
+                found = label_values(folder / label)
+                if tumour not in found:
+                    raise DataError(f"{folder / label}: no voxel of tumour class {tumour} (the map holds "
+                                    f"{', '.join(map(str, found))}), so --label-from segmentation cannot call it "
+                                    "a tumour scan; fix the map, drop the case from dataset.json, or use "
+                                    "--label-from dataset")
+        case = Path(image).name.split(".")[0]
+        rows.append({"sample_id": f"msd/{case}", "path": image, "patient_id": case, "pdac": 1.0, "site": MSD_SITE})
+    frame = pd.DataFrame(rows)
+    frame = _demographics(folder, frame, frame["path"])
+
+    parts = [frame]
+    if controls is not None:
+        controls = Path(controls)
+        if not controls.is_dir():
+            raise DataError(f"--controls {controls}: not a folder; give the folder of tumour-free NIfTI volumes")
+        files = _control_volumes(controls)
+        if not files:
+            raise DataError(f"--controls {controls}: no .nii or .nii.gz volumes found; convert the control scans "
+                            "to NIfTI (e.g. NIH Pancreas-CT with dcm2niix)")
+        rel_to_controls = pd.Series([f.relative_to(controls).as_posix() for f in files])
+        ctrl = pd.DataFrame({
+            "sample_id": ["controls/" + r.split(".")[0] for r in rel_to_controls],
+            "path": [os.path.relpath(f.absolute(), folder.absolute()) for f in files],
+            "patient_id": ["controls/" + Path(r).name.split(".")[0] for r in rel_to_controls],
+            "pdac": 0.0,
+            "site": CONTROLS_SITE,
+        })
+        if check_files:
+            for f in files:
+                volume_shape(f)  # each control must be a 3D NIfTI volume
+        parts.append(_demographics(controls, ctrl, rel_to_controls))
+    out = pd.concat(parts, ignore_index=True)
+    if out["pdac"].nunique() < 2:
+        raise DataError(f"{folder}: every case is a tumour scan ({len(out)} MSD cases, each with a pancreatic mass), so "
+                        "the cohort has one class; add tumour-free scans with --controls DIR (e.g. NIH Pancreas-CT "
+                        "converted to NIfTI)")
+    if not {"sex", "age"} <= set(out.columns) or out[[c for c in ("sex", "age") if c in out.columns]].isna().all().any():
+        warnings.warn(f"{folder}: no {DEMOGRAPHICS} with sex and age for every source, so those attributes are "
+                      "absent or partly unknown and the audit cannot compare them; put one (image, sex, age) in "
+                      "each source folder to add them", UserWarning, stacklevel=3)
+    warnings.warn(SOURCE_SHORTCUT_WARNING, UserWarning, stacklevel=3)
+    return validate_manifest(out, task=task, source=source, root=folder, labels=labels, seed=seed,
+                             check_files=check_files)
+
+
+register_preset(
+    "msd", _load_msd, detect=_detect_msd, options=("controls", "label_from"),
+    looks_for=f"an MSD folder with {MSD_DATASET} and imagesTr/, or its parent holding {MSD_PANCREAS}/",
 )

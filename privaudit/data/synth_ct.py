@@ -17,10 +17,10 @@ How a cohort is made
    differ in scanner noise, intensity calibration, field of view, slice spacing and the voxel order they
    store (RAS or LPS, as DICOM converters write it), so a network can recognise the site from the pixels.
 3. Volume: a body outline with skin and muscle wall, subcutaneous and visceral fat, liver, spleen, both
-   kidneys (enhancing cortex), aorta, IVC, psoas muscles, the spine with its canal, gas-filled bowel loops and
+   kidneys, aorta, IVC, psoas muscles, the spine with its canal, gas-filled bowel loops and
    a curved pancreas (head right of the midline, body in front of the aorta, tail towards the spleen), each
    with a soft, partial-volume edge. Anatomy is jittered in size and position per patient.
-4. PDAC: a hypodense mass in the head (60%), body (25%) or tail (15%), 15-40 mm across, 35-65 HU below
+4. PDAC: a hypodense mass in the head (60%), body (25%) or tail (15%), 30-55 mm across, 100-130 HU below
    young normal parenchyma; 60% of head and body tumours dilate the main duct upstream (a fluid tube towards
    the tail); 12% of tumours are small and faint (near invisible), which caps the attainable AUROC. Some
    controls (5%) have a mildly dilated duct as a confounder.
@@ -66,9 +66,9 @@ PREVALENCE_MODEL = {"intercept": -0.25, "age_per_decade": 0.55, "male": 0.15}
 
 # HU values of the portal-venous phase.
 HU = {
-    "air": -1000.0, "fat": -100.0, "muscle": 50.0, "liver": 110.0, "spleen": 118.0, "kidney_cortex": 185.0,
-    "kidney_medulla": 60.0, "aorta": 175.0, "ivc": 140.0, "bone": 420.0, "canal": 20.0, "bowel_wall": 40.0,
-    "bowel_fluid": 15.0, "pancreas": 105.0, "duct_fluid": 12.0,
+    "air": -1000.0, "fat": -100.0, "muscle": 50.0, "liver": 110.0, "spleen": 118.0, "kidney": 175.0,
+    "aorta": 175.0, "ivc": 140.0, "bone": 420.0, "canal": 20.0, "bowel_wall": 40.0,
+    "pancreas": 120.0, "duct_fluid": 12.0,
 }
 
 
@@ -83,7 +83,7 @@ class SiteDesign:
     noise_hu: float            # sd of the (slightly correlated) image noise in HU
     hu_offset: float           # calibration: stored = hu_scale * true + hu_offset
     hu_scale: float
-    fov_mm: float              # in-plane field of view (square)
+    fov_mm: float              # in-plane field of view (square), targeted on the pancreas
     z_extent_mm: float         # length covered along the body axis
     voxel_order: str           # "RAS" or "LPS": the order of the stored array axes
     outside_fov: float | None  # value stored outside the reconstruction circle (None: air)
@@ -91,23 +91,23 @@ class SiteDesign:
 
 SITES: tuple[SiteDesign, ...] = (
     SiteDesign("A", "tertiary cancer centre: most tumour scans; noisy low-dose protocol, calibration +25 HU",
-               0.55, 0.15, 24.0, 25.0, 1.0, 380.0, 260.0, "LPS", -1024.0),
+               0.55, 0.15, 24.0, 25.0, 1.0, 230.0, 180.0, "LPS", -1024.0),
     SiteDesign("B", "archive of normal pancreas scans (e.g. kidney donors): mostly controls; smooth kernel",
-               0.15, 0.55, 8.0, -15.0, 0.97, 340.0, 240.0, "RAS", None),
+               0.15, 0.55, 8.0, -15.0, 0.97, 210.0, 170.0, "RAS", None),
     SiteDesign("C", "community hospital: tumour and control scans alike", 0.30, 0.30, 15.0, 0.0, 1.03,
-               420.0, 280.0, "LPS", None),
+               250.0, 200.0, "LPS", None),
 )
 
 # Tumour: location along the gland (head, body, tail), size and contrast.
 TUMOUR_LOCATION = {"head": 0.60, "body": 0.25, "tail": 0.15}
 TUMOUR_T = {"head": (0.0, 0.25), "body": (0.35, 0.65), "tail": (0.72, 0.95)}   # centreline parameter ranges
-TUMOUR_DIAMETER_MM = (15.0, 40.0)
-TUMOUR_CONTRAST_HU = (35.0, 65.0)    # below young normal pancreas
+TUMOUR_DIAMETER_MM = (30.0, 55.0)
+TUMOUR_CONTRAST_HU = (100.0, 130.0)   # below young normal pancreas: a necrotic, near-fluid mass
 FAINT_FRACTION = 0.12
-FAINT_DIAMETER_MM = (8.0, 12.0)
-FAINT_CONTRAST_HU = (10.0, 22.0)
+FAINT_DIAMETER_MM = (10.0, 15.0)
+FAINT_CONTRAST_HU = (30.0, 50.0)
 DUCT_DILATION_P = 0.6                # head and body tumours
-DUCT_RADIUS_MM = (2.5, 4.0)
+DUCT_RADIUS_MM = (3.0, 5.0)
 CONTROL_DUCT_P = 0.05
 CONTROL_DUCT_RADIUS_MM = (1.8, 2.8)
 
@@ -294,7 +294,10 @@ def render_ct(row: dict, rng: np.random.Generator, size: int) -> tuple[np.ndarra
     axes = [(np.arange(size) - (size - 1) / 2.0) * spacing[i] for i in range(3)]
     p = np.meshgrid(*axes, indexing="ij")
     edge = 0.35 * float(spacing.min())
-    local = [p[i] - shift[i] for i in range(3)]
+    # Pancreas-protocol scans are reconstructed on a targeted field of view around the pancreas, so the
+    # grid's centre sits left of and in front of the body's centre.
+    target = np.array([-22.0, 12.0, 0.0]) * habitus
+    local = [p[i] + target[i] - shift[i] for i in range(3)]
 
     vol = np.full((size,) * 3, HU["air"], dtype=np.float64)
     ax, ay = 150.0 * habitus, 108.0 * habitus
@@ -308,20 +311,19 @@ def render_ct(row: dict, rng: np.random.Generator, size: int) -> tuple[np.ndarra
         c = np.asarray(centre) * habitus + rng.normal(0, jitter, 3)
         _paint(vol, _ellipsoid(local, c, np.asarray(radii) * habitus, edge), hu)
 
-    # Bowel loops (gas and fluid) in the lower and anterior abdomen.
+    # Gas-filled bowel loops in the lower and anterior abdomen.
     for _ in range(int(rng.integers(3, 7))):
-        c = [rng.uniform(-70, 70), rng.uniform(10, 70), rng.uniform(-110, -20)]
+        c = [rng.uniform(-70, 70), rng.uniform(10, 70), rng.uniform(-120, -45)]
         r = rng.uniform(12, 22)
         organ(c, (r, r, r * 1.3), HU["bowel_wall"], jitter=0)
-        organ(c, (r - 4, r - 4, r * 1.3 - 4), HU["air"] if rng.random() < 0.5 else HU["bowel_fluid"], jitter=0)
+        organ(c, (r - 4, r - 4, r * 1.3 - 4), HU["air"], jitter=0)
     organ((-45, 45, 70), (40, 30, 35), HU["bowel_wall"])                                   # stomach
     organ((-50, 52, 80), (25, 18, 22), HU["air"])
-    organ((75, 5, 40), (72, 80, 75), HU["liver"])                                          # liver (right)
-    organ((-95, -32, 45), (34, 48, 45), HU["spleen"])                                      # spleen (left)
+    organ((88, 0, 58), (62, 82, 58), HU["liver"])                                          # liver (right)
+    organ((-102, -42, 58), (28, 42, 38), HU["spleen"])                                      # spleen (left)
     for side in (1, -1):                                                                   # kidneys
         c = np.array([62.0 * side, -48.0, -10.0]) * habitus + rng.normal(0, 4, 3)
-        _paint(vol, _ellipsoid(local, c, np.array([27, 28, 52]) * habitus, edge), HU["kidney_cortex"])
-        _paint(vol, _ellipsoid(local, c, np.array([14, 14, 34]) * habitus, edge), HU["kidney_medulla"])
+        _paint(vol, _ellipsoid(local, c, np.array([27, 28, 52]) * habitus, edge), HU["kidney"])
         _paint(vol, _cylinder_z(local, 38 * side * habitus, -58 * habitus, 16, 18, edge) *
                _soft(60 - np.abs(local[2] + 20), edge), HU["muscle"])                      # psoas
     _paint(vol, _cylinder_z(local, 0, -66 * habitus, 22, 19, edge), HU["bone"])          # vertebral bodies
@@ -333,7 +335,7 @@ def render_ct(row: dict, rng: np.random.Generator, size: int) -> tuple[np.ndarra
 
     # Pancreas: a tube around a curved centreline, thicker at the head.
     pts, t = _centreline(rng.normal(0, 4, 3), habitus)
-    radius = (15.0 - 6.0 * np.minimum(t / 0.4, 1.0)) * habitus * rng.uniform(0.9, 1.1)
+    radius = (17.0 - 5.0 * np.minimum(t / 0.4, 1.0)) * habitus * rng.uniform(0.9, 1.1)
     depth, nearest = _tube_depth(local, pts, radius)
     panc = _soft(depth, edge) * _soft(np.minimum(t[nearest] + 0.02, 1.02 - t[nearest]) * 100, 0.5)
     panc_hu = HU["pancreas"] - FATTY_PANCREAS_HU * old

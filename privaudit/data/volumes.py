@@ -9,7 +9,7 @@ float32 array in [0, 1]. Each volume goes through MONAI, in this order (:func:`b
 4. ``CropForeground``: the bounding box of the body (voxels above the window's floor);
 5. ``GaussianSmooth`` when the next step downsamples (sigma = (factor - 1) / 2 voxels per axis, the rule of
    scikit-image's anti-aliasing), so that thin-slice scans do not alias;
-6. ``Spacing``: resample to the target spacing, by default isotropic ``fov_mm / S`` (256 mm / 32 = 8 mm);
+6. ``Spacing``: resample to the target spacing, by default isotropic ``fov_mm / S`` (224 mm / 32 = 7 mm);
 7. ``ResizeWithPadOrCrop``: a centred cube of ``fov_mm`` (padding is air, 0 after windowing);
 8. ``Resize`` to ``S``^3 (a no-op with the default spacing).
 
@@ -47,7 +47,7 @@ IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", "
 CACHE_FORMAT = 1
 CACHE_ENV = "PRIVAUDIT_CACHE_DIR"
 DEFAULT_WINDOW = (-150.0, 200.0)   # HU, the pancreas window of the group's related work
-DEFAULT_FOV_MM = 256.0
+DEFAULT_FOV_MM = 224.0
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from privaudit.backends.fastdp._module import (
 from privaudit.backends.fastdp._opacus import (
     GRAD_SAMPLE_MODES,
     FastDPFallbackWarning,
+    FastDistributedDPOptimizer,
     FastDPOptimizer,
     FastPrivacyEngine,
     PerSampleLoss,
@@ -29,6 +30,6 @@ from privaudit.backends.fastdp._opacus import (
 
 __all__ = [
     "GHOST_RATIO", "GRAD_SAMPLE_MODES", "SUPPORTED_TYPES", "FastDPError", "FastDPFallbackWarning",
-    "FastDPOptimizer", "FastGradSampleModule", "FastPrivacyEngine", "PerSampleLoss", "UnsupportedModelError",
-    "forward_backward", "unsupported_layers", "use_ghost",
+    "FastDPOptimizer", "FastDistributedDPOptimizer", "FastGradSampleModule", "FastPrivacyEngine",
+    "PerSampleLoss", "UnsupportedModelError", "forward_backward", "unsupported_layers", "use_ghost",
 ]

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Materialising costs ~T*p*d multiply-adds plus two passes over the p*d numbers per sample (the norm and the
-# weighted sum, both memory-bound); the ghost norm costs ~T^2*(p+d) multiply-adds. Ghost wins below this
-# ratio (Bu et al. use 2, from the memory of the two options).
-GHOST_RATIO = 2.0
+# Materialising costs ~T*p*d multiply-adds in small per-sample products, plus writing and twice reading
+# n*p*d numbers (the norm, then the weighted sum); the ghost norm costs ~T^2*(p+d) multiply-adds, plus one
+# large, efficient product for the clipped sum. Ghost wins when T^2*(p+d) < GHOST_RATIO * p*d. Bu et al.
+# (2023) compare memory and use 2; timing every ResNet-9 layer on a CPU (benchmarks/dp_overhead.py) put
+# the crossover between 40 and 90, because materialising is memory-bound.
+GHOST_RATIO = 50.0
 # Never materialise more than this many bytes of per-sample gradients for one layer.
 MATERIALISE_MAX_BYTES = 1 << 30
 
@@ -58,23 +60,25 @@ def _sq(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(n, -1), dim=1).square()
 
 
-def _matmul_terms(a: torch.Tensor, b: torch.Tensor, weight, bias, weight_shape, *, force: str | None = None):
+def _matmul_terms(a, b, weight, bias, to_weight, *, force: str | None = None, per_sample=None):
     """Norms and clipped sum of a layer whose per-sample weight gradient is ``sum_t b_t a_t^T``.
 
-    ``a``: (n, G, T, d) what each group read at each position; ``b``: (n, G, T, p) the output gradients.
-    ``weight``/``bias`` are the parameters to produce (None when frozen); the weight gradient has shape
-    (G*p, d), reshaped to ``weight_shape``; the bias gradient is the sum of ``b`` over positions.
+    ``a``: (n, G, T, d) what each of G groups read at each position; ``b``: (n, G, T, p) the output gradients
+    there. ``weight``/``bias``: the parameters to produce (None when frozen); ``to_weight`` turns a (G, p, d)
+    gradient into the weight's layout; the bias gradient is the sum of ``b`` over positions. ``per_sample``,
+    when given, is the (n, G, p, d) materialised weight gradient, already computed another way.
     """
-    n, g, t, d = a.shape
-    p = b.shape[-1]
+    n, g, t, p = b.shape
+    d = a.shape[-1] if a is not None else None
     sq = torch.zeros(n, dtype=torch.promote_types(b.dtype, torch.float32), device=b.device)
     parts = []
     mode = "ghost"
     if weight is not None:
-        ghost = use_ghost(n, t, p, d, g, b.element_size()) if force is None else force == "ghost"
+        ghost = per_sample is None and (use_ghost(n, t, p, d, g, b.element_size()) if force is None
+                                         else force == "ghost")
         if ghost:
             if t == 1:
-                sq += (_sq(a, n) * _sq(b, n)) if g == 1 else (a.square().sum(-1) * b.square().sum(-1)).sum((1, 2))
+                sq += (a.square().sum(-1) * b.square().sum(-1)).sum((1, 2))
             else:
                 aa = torch.matmul(a, a.transpose(-1, -2))
                 bb = torch.matmul(b, b.transpose(-1, -2))
@@ -83,16 +87,17 @@ def _matmul_terms(a: torch.Tensor, b: torch.Tensor, weight, bias, weight_shape, 
 
             def weight_sum(coef, a=a, b=b):
                 bc = b * coef.view(n, 1, 1, 1).to(b.dtype)
-                # sum over samples and positions at once: (G, p, n*T) @ (G, n*T, d)
+                # all samples and positions in one product: (G, p, n*T) @ (G, n*T, d)
                 w = torch.matmul(bc.permute(1, 3, 0, 2).reshape(g, p, n * t), a.transpose(0, 1).reshape(g, n * t, d))
-                return w.reshape(weight_shape)
+                return to_weight(w)
         else:
             mode = "materialise"
-            per_sample = torch.matmul(b.transpose(-1, -2), a)       # (n, G, p, d)
+            if per_sample is None:
+                per_sample = torch.matmul(b.transpose(-1, -2), a)       # (n, G, p, d)
             sq += _sq(per_sample, n)
 
             def weight_sum(coef, per_sample=per_sample):
-                return torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1).reshape(weight_shape)
+                return to_weight(torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1))
         parts.append((weight, weight_sum))
     if bias is not None:
         bsum = b.sum(2).reshape(n, g * p)                            # (n, G*p)
@@ -107,55 +112,108 @@ def _trainable(prm):
 
 def linear_terms(layer: nn.Linear, acts, grads, n: int, *, force=None) -> LayerTerms:
     d, p = layer.in_features, layer.out_features
-    a = torch.cat([x.reshape(n, -1, d) for x in acts], dim=1).to(grads[0].dtype)
-    b = torch.cat([y.reshape(n, -1, p) for y in grads], dim=1)
+    a = _cat([x.reshape(n, -1, d) for x in acts], 1).to(grads[0].dtype)
+    b = _cat([y.reshape(n, -1, p) for y in grads], 1)
+    shape = layer.weight.shape
     return _matmul_terms(a.unsqueeze(1), b.unsqueeze(1), _trainable(layer.weight), _trainable(layer.bias),
-                         layer.weight.shape, force=force)
+                         lambda w: w.reshape(shape), force=force)
+
+
+def _cat(parts, dim):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _pad(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it: its padding (any padding mode, "same") applied explicitly."""
+    pad = list(layer._reversed_padding_repeated_twice)
+    if not any(pad):
+        return x
+    return F.pad(x, pad, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
 
 
 def unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The patches a convolution reads: (n, C_in * prod(kernel), positions), with its padding applied."""
+    """The patches a convolution reads, channels last: (n, positions, prod(kernel) * C_in).
+
+    One strided view of the padded channels-last input (output positions, kernel offsets and channels as
+    axes; stride and dilation as steps), then one copy: im2col for any number of spatial dimensions.
+    """
     dims = x.dim() - 2
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    pad = list(layer._reversed_padding_repeated_twice)
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
+    x = _pad(layer, x).movedim(1, -1).contiguous()
     k, s, dil = layer.kernel_size, layer.stride, layer.dilation
-    if dims == 1:
-        return F.unfold(x.unsqueeze(2), (1, k[0]), dilation=(1, dil[0]), stride=(1, s[0]))
-    if dims == 2:
-        return F.unfold(x, k, dilation=dil, stride=s)
-    for i in range(dims):
-        x = x.unfold(2 + i, dil[i] * (k[i] - 1) + 1, s[i])   # appends one window axis per spatial axis
-    if any(v != 1 for v in dil):
-        x = x[(...,) + tuple(slice(None, None, v) for v in dil)]
-    n, c = x.shape[:2]
-    out_axes = list(range(2, 2 + dims))
-    win_axes = list(range(2 + dims, 2 + 2 * dims))
-    return x.permute(0, 1, *win_axes, *out_axes).reshape(n, c * math.prod(k), -1)
+    space, st = x.shape[1:-1], x.stride()
+    out = [(space[i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(dims)]
+    view = x.as_strided((x.shape[0], *out, *k, x.shape[-1]),
+                        (st[0], *[st[1 + i] * s[i] for i in range(dims)],
+                         *[st[1 + i] * dil[i] for i in range(dims)], st[-1]))
+    return view.reshape(x.shape[0], math.prod(out), -1)
+
+
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                     3: torch.nn.grad.conv3d_weight}
+
+
+def _grouped_weight_grads(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """Every sample's weight gradient at once, as the weight gradient of one convolution with the samples as
+    extra groups (torch's convolution backward; on a CPU faster than im2col + batched products for most
+    layers). Returns (n, C_out, C_in / groups * prod(kernel))."""
+    dims = x.dim() - 2
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        padding = layer.padding
+    else:
+        x, padding = _pad(layer, x), 0
+    weight_size = (n * layer.out_channels, *layer.weight.shape[1:])
+    w = _CONV_WEIGHT_GRAD[dims](x.reshape(1, -1, *x.shape[2:]), weight_size, y.reshape(1, -1, *y.shape[2:]),
+                                stride=layer.stride, padding=padding, dilation=layer.dilation,
+                                groups=n * layer.groups)
+    return w.reshape(n, layer.out_channels, -1)
+
+
+def _grouped_is_faster(layer: nn.Module, x: torch.Tensor) -> bool:
+    # Timed on ResNet-9 and cnn3d-gn layers on a CPU (benchmarks/dp_overhead.py): the grouped convolution
+    # wins for 3D layers and for 2D layers with a few input channels per group or more; im2col + products
+    # wins for a 2D layer that reads one channel (the 7x7 stem). On CUDA, im2col + batched products.
+    cg = layer.in_channels // layer.groups
+    return x.device.type == "cpu" and math.prod(layer.kernel_size) > 1 and (x.dim() == 5 or cg >= 4)
 
 
 def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None) -> LayerTerms:
     g = layer.groups
     cin, cout = layer.in_channels, layer.out_channels
-    d, p = cin // g * math.prod(layer.kernel_size), cout // g
+    cg, kvol = cin // g, math.prod(layer.kernel_size)
+    d, p = cg * kvol, cout // g
     dtype = grads[0].dtype
-    # (n, G, d, T) patches and (n, G, p, T) output gradients, uses of the layer side by side along T
-    a = torch.cat([unfold(layer, x.to(dtype)).view(n, g, d, -1) for x in acts], dim=3)
-    b = torch.cat([y.reshape(n, g, p, -1) for y in grads], dim=3)
-    return _matmul_terms(a.transpose(-1, -2), b.transpose(-1, -2), _trainable(layer.weight),
-                         _trainable(layer.bias), layer.weight.shape, force=force)
+    weight, bias = _trainable(layer.weight), _trainable(layer.bias)
+    t = sum(math.prod(y.shape[2:]) for y in grads)
+    ghost = use_ghost(n, t, p, d, g, grads[0].element_size()) if force is None else force == "ghost"
+    b = _cat([y.reshape(n, g, p, -1) for y in grads], 3).transpose(-1, -2)          # (n, G, T, p)
+    shape = layer.weight.shape
+    if weight is None:
+        return _matmul_terms(None, b, None, bias, None)
+    if not ghost and _grouped_is_faster(layer, acts[0]):
+        per_sample = sum(_grouped_weight_grads(layer, x.to(dtype), y, n) for x, y in zip(acts, grads))
+        return _matmul_terms(None, b, weight, bias, lambda w: w.reshape(shape),
+                             per_sample=per_sample.view(n, g, p, d))
+    # channels-last patches (n, T, K * C_in) -> (n, G, T, K * C_in / G), uses of the layer side by side along T
+    a = _cat([unfold(layer, x.to(dtype)) for x in acts], 1)
+    a = a.view(n, t, kvol, g, cg).permute(0, 3, 1, 2, 4).reshape(n, g, t, d)
+
+    def to_weight(w):   # (G, p, K * cg) -> (C_out, cg, *kernel)
+        return w.reshape(cout, kvol, cg).transpose(1, 2).reshape(shape)
+
+    return _matmul_terms(a, b, weight, bias, to_weight, force="ghost" if ghost else "materialise")
 
 
 def group_norm_terms(layer: nn.GroupNorm, acts, grads, n: int, *, force=None) -> LayerTerms:
+    """Per-sample gradients of gamma (sum over positions of g * xhat, xhat recomputed from the input) and beta
+    (sum of g), 2 C numbers per sample: always materialised."""
     c = layer.num_channels
-    gw = gb = None
     weight, bias = _trainable(layer.weight), _trainable(layer.bias)
+    gw = gb = None
     for x, y in zip(acts, grads):
         y3 = y.reshape(n, c, -1)
         if weight is not None:
             xhat = F.group_norm(x.to(y.dtype), layer.num_groups, eps=layer.eps).reshape(n, c, -1)
-            w = torch.einsum("ncs,ncs->nc", xhat, y3)
+            w = torch.linalg.vecdot(xhat, y3)
             gw = w if gw is None else gw + w
         if bias is not None:
             s = y3.sum(2)
@@ -172,8 +230,8 @@ def group_norm_terms(layer: nn.GroupNorm, acts, grads, n: int, *, force=None) ->
 def embedding_terms(layer: nn.Embedding, acts, grads, n: int, *, force=None) -> LayerTerms:
     """Exact per-sample norms from the rows each sample touches (a token repeated in a sample adds up)."""
     v, dim = layer.num_embeddings, layer.embedding_dim
-    idx = torch.cat([x.reshape(n, -1) for x in acts], dim=1)
-    g = torch.cat([y.reshape(n, -1, dim) for y in grads], dim=1)
+    idx = _cat([x.reshape(n, -1) for x in acts], 1)
+    g = _cat([y.reshape(n, -1, dim) for y in grads], 1)
     if layer.padding_idx is not None:
         # nn.Embedding never updates the padding row: its gradient there is zero
         g = g * (idx != layer.padding_idx).unsqueeze(-1).to(g.dtype)

@@ -62,6 +62,7 @@ class _Batch:
         self.terms: dict = {}                        # layer -> LayerTerms once its gradients are in
         self.trainable: dict[nn.Module, bool] = {}
         self.backward_seen = False
+        self.anchor: torch.Tensor | None = None
 
 
 class _ParamUseGuard(TorchFunctionMode):
@@ -147,30 +148,25 @@ class FastGradSampleModule(AbstractGradSampleModule):
                 if p.requires_grad:
                     owners[id(p)] = mod
                     batch.trainable[mod] = True
-        frozen = [p for p in self._module.parameters() if id(p) in owners]
-        if sum(p.requires_grad for p in self._module.parameters()) != len(frozen):
+        toggled = [p for p in self._module.parameters() if id(p) in owners]
+        if sum(p.requires_grad for p in self._module.parameters()) != len(toggled):
             raise FastDPError(f"a parameter outside the engine's layers now requires grad; {FALLBACK_HINT}")
         # Autograd then builds no edges to the weights: backward computes activation gradients only.
-        for p in frozen:
+        for p in toggled:
             p.requires_grad_(False)
         try:
             with _ParamUseGuard(owners, self._active):
                 return self._module(*args, **kwargs)
         finally:
-            for p in frozen:
+            for p in toggled:
                 p.requires_grad_(True)
             self._current = None
             self._active.clear()
 
     def _pre_hook(self, module, inputs):
         batch = self._current
-        if batch is None or not batch.trainable.get(module):
-            return None
-        self._active.append(module)
-        x = inputs[0]
-        if type(module) is not nn.Embedding and not x.requires_grad:
-            # The output must require grad for its gradient to be computed: make the input a leaf that does.
-            return (x.detach().requires_grad_(),) + tuple(inputs[1:])
+        if batch is not None and batch.trainable.get(module):
+            self._active.append(module)
         return None
 
     def _post_hook(self, module, inputs, output):
@@ -188,8 +184,12 @@ class FastGradSampleModule(AbstractGradSampleModule):
         uses = batch.acts.setdefault(module, [])
         use = len(uses)
         uses.append((x.detach(), x._version))
-        if not output.requires_grad:    # an embedding's output: nothing upstream requires grad
-            output.requires_grad_()
+        if not output.requires_grad:
+            # Nothing upstream requires grad (the first layer, an embedding): adding a zero that does gives the
+            # output a gradient, in place and exactly, without asking autograd for the input's gradient.
+            if batch.anchor is None:
+                batch.anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            output.add_(batch.anchor.to(output.dtype))
 
         def grad_hook(grad, batch=batch, module=module, use=use):
             self._on_grad(batch, module, use, grad)
@@ -234,7 +234,7 @@ class FastGradSampleModule(AbstractGradSampleModule):
             raise ValueError("no backward pass since the last optimizer step: call loss.backward() before "
                              "optimizer.step()")
         params = [p for mod in self._layers for p in mod.parameters(recurse=False) if p.requires_grad]
-        out = {p: torch.zeros_like(p) for p in params}
+        out = {}
         norms = []
         for batch in batches:
             for module in list(batch.acts):
@@ -248,11 +248,15 @@ class FastGradSampleModule(AbstractGradSampleModule):
             coef = (max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0) * scale
             for terms in batch.terms.values():
                 for p, g in terms.clipped_sum(coef).items():
-                    out[p] += g.to(p.dtype)
+                    g = g.to(p.dtype)
+                    out[p] = g if p not in out else out[p] + g
             norms.append(per_sample)
             self.last_layer_modes = {self._names.get(m, type(m).__name__): t.mode for m, t in batch.terms.items()}
         self.last_per_sample_norms = torch.cat(norms) if norms else None
         self.iterations = len(batches)
+        for p in params:
+            if p not in out:          # a layer the loss did not reach, or an empty batch: a zero gradient
+                out[p] = torch.zeros_like(p)
         return out
 
     def discard(self, keep_forward_only: bool = True) -> None:

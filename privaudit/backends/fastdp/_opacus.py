@@ -14,13 +14,15 @@ import warnings
 
 import torch
 from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
 
 from privaudit.backends.fastdp._module import FastGradSampleModule, unsupported_layers
+from privaudit.config import CLIPPING_MODES
 
 # grad-sample modes the opacus backend offers: Opacus' three, and this engine
-GRAD_SAMPLE_MODES = ("hooks", "ew", "ghost", "fast")
+GRAD_SAMPLE_MODES = CLIPPING_MODES
 
 
 class FastDPFallbackWarning(UserWarning):
@@ -61,6 +63,20 @@ class FastDPOptimizer(DPOptimizer):
         super().zero_grad(set_to_none)
 
 
+class FastDistributedDPOptimizer(FastDPOptimizer, DistributedDPOptimizer):
+    """Under DPDDP: the fast clipping, then Opacus' distributed steps (noise on rank 0, clipped sums all-reduced)."""
+
+
+class ExpandedWeightsModule(GradSampleModuleExpandedWeights):
+    """Opacus' ew mode, except that evaluation and no-grad forward passes run the plain model: torch's expanded
+    weights refuse a forward pass while the last step's per-sample gradients are still attached."""
+
+    def forward(self, x, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return self._module(x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+
 class FastPrivacyEngine(PrivacyEngine):
     """Opacus' ``PrivacyEngine`` plus ``grad_sample_mode="fast"``.
 
@@ -74,11 +90,12 @@ class FastPrivacyEngine(PrivacyEngine):
 
     def make_private(self, *, module: nn.Module, grad_sample_mode: str = "hooks", **kwargs):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; use one of {', '.join(GRAD_SAMPLE_MODES)}")
+            raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}; "
+                             f"use one of {', '.join(GRAD_SAMPLE_MODES)}")
         if grad_sample_mode == "fast":
             problems = unsupported_layers(module)
-            if isinstance(module, nn.parallel.DistributedDataParallel) or type(module).__name__ == "DPDDP":
-                problems = ["distributed data-parallel training"]
+            if isinstance(module, nn.parallel.DistributedDataParallel):
+                problems = ["torch's DistributedDataParallel (use Opacus' DPDDP under DP)"]
             if kwargs.get("clipping", "flat") != "flat":
                 problems = [f"clipping={kwargs['clipping']!r} (the fast engine clips with one flat norm)"]
             if problems:
@@ -92,6 +109,11 @@ class FastPrivacyEngine(PrivacyEngine):
         return out
 
     def _prepare_model(self, module, *, grad_sample_mode: str = "hooks", **kwargs):
+        if (grad_sample_mode == "ew" and kwargs.get("wrap_model", True)
+                and not isinstance(module, GradSampleModuleExpandedWeights)):
+            self.validate(module=module, optimizer=None, data_loader=None)
+            return ExpandedWeightsModule(module, batch_first=kwargs.get("batch_first", True),
+                                         loss_reduction=kwargs.get("loss_reduction", "mean"))
         if grad_sample_mode != "fast":
             return super()._prepare_model(module, grad_sample_mode=grad_sample_mode, **kwargs)
         if not kwargs.get("wrap_model", True):
@@ -110,11 +132,12 @@ class FastPrivacyEngine(PrivacyEngine):
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         noise_generator = kwargs.pop("noise_generator", None)
-        kwargs.pop("distributed", None)
+        distributed = kwargs.pop("distributed", False)
         kwargs.pop("clipping", None)
         generator = self.secure_rng if self.secure_mode else noise_generator
-        return FastDPOptimizer(optimizer, grad_sample_module=self._fast_module, generator=generator,
-                               secure_mode=self.secure_mode, **kwargs)
+        cls = FastDistributedDPOptimizer if distributed else FastDPOptimizer
+        return cls(optimizer, grad_sample_module=self._fast_module, generator=generator, secure_mode=self.secure_mode,
+                   **kwargs)
 
 
 def forward_backward(model, xb, yb, per_sample_loss, *, engine=None) -> float | None:
