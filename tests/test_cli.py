@@ -11,7 +11,8 @@ import pytest
 
 from conftest import TINY, invoke
 
-COMMANDS = [["train-and-audit"], ["train"], ["audit"], ["report"], ["accountant"], ["attack"], ["check"], ["data"], ["data", "synth"], []]
+COMMANDS = [["train-and-audit"], ["train"], ["sweep"], ["audit"], ["report"], ["accountant"], ["attack"], ["check"], ["data"],
+            ["data", "synth"], ["data", "cache"], []]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "privaudit")
