@@ -273,7 +273,10 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
         if pretrain:
             if config.task != "cxr":
                 raise ConfigError("--pretrain needs a synthetic public cohort, which exists for cxr only")
-            pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(1000, data.cohort_size(config.task) // 2),
+            # The public cohort: half the private one, but at least as large as a small private cohort (up to
+            # 1,000 images), so that pretraining has something to learn from.
+            size = data.cohort_size(config.task)
+            pub_manifest_path = synthesize(config.task, tmp / "public_data", n=max(size // 2, min(1000, size)),
                                            image_size=config.image_size or task.input_size, seed=data.seed + 10_000,
                                            public=True, console=console, quiet=quiet)
             pub = load_data(DataSpec(path=pub_manifest_path, preset="manifest", seed=data.seed), config.task)

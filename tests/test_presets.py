@@ -164,7 +164,7 @@ def assert_patient_level(manifest) -> None:
 
 
 def test_registry_lists_and_rejects_unknown_names():
-    assert list_presets() == ["chexpert", "manifest", "mimic", "nih"]
+    assert list_presets() == ["chexpert", "manifest", "mimic", "msd", "nih"]
     assert create_preset("nih").name == "nih"
     with pytest.raises(RegistryError, match="unknown preset 'chexpret'.*Did you mean 'chexpert'"):
         create_preset("chexpret")
