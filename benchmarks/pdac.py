@@ -1,7 +1,7 @@
 """Benchmark of the pdac pipeline: volumes per second for loading (uncached against cached) and for DP and
 non-private training, with the peak memory.
 
-    .venv/bin/python benchmarks/pdac.py                      # 120 volumes at 32^3, width 16
+    .venv/bin/python benchmarks/pdac.py                      # 120 volumes at 32^3, width 16, batch 16
     .venv/bin/python benchmarks/pdac.py --n 400 --epochs 2
 
 It writes a synthetic cohort and a private volume cache into a temporary folder (removed at the end), so the
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="cube edge in voxels")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16, help="the pdac default")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="privaudit-bench-") as tmp:
@@ -77,7 +77,7 @@ def main() -> None:
         print(f"  cached / uncached loading speed-up       {t_nocache / t_cached:8.1f} x")
         for name, mem in memory.items():
             cuda = mem["cuda_max_allocated_mb"]
-            print(f"  peak memory after {name:<24s} CPU RSS {mem['cpu_rss_peak_mb']:.0f} MiB"
+            print(f"  peak memory after {name:<33s} CPU RSS {mem['cpu_rss_peak_mb']:.0f} MiB"
                   + (f", CUDA {cuda:.0f} MiB" if cuda is not None else ""))
         print(f"  peak memory of the process               CPU RSS {peak_memory('cpu')['cpu_rss_peak_mb']:.0f} MiB")
 

@@ -121,9 +121,9 @@ Clipping_ = Annotated[Clipping, typer.Option("--clipping", help="Per-sample clip
                       "layers than Linear, Conv, GroupNorm and Embedding fall back to hooks).")]
 NoDP_ = Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")]
 Epochs_ = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the task's; cxr 5, "
-                                                "pdac 12).")]
+                                                "pdac 15).")]
 Batch_ = Annotated[Optional[int], typer.Option("--batch-size", help="Logical (expected) batch size (default: the "
-                                               "task's; cxr 64, pdac 32).")]
+                                               "task's; cxr 64, pdac 16).")]
 PBatch_ = Annotated[Optional[int], typer.Option("--physical-batch-size", help="Largest batch held in memory at "
                                                 "once (default: the batch size).")]
 Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels or voxels (default: the "
@@ -134,7 +134,8 @@ Width_ = Annotated[Optional[int], typer.Option("--width", help="Channels of the 
                                                "task's; cxr 32, pdac 16).")]
 Arch_ = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the task's; resnet9-gn for cxr, "
                                               "cnn3d-gn for pdac).")]
-LR_ = Annotated[Optional[float], typer.Option("--lr", help="NAdam learning rate (default: the task's, 2e-3).")]
+LR_ = Annotated[Optional[float], typer.Option("--lr", help="NAdam learning rate (default: the task's; cxr 2e-3, "
+                                              "pdac 5e-4).")]
 Seed_ = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
 Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights (a state_dict).")]
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
@@ -282,8 +283,8 @@ def train_and_audit_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
-                    seed=seed, controls=controls, label_from=label_from)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
+                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
     doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
                           force=force, console=console, quiet=quiet, pdf=pdf, model_card=model_card)
     _print_headline(doc)
@@ -365,8 +366,8 @@ def sweep_cmd(
                         device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
-                    seed=seed, controls=controls, label_from=label_from)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
+                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
     doc = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
                     jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
     console.print(summary_table(doc))
@@ -424,8 +425,8 @@ def train_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=_n_samples(task, n_samples),
-                    seed=seed, controls=controls, label_from=label_from)
+    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
+                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
     from privaudit.backends.distributed import rank_zero_out
 
     with rank_zero_out(out) as target:   # under torchrun only rank 0 writes --out; the others use scratch

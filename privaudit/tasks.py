@@ -112,6 +112,7 @@ register_task(
                     "(the paper's second task, N=1,625).",
         label_docs={"pdac": "1 when the volume shows a pancreatic ductal adenocarcinoma (in the msd preset: "
                             "when the segmentation holds the tumour class)"},
-        defaults={"epochs": 12, "batch_size": 32, "width": 16, "lr": 2e-3, "n_samples": 400},
+        # Measured on 2 CPU cores: DP + non-private in a few minutes, non-private AUROC about 0.8 (README).
+        defaults={"epochs": 15, "batch_size": 16, "width": 16, "lr": 5e-4, "n_samples": 400},
     )
 )

@@ -219,6 +219,24 @@ def test_msd_labels_come_from_the_tumour_class_of_the_label_maps(msd, tmp_path):
         load_data(folder, task=TASK, controls=folder / "controls")
 
 
+def test_msd_preset_reads_an_nnunet_style_dataset_json(msd, tmp_path):
+    """nnU-Net v2 writes {"cancer": 2} and no 'training' list: cases are paired by file name."""
+    folder = _copy(msd, tmp_path / "Dataset007_Pancreas")
+    ds = json.loads((folder / "dataset.json").read_text())
+    n_cases = len(ds.pop("training"))
+    ds["labels"] = {"background": 0, "pancreas": 1, "cancer": 2}
+    (folder / "dataset.json").write_text(json.dumps(ds))
+    for image in (folder / "imagesTr").glob("*.nii.gz"):
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    demo = pd.read_csv(folder / "demographics.csv")
+    demo["image"] = demo["image"].str.replace(".nii.gz", "_0000.nii.gz", regex=False)
+    demo.to_csv(folder / "demographics.csv", index=False)
+    with pytest.warns(UserWarning, match="shortcut"):
+        manifest = load_data(folder, task=TASK, controls=folder / "controls")
+    tumours = manifest.frame[manifest.frame["site"] == "msd"]
+    assert len(tumours) == n_cases and tumours["path"].str.endswith("_0000.nii.gz").all()
+
+
 def test_msd_without_controls_is_one_class_and_refused(msd):
     with pytest.raises(DataError, match="one class.*--controls"):
         load_data(msd, task=TASK)

@@ -713,9 +713,12 @@ def _msd_tumour_class(dataset: dict, source: Path) -> int:
     if not isinstance(names, dict):
         raise DataError(f"{source}: 'labels' must map class numbers to names, like "
                         '{"0": "background", "1": "pancreas", "2": "cancer"}')
+    # MSD writes {"2": "cancer"}; nnU-Net v2 writes {"cancer": 2}: the class is whichever side is a number.
     found = [k for k, v in names.items() if MSD_TUMOUR_NAMES.search(str(v))]
+    found += [v for k, v in names.items() if MSD_TUMOUR_NAMES.search(str(k)) and not isinstance(v, (dict, list))]
     if not found:
-        raise DataError(f"{source}: 'labels' names no tumour class ({', '.join(f'{k}: {v}' for k, v in names.items())}); "
+        listed = ", ".join(f"{k}: {v}" for k, v in names.items())
+        raise DataError(f"{source}: 'labels' names no tumour class ({listed}); "
                         "the msd preset needs one called cancer, tumour, mass or lesion")
     try:
         return int(found[0])
@@ -772,6 +775,22 @@ def _control_volumes(controls: Path) -> list[Path]:
     return found
 
 
+def _pairs_from_folders(folder: Path) -> list[dict]:
+    """Image/label pairs from ``labelsTr/<case>.nii.gz`` and ``imagesTr/<case>_0000.nii.gz`` (or
+    ``imagesTr/<case>.nii.gz``), for dataset.json files without a 'training' list."""
+    from privaudit.data.volumes import is_nifti
+
+    pairs = []
+    for label in sorted((folder / "labelsTr").iterdir()):
+        if label.name.startswith(".") or not is_nifti(label):
+            continue
+        case, suffix = label.name.split(".", 1)
+        names = (f"{case}_0000.{suffix}", label.name)
+        image = next((f"imagesTr/{n}" for n in names if (folder / "imagesTr" / n).is_file()), f"imagesTr/{label.name}")
+        pairs.append({"image": image, "label": f"labelsTr/{label.name}"})
+    return pairs
+
+
 def _load_msd(
     path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool,
     controls: Path | None = None, label_from: str | None = None,
@@ -795,10 +814,16 @@ def _load_msd(
     try:
         dataset = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{source}: not readable JSON ({type(e).__name__}); restore it from the Decathlon archive") from None
-    training = dataset.get("training") if isinstance(dataset, dict) else None
+        raise DataError(f"{source}: not readable JSON ({type(e).__name__}); restore it from the Decathlon "
+                        "archive") from None
+    if not isinstance(dataset, dict):
+        raise DataError(f"{source}: expected a JSON object with 'training' and 'labels'; is this an MSD dataset.json?")
+    training = dataset.get("training")
+    if training is None and (folder / "labelsTr").is_dir():
+        training = _pairs_from_folders(folder)   # nnU-Net v2 style: no list, cases found by file name
     if not isinstance(training, list) or not training:
-        raise DataError(f"{source}: no 'training' list of image/label pairs; is this an MSD dataset.json?")
+        raise DataError(f"{source}: no 'training' list of image/label pairs and no labelsTr/ volumes; is this an "
+                        "MSD dataset.json?")
     tumour = _msd_tumour_class(dataset, source)
 
     rows = []
@@ -852,10 +877,12 @@ def _load_msd(
         parts.append(_demographics(controls, ctrl, rel_to_controls))
     out = pd.concat(parts, ignore_index=True)
     if out["pdac"].nunique() < 2:
-        raise DataError(f"{folder}: every case is a tumour scan ({len(out)} MSD cases, each with a pancreatic mass), so "
+        raise DataError(f"{folder}: every case is a tumour scan ({len(out)} MSD cases, each with a pancreatic mass), "
+                        "so "
                         "the cohort has one class; add tumour-free scans with --controls DIR (e.g. NIH Pancreas-CT "
                         "converted to NIfTI)")
-    if not {"sex", "age"} <= set(out.columns) or out[[c for c in ("sex", "age") if c in out.columns]].isna().all().any():
+    present = [c for c in ("sex", "age") if c in out.columns]
+    if len(present) < 2 or out[present].isna().any().any():
         warnings.warn(f"{folder}: no {DEMOGRAPHICS} with sex and age for every source, so those attributes are "
                       "absent or partly unknown and the audit cannot compare them; put one (image, sex, age) in "
                       "each source folder to add them", UserWarning, stacklevel=3)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privaudit.errors import DataError
+from privaudit.errors import ConfigError, DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
@@ -62,9 +62,9 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.size < 2:
-            raise DataError(f"volume size {self.size} is too small")
+            raise ConfigError(f"volume size {self.size} is too small; use at least 16 voxels")
         if not self.window[1] > self.window[0]:
-            raise DataError(f"CT window {self.window} must go from low to high HU")
+            raise ConfigError(f"CT window {self.window} must go from low to high HU")
 
     @property
     def target_spacing(self) -> tuple[float, float, float]:
@@ -217,8 +217,9 @@ def read_volume(path: Path):
         img = reader.read(str(path))
         array, meta = reader.get_data(img)
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt NIfTI data ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-export the volume or drop its row") from None
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise DataError(f"{path}: truncated or corrupt NIfTI data ({type(e).__name__}: {detail}); re-export the "
+                        "volume or drop its row") from None
     if not np.isfinite(array).all():
         raise DataError(f"{path}: the volume holds NaN or infinite values; re-export it")
     return EnsureChannelFirst()(MetaTensor(np.ascontiguousarray(array, dtype=np.float32), meta=meta))

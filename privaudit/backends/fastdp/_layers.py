@@ -190,7 +190,9 @@ def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None) -> LayerTer
     if weight is None:
         return _matmul_terms(None, b, None, bias, None)
     if not ghost and _grouped_is_faster(layer, acts[0]):
-        per_sample = sum(_grouped_weight_grads(layer, x.to(dtype), y, n) for x, y in zip(acts, grads))
+        per_sample = _grouped_weight_grads(layer, acts[0].to(dtype), grads[0], n)
+        for x, y in zip(acts[1:], grads[1:]):       # a layer used more than once: its uses add up
+            per_sample += _grouped_weight_grads(layer, x.to(dtype), y, n)
         return _matmul_terms(None, b, weight, bias, lambda w: w.reshape(shape),
                              per_sample=per_sample.view(n, g, p, d))
     # channels-last patches (n, T, K * C_in) -> (n, G, T, K * C_in / G), uses of the layer side by side along T
