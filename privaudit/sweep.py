@@ -101,7 +101,7 @@ def _identity(base: TrainConfig, data) -> dict:
     spec = {"path": str(Path(data.path).absolute()) if data.path else None, "preset": data.preset,
             "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed}
     if data.path is None:
-        spec["n_samples"] = data.n_samples
+        spec["n_samples"] = data.cohort_size(base.task)
     return {"task": base.task, "train": train, "data": spec}
 
 
@@ -213,10 +213,10 @@ def run_sweep(base: TrainConfig, data, out: Path, *, points: list[SweepPoint], s
             manifest_path = out / "data" / "manifest.csv"
             if not manifest_path.is_file():
                 with staged_dir(out / "data", force=True) as tmp:
-                    synthesize(base.task, tmp, n=data.n_samples, image_size=base.image_size or task.input_size,
+                    synthesize(base.task, tmp, n=data.cohort_size(base.task), image_size=base.image_size or task.input_size,
                                seed=data.seed, console=console, quiet=quiet)
             run_data = dataclasses.replace(data, path=manifest_path, preset="manifest")
-            data_info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.n_samples,
+            data_info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.cohort_size(base.task),
                          "seed": data.seed}
         else:
             run_data = dataclasses.replace(data, path=Path(data.path).absolute())
