@@ -37,6 +37,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
+from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
 from privaudit.data.manifest import Manifest
@@ -438,30 +439,12 @@ class TfBackend:
         task = create_task(config.task)
         arch = config.arch or task.default_arch
         size = config.image_size or task.input_size
-        dp = config.dp
         frame = manifest.frame
-        train_mask = (frame["split"] == "train").to_numpy()
-        canaries = None
-        if config.canaries:
-            from privaudit.data.canaries import make_canaries
-
-            if task.spatial_dims != 2:
-                raise ConfigError(f"--canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
-                                  "without --canaries (the loss and LiRA/RMIA attacks still audit membership)")
-            canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
-                                     seed=config.seed + 7919)
-        # Included canaries are training samples: the sample rate and delta account for them.
-        n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
-        if config.batch_size > n_train:
-            raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
-                              "use a smaller batch size")
+        plan = plan_training(manifest, config, task, size)
+        train_mask, canaries, n_train, dp, sample_rate = (plan.train_mask, plan.canaries, plan.n_train, plan.dp,
+                                                          plan.sample_rate)
         if dp.enabled:
-            dp = dp.resolve_delta(n_train)
             _fresh_accountant(dp.accountant)  # refuse gdp before any work
-        sample_rate = config.batch_size / n_train
-        if dp.enabled and sample_rate >= 1:
-            raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
-                              "below 1 for DP amplification by sampling; use a smaller --batch-size")
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
         device = pick_device(config.device)
@@ -521,7 +504,8 @@ class TfBackend:
             _, closs = predict_arrays(model, _prepare(cx), cy)
             write_predictions(canary_table(included, closs), out / "canaries.csv")
             canary_info = {"m": len(included), "n_included": int(included.sum()), "kind": CANARY_KIND,
-                           "inclusion_probability": 0.5, "seed": config.seed + 7919, "file": "canaries.csv"}
+                           "inclusion_probability": 0.5, "seed": config.seed + CANARY_SEED_OFFSET,
+                           "file": "canaries.csv"}
 
         privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
                    "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}

@@ -1,0 +1,49 @@
+"""What every backend settles before it trains: canaries, the training-set size, delta and the sample rate.
+
+Framework-free, so that the opacus and tf backends refuse the same inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from privaudit.config import DPConfig, TrainConfig
+from privaudit.errors import ConfigError
+
+CANARY_SEED_OFFSET = 7919
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    train_mask: np.ndarray      # rows of the manifest in the training split
+    canaries: tuple | None      # (images, labels, included) from make_canaries, or None
+    n_train: int                # training samples, included canaries counted
+    dp: DPConfig                # with delta resolved for n_train when DP is on
+    sample_rate: float          # expected batch / n_train
+
+
+def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPlan:
+    """Make the canaries and check the batch against the training set; raise ConfigError with the fix."""
+    train_mask = (manifest.frame["split"] == "train").to_numpy()
+    canaries = None
+    if config.canaries:
+        from privaudit.data.canaries import make_canaries
+
+        if task.spatial_dims != 2:
+            raise ConfigError(f"--canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
+                              "without --canaries (the loss and LiRA/RMIA attacks still audit membership)")
+        canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
+                                 seed=config.seed + CANARY_SEED_OFFSET)
+    # Included canaries are training samples: the sample rate and delta account for them.
+    n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
+    if config.batch_size > n_train:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
+                          "use a smaller batch size")
+    dp = config.dp.resolve_delta(n_train) if config.dp.enabled else config.dp
+    sample_rate = config.batch_size / n_train
+    if dp.enabled and sample_rate >= 1:
+        raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
+                          "below 1 for DP amplification by sampling; use a smaller --batch-size")
+    return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate)
