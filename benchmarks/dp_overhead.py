@@ -8,9 +8,9 @@ hooks, ew and ghost modes and privaudit's ``fast`` engine, all in one process, f
 A step is what training does per batch: zero_grad, forward, backward, ``optimizer.step()`` (NAdam; under DP
 with Opacus' noise and accountant, noise multiplier 1, C = 1). The modes take turns in rounds, so that a
 change in the machine's load hits them alike; each reports the median over ``--steps`` timed steps after
-``--warmup`` untimed ones, its ratio to non-private, and the peak memory a step adds (CUDA: the allocator's
-peak; CPU: the process's resident-set high-water mark over the steps, after returning freed memory to the
-system). The CXR lines come first, one per mode:
+``--warmup`` untimed ones, its ratio to non-private, and the peak memory one step adds to the model, optimizer
+state and data, starting with no gradients held (CUDA: the allocator's peak; CPU: the process's resident-set
+high-water mark, after returning freed memory to the system). The CXR lines come first, one per mode:
 
     fast      281.0 ms/step    1.86x   peak    412 MiB
 """
@@ -129,6 +129,8 @@ def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_
     peaks = {}
     meter = PeakMemory(device)
     for r in runners:
+        # from a clean state: the previous step's gradients (and Opacus' per-sample ones) released first
+        r.optimizer.zero_grad(set_to_none=True)
         meter.start()
         r.step()
         peaks[r.mode] = meter.mib()
