@@ -1,11 +1,13 @@
-"""What every backend settles before it trains: canaries, the training-set size, delta and the sample rate.
-
-Framework-free, so that the opacus and tf backends refuse the same inputs with the same messages.
+"""What every backend shares before and around training: canaries, the training-set size, delta and the
+sample rate (so that the opacus and tf backends refuse the same inputs with the same messages), the progress
+bars, and file hashes. Framework-free.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,3 +49,20 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
         raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
                           "below 1 for DP amplification by sampling; use a smaller --batch-size")
     return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate)
+
+
+def sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (weights can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def progress_bars(console, quiet: bool):
+    """The rich progress display both backends use for loading, epochs and steps."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import pickle
 import platform
 import time
@@ -12,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -20,7 +18,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
 from privaudit.backends.torch_models import create_model
-from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training
+from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training, progress_bars, sha256
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
 from privaudit.data.manifest import Manifest
@@ -136,14 +134,6 @@ def _load_into(model: nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit the architecture ({detail}); check --arch and --width") from None
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def _predict(model: nn.Module, x: np.ndarray, y: np.ndarray, device, batch: int = 256):
     model.eval()
@@ -157,18 +147,11 @@ def _predict(model: nn.Module, x: np.ndarray, y: np.ndarray, device, batch: int 
     return np.concatenate(probs), np.concatenate(losses)
 
 
-def _progress(console, quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)
-
-
 class OpacusBackend:
     name = "opacus"
 
     def load_data(self, manifest: Manifest, size: int, *, task, console=None, quiet=False):
-        with _progress(console, quiet) as prog:
+        with progress_bars(console, quiet) as prog:
             t = prog.add_task("loading images", total=len(manifest.frame), info="")
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
@@ -182,8 +165,7 @@ class OpacusBackend:
         size = config.image_size or task.input_size
         frame = manifest.frame
         plan = plan_training(manifest, config, task, size)
-        train_mask, canaries, n_train, dp, sample_rate = (plan.train_mask, plan.canaries, plan.n_train, plan.dp,
-                                                          plan.sample_rate)
+        train_mask, canaries, n_train, dp = plan.train_mask, plan.canaries, plan.n_train, plan.dp
 
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -318,7 +300,7 @@ class OpacusBackend:
         x_val, y_val = x[frame["split"].to_numpy() == "val"], y[frame["split"].to_numpy() == "val"]
         steps = 0
         t0 = time.perf_counter()
-        with _progress(console, quiet) as prog:
+        with progress_bars(console, quiet) as prog:
             ep_task = prog.add_task("epochs", total=config.epochs, info="")
             for epoch in range(config.epochs):
                 model.train()

@@ -37,7 +37,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
-from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training
+from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training, progress_bars, sha256
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
 from privaudit.data.manifest import Manifest
@@ -402,23 +402,6 @@ def load_keras_model(path: Path):
         raise CheckpointError(f"{path}: not a loadable Keras 2 (tf-keras) model ({type(e).__name__}: {first})") from None
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _progress(console, quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)
-
-
 class TfBackend:
     name = "tf"
 
@@ -427,7 +410,7 @@ class TfBackend:
         import_dp_query()
 
     def load_data(self, manifest: Manifest, size: int, *, task, console=None, quiet=False):
-        with _progress(console, quiet) as prog:
+        with progress_bars(console, quiet) as prog:
             t = prog.add_task("loading images", total=len(manifest.frame), info="")
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
@@ -564,7 +547,7 @@ class TfBackend:
         plain = None if dp.enabled else shuffled_batches(x_train, y_train, batch_size=config.batch_size,
                                                          seed=config.seed)
         t0 = time.perf_counter()
-        with _progress(console, quiet) as prog:
+        with progress_bars(console, quiet) as prog:
             ep_task = prog.add_task("epochs", total=config.epochs, info="")
             for epoch in range(config.epochs):
                 st = prog.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, info="")
