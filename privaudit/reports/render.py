@@ -167,17 +167,26 @@ CONFIG_KEYS = ("backend", "arch", "width", "image_size", "epochs", "batch_size",
 
 
 def _config_rows(study: dict) -> tuple[list[str], list[dict]]:
-    configs = study.get("configs") or {}
+    """The training settings as (model names, one row per setting with a value per model): settings down,
+    models across, so that the table fits a page whatever the number of settings."""
+    configs = {name: c or {} for name, c in (study.get("configs") or {}).items()}
     if not configs:
         return [], []
-    keys = [k for k in CONFIG_KEYS if any(k in (c or {}) for c in configs.values())]
+    names = list(configs)
     rows = []
-    for name, c in configs.items():
-        dp = (c or {}).get("dp") or {}
-        rows.append({"name": name, "values": [(c or {}).get(k) for k in keys],
-                     "dp": "off" if not dp.get("enabled", True) else
-                     ", ".join(f"{k}={v}" for k, v in dp.items() if k != "enabled" and v is not None)})
-    return keys, rows
+    for key in CONFIG_KEYS:
+        if any(key in c for c in configs.values()):
+            vals = [configs[n].get(key) for n in names]
+            rows.append({"setting": key.replace("_", " "),
+                         "values": [("none" if key == "init" else "task default") if v is None else v
+                                    for v in vals]})
+    dp_vals = []
+    for n in names:
+        dp = configs[n].get("dp") or {}
+        dp_vals.append("off" if not dp.get("enabled", True) else
+                       ", ".join(f"{k}={v}" for k, v in dp.items() if k != "enabled" and v is not None))
+    rows.append({"setting": "DP", "values": dp_vals})
+    return names, rows
 
 
 def build_context(doc: dict, *, checks=None, policy_name: str | None = None, model_card: dict | None = None,
