@@ -29,7 +29,7 @@ def _find_manifest(run_dir: Path, cfg: dict) -> Path:
     rel = Path((cfg.get("data") or {}).get("manifest") or "")
     places = [rel] if rel.is_absolute() else [run_dir / rel, run_dir.parent / rel]
     for cand in places:
-        if str(rel) and cand.is_file():
+        if str(rel) and cand.exists():  # a manifest.csv, or a dataset folder read through a preset
             return cand
     raise DataError(f"{run_dir}: cannot find the run's data ({rel}); shadow models train on the run's own data pool")
 
@@ -69,7 +69,11 @@ def _train_shadow(spec_path: str) -> str:
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.from_dict(spec["config"])
-    manifest = load_data(DataSpec(path=Path(spec["manifest"]), preset="manifest", labels=tuple(spec["labels"])),
+    data = spec.get("data") or {}  # the run's own preset and its options, so that sample ids match the run's
+    manifest = load_data(DataSpec(path=Path(spec["manifest"]), preset=data.get("preset"),  # None: detect it
+                                  labels=tuple(spec["labels"]), views=data.get("views") or "frontal",
+                                  controls=Path(data["controls"]) if data.get("controls") else None,
+                                  label_from=data.get("label_from")),
                          config.task)
     frame = manifest.frame.copy()
     inside = set(spec["included"])
@@ -128,6 +132,7 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
         else:
             included = preds.loc[rng.random(len(preds)) < 0.5, "sample_id"].tolist()
         spec = {"index": i, "seed": config.seed + 1 + i, "manifest": str(manifest.absolute()),
+                "data": {k: (cfg.get("data") or {}).get(k) for k in ("preset", "views", "controls", "label_from")},
                 "labels": [c[2:] for c in preds.columns if c.startswith("p_")], "included": included,
                 "config": dataclasses.replace(config, seed=config.seed + 1 + i).to_dict()}
         todo.append((folder, spec))

@@ -112,7 +112,8 @@ def _prepare_data(config: TrainConfig, data: DataSpec, workdir: Path, *, console
         info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": n, "seed": data.seed}
     else:
         spec = data
-        info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
+        info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset,
+                "views": data.views}
         if data.controls is not None:
             info["controls"] = str(Path(data.controls).absolute())
         if data.label_from is not None:

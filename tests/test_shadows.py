@@ -73,3 +73,24 @@ def test_jobs_train_shadows_in_parallel_processes(run, tmp_path):
     assert all((copy / "shadows" / f"shadow_{i}" / "stats.csv").is_file() for i in range(2))
     attacks = json.loads((copy / "audit.json").read_text())["models"]["run"]["privacy"]["attacks"]
     assert attacks["lira_offline"] is not None
+
+
+@pytest.mark.filterwarnings("ignore:site is set from each source:UserWarning")  # the msd preset's shortcut warning
+def test_shadow_models_reload_a_preset_folder_with_the_runs_own_preset(tmp_path):
+    """A run trained on an MSD folder (+ controls) has no manifest.csv: its shadows must read the same folder
+    through the same preset, or their sample ids would not match the run's."""
+    msd = tmp_path / "Task07_Pancreas"
+    res = invoke("data", "synth", "pdac", "--out", msd, "--n", "40", "--image-size", "16", "--seed", "2",
+                 "--layout", "msd", "--quiet")
+    assert res.exit_code == 0, res.stderr
+    run = tmp_path / "run"
+    res = invoke("train", "pdac", "--data", msd, "--controls", msd / "controls", "--image-size", "16", "--epochs",
+                 "1", "--width", "4", "--batch-size", "8", "--no-dp", "--quiet", "--out", run)
+    assert res.exit_code == 0, res.stderr
+    res = invoke("attack", "lira", run, "--shadows", "1", "--offline", "--n-boot", "10", "--quiet")
+    assert res.exit_code == 0, res.stderr
+    spec = json.loads((run / "shadows" / "shadow_0" / "spec.json").read_text())
+    assert spec["data"]["controls"] == str((msd / "controls").absolute())
+    scores = pd.read_csv(run / "attack_scores.csv", dtype={"sample_id": str})
+    preds = pd.read_csv(run / "predictions.csv", dtype={"sample_id": str})
+    assert set(scores["sample_id"]) == set(preds["sample_id"])
