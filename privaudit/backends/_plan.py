@@ -66,3 +66,20 @@ def progress_bars(console, quiet: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)
+
+
+def write_canaries(out: Path, canaries: tuple, losses, seed: int) -> dict:
+    """Write the canaries' membership and losses to ``out/canaries.csv``; return train.json's canary block."""
+    from privaudit.data.canaries import CANARY_KIND, canary_table
+    from privaudit.predictions import write_predictions
+
+    _, _, included = canaries
+    write_predictions(canary_table(included, losses), out / "canaries.csv")
+    return {"m": len(included), "n_included": int(included.sum()), "kind": CANARY_KIND,
+            "inclusion_probability": 0.5, "seed": seed + CANARY_SEED_OFFSET, "file": "canaries.csv"}
+
+
+def non_private_block(steps: int) -> dict:
+    """train.json's privacy block for a run that claims no epsilon (the DP and clip-only blocks extend it)."""
+    return {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
+            "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}

@@ -18,7 +18,8 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
 from privaudit.backends.torch_models import create_model
-from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training, progress_bars, sha256
+from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
+                                     write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
 from privaudit.data.manifest import Manifest
@@ -253,17 +254,11 @@ class OpacusBackend:
         write_predictions(preds, out / "predictions.csv")
         canary_info = None
         if canaries is not None:
-            from privaudit.data.canaries import CANARY_KIND, canary_table
-
-            cx, cy, included = canaries
+            cx, cy, _ = canaries
             _, closs = _predict(base, cx, cy, device)
-            write_predictions(canary_table(included, closs), out / "canaries.csv")
-            canary_info = {"m": len(included), "n_included": int(included.sum()), "kind": CANARY_KIND,
-                           "inclusion_probability": 0.5, "seed": config.seed + CANARY_SEED_OFFSET,
-                           "file": "canaries.csv"}
+            canary_info = write_canaries(out, canaries, closs, config.seed)
 
-        privacy = {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
-                   "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
+        privacy = non_private_block(steps)
         if engine is not None and dp.noise_multiplier == 0:
             # Clip-only baseline: per-sample clipping and Poisson sampling as under DP, but no noise, so no
             # epsilon is claimed (dp false); the clipping is recorded to separate its cost from the noise's.
