@@ -64,17 +64,25 @@ def check_patient_level_splits(frame: pd.DataFrame, source: Path) -> None:
         )
 
 
+def splits_from_order(order: np.ndarray, fractions=(0.7, 0.1, 0.2)) -> np.ndarray:
+    """Split names for items 0..n-1 given a random ``order`` of them: the first ``fractions[0]`` of the order
+    train, the next ``fractions[1]`` val, the rest test (counts rounded)."""
+    n = len(order)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    split = np.empty(n, dtype=object)
+    split[order[:n_train]] = "train"
+    split[order[n_train:n_train + n_val]] = "val"
+    split[order[n_train + n_val:]] = "test"
+    return split
+
+
 def assign_patient_splits(frame: pd.DataFrame, *, seed: int, fractions=(0.7, 0.1, 0.2)) -> pd.Series:
     """Assign train/val/test at patient level with a seeded permutation of patients."""
     patients = np.array(sorted(frame["patient_id"].astype(str).unique()))
     rng = np.random.default_rng(seed)
     rng.shuffle(patients)
-    n = len(patients)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
-    which = {}
-    for i, pid in enumerate(patients):
-        which[pid] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+    which = dict(zip(patients, splits_from_order(np.arange(len(patients)), fractions)))
     return frame["patient_id"].astype(str).map(which)
 
 

@@ -49,6 +49,7 @@ from scipy.special import expit
 
 from privaudit import __version__ as PRIVAUDIT_VERSION
 from privaudit._fs import write_json
+from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group
 
@@ -197,13 +198,7 @@ def sample_cohort(n: int, *, seed: int = 0) -> pd.DataFrame:
     u = rng.random(n)
     site = np.where(pdac == 1, np.searchsorted(np.cumsum(p_pos), u * p_pos.sum()),
                     np.searchsorted(np.cumsum(p_neg), u * p_neg.sum()))
-    order = rng.permutation(n)
-    n_train = int(round(SPLIT_FRACTIONS["train"] * n))
-    n_val = int(round(SPLIT_FRACTIONS["val"] * n))
-    split = np.empty(n, dtype=object)
-    split[order[:n_train]] = "train"
-    split[order[n_train:n_train + n_val]] = "val"
-    split[order[n_train + n_val:]] = "test"
+    split = splits_from_order(rng.permutation(n), tuple(SPLIT_FRACTIONS.values()))
     width = max(4, len(str(n)))
     ids = [f"CT{i:0{width}d}" for i in range(n)]
     frame = pd.DataFrame({

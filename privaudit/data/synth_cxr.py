@@ -51,6 +51,7 @@ from scipy.special import expit
 
 from privaudit import __version__ as PRIVAUDIT_VERSION
 from privaudit._fs import write_json
+from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group, create_task
 
@@ -287,13 +288,7 @@ def _draw_cohort(n: int, seed: int, design: CohortDesign) -> tuple[pd.DataFrame,
         labels[rows] = labels[rows - 1]
     unknown = rng.random(labels.shape) < MISSING_LABEL_RATE
 
-    order = rng.permutation(n_patients)
-    n_train = int(round(SPLIT_FRACTIONS["train"] * n_patients))
-    n_val = int(round(SPLIT_FRACTIONS["val"] * n_patients))
-    patient_split = np.empty(n_patients, dtype=object)
-    patient_split[order[:n_train]] = "train"
-    patient_split[order[n_train:n_train + n_val]] = "val"
-    patient_split[order[n_train + n_val:]] = "test"
+    patient_split = splits_from_order(rng.permutation(n_patients), tuple(SPLIT_FRACTIONS.values()))
 
     width = max(5, len(str(n_patients)))
     patient_id = np.array([f"{design.patient_prefix}{i:0{width}d}" for i in range(n_patients)], dtype=object)[patient]
