@@ -18,7 +18,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
 from privaudit.backends.torch_models import create_model
-from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
+from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -181,7 +181,7 @@ class OpacusBackend:
         if config.init:
             init_path = Path(config.init)
             _load_into(model, load_state_dict(init_path), init_path)
-            init_info = {"path": str(init_path), "sha256": sha256(init_path)}
+            init_info = {"path": recorded_path(init_path, out), "sha256": sha256(init_path)}
         if dp.enabled:
             check_dp_compatible(model)
         model.to(device)

@@ -37,7 +37,7 @@ from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
-from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
+from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -448,6 +448,7 @@ class TfBackend:
             init_info = None
             if config.init:
                 init_info = self._load_init(model, Path(config.init))
+                init_info["path"] = recorded_path(Path(config.init), out)
             optimizer = make_optimizer(config.lr)
             if dp.enabled:
                 noise_multiplier = dp.noise_multiplier
