@@ -265,3 +265,47 @@ def test_a_soundness_violation_is_shouted():
     assert any("SOUNDNESS VIOLATION" in w for w in rep.warnings)
     html = render_html(rep)
     assert "SOUNDNESS VIOLATION" in html and "soundness violated" in html  # in the section and the summary
+
+
+def test_each_section_is_its_own_include_in_the_report_order():
+    from jinja2 import meta
+
+    from privaudit.reports.render import SECTIONS as NAMES, environment
+
+    env = environment()
+    source = env.loader.get_source(env, "report.html.j2")[0]
+    refs = [r for r in meta.find_referenced_templates(env.parse(source)) if r.startswith("sections/")]
+    assert refs == [f"sections/{n}.html.j2" for n in NAMES]
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    html = render_html(rep)
+    ctx_ids = []
+    for name in NAMES:
+        body = env.loader.get_source(env, f"sections/{name}.html.j2")[0]
+        m = re.search(r'<section id="([a-z-]+)">', body)
+        assert m and m.group(1) == name.replace("_", "-")
+        ctx_ids.append(html.index(f'<section id="{m.group(1)}">'))
+    assert ctx_ids == sorted(ctx_ids)  # shown in the contents' order
+    assert html.count("<section ") == len(NAMES)
+
+
+def test_a_custom_template_folder_includes_and_overrides_packaged_sections(tmp_path):
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    rep.to_json(tmp_path / "audit.json")
+    tpl = tmp_path / "tpl"
+    (tpl / "sections").mkdir(parents=True)
+    (tpl / "report.html.j2").write_text('<!DOCTYPE html><h1>Our {{ title }}</h1>\n'
+                                        '{% include "sections/privacy.html.j2" %}\n'
+                                        '{% include "sections/warnings.html.j2" %}\n')
+    (tpl / "sections" / "warnings.html.j2").write_text("<p>house warnings: {{ warnings|length }}</p>")
+    [out] = write_report(tmp_path / "audit.json", tmp_path / "r.html", template_dir=tpl)
+    html = out.read_text()
+    default = render_html(rep)
+    packaged_privacy = default[default.index('<section id="privacy">'):default.index("</section>", default.index(
+        '<section id="privacy">'))]
+    assert "<h1>Our privaudit report" in html and packaged_privacy in html  # the packaged section, as is
+    assert f"<p>house warnings: {len(rep.warnings)}</p>" in html and "Warnings and limitations" not in html
+    assert 'id="utility"' not in html  # only what the custom page includes
+    (tpl / "report.html.j2").write_text('{% include "sections/nope.html.j2" %}')
+    with pytest.raises(DataError, match="no sections/nope.html.j2 in that folder or among privaudit's templates"):
+        write_report(tmp_path / "audit.json", tmp_path / "r2.html", template_dir=tpl)
+    assert not (tmp_path / "r2.html").exists()

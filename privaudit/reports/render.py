@@ -13,7 +13,8 @@ import os
 import tomllib
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound, select_autoescape
+from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound,
+                    select_autoescape)
 
 from privaudit.audit.results import AuditReport
 from privaudit.errors import ConfigError, DataError, MissingDependencyError
@@ -59,8 +60,19 @@ def _sci(x) -> str:
     return "n/a" if x is None else f"{x:.1e}"
 
 
+# The top-level template, and the one include per report section (``templates/sections/<name>.html.j2``), in
+# the order the report shows them.
+MAIN_TEMPLATE = "report.html.j2"
+SECTIONS = ("summary", "model", "data", "privacy", "utility", "fairness", "empirical_privacy", "trade_offs",
+            "warnings", "provenance")
+
+
 def environment(template_dir: Path | None = None) -> Environment:
-    loader = FileSystemLoader(str(template_dir)) if template_dir else PackageLoader("privaudit.reports", "templates")
+    """The Jinja environment of the report. With ``template_dir``, a name (``report.html.j2``, ``report.css``,
+    ``sections/privacy.html.j2``) is looked up in that folder first and among privaudit's templates second, so a
+    custom page can include the packaged sections and a custom section can replace one of them."""
+    packaged = PackageLoader("privaudit.reports", "templates")
+    loader = ChoiceLoader([FileSystemLoader(str(template_dir)), packaged]) if template_dir else packaged
     env = Environment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update({"fmt": _fmt, "ci": _ci, "pval": _pval, "pct": _pct, "sci": _sci})
@@ -219,15 +231,20 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
 
 def render_html(report: AuditReport, *, template_dir: Path | None = None, title: str | None = None,
                 checks=None, policy_name: str | None = None, model_card: dict | None = None) -> str:
-    if template_dir is not None and not Path(template_dir).is_dir():
-        raise DataError(f"--template {template_dir}: folder not found; give a folder holding report.html.j2")
+    if template_dir is not None:
+        if not Path(template_dir).is_dir():
+            raise DataError(f"--template {template_dir}: folder not found; give a folder holding {MAIN_TEMPLATE}")
+        if not (Path(template_dir) / MAIN_TEMPLATE).is_file():
+            raise DataError(f"--template {template_dir}: no {MAIN_TEMPLATE} in that folder; copy privaudit's "
+                            f"{MAIN_TEMPLATE} there as a starting point (it may include privaudit's sections/*.html.j2)")
     ctx = build_context(report.data, checks=checks, policy_name=policy_name, model_card=model_card, title=title)
     try:
-        template = environment(template_dir).get_template("report.html.j2")
-    except TemplateNotFound as e:
-        raise DataError(f"--template {template_dir}: no {e.name} in that folder; copy privaudit's "
-                        "report.html.j2 (and report.css) there as a starting point") from None
-    return template.render(**ctx)
+        return environment(template_dir).get_template(MAIN_TEMPLATE).render(**ctx)
+    except TemplateNotFound as e:  # an include that neither the folder nor privaudit's templates hold
+        if template_dir is None:
+            raise
+        raise DataError(f"--template {template_dir}: no {e.name} in that folder or among privaudit's templates; "
+                        f"the packaged sections are {', '.join(f'sections/{s}.html.j2' for s in SECTIONS)}") from None
 
 
 def html_to_pdf(html: str) -> bytes:
