@@ -309,3 +309,24 @@ def test_a_custom_template_folder_includes_and_overrides_packaged_sections(tmp_p
     with pytest.raises(DataError, match="no sections/nope.html.j2 in that folder or among privaudit's templates"):
         write_report(tmp_path / "audit.json", tmp_path / "r2.html", template_dir=tpl)
     assert not (tmp_path / "r2.html").exists()
+
+
+def test_public_formatting_helpers_write_what_the_report_shows():
+    from privaudit.reports import format_ci, format_number, format_p_value, format_percent, format_sci
+    from privaudit.reports.render import _ci, environment
+
+    assert format_number(0.81234) == "0.812" and format_number(0.81234, 1) == "0.8"
+    assert format_number(None) == format_number(float("nan")) == "n/a"
+    assert format_number(7) == "7" and format_number("rdp") == "rdp"
+    assert format_ci({"estimate": 0.8, "ci_low": 0.7512, "ci_high": 0.84999}) == "0.800 (0.751 to 0.850)"
+    assert format_ci({"estimate": 0.8, "ci_low": 0.7512, "ci_high": 0.84999}, digits=2) == "0.80 (0.75 to 0.85)"
+    assert format_ci({"estimate": 0.8, "ci_low": None, "ci_high": None}) == "0.800"  # no interval: estimate alone
+    assert format_ci({"estimate": None, "ci_low": 0.1, "ci_high": 0.2}) == format_ci(None) == format_ci({}) == "n/a"
+    assert format_p_value(0.0004) == "<0.001" and format_p_value(0.0123) == "0.012" and format_p_value(None) == "n/a"
+    assert format_percent(0.1234) == "12.3%" and format_percent(0.5, 0) == "50%" and format_sci(1e-5) == "1.0e-05"
+    assert _ci is format_ci  # the private name stays until the CLI uses the public one
+    # the template filters are these functions, so CLI text and report text agree
+    env = environment()
+    assert env.filters["ci"] is format_ci and env.filters["fmt"] is format_number
+    block = {"estimate": 0.5, "ci_low": 0.25, "ci_high": 0.75}
+    assert env.from_string("{{ b|ci(2) }}").render(b=block) == format_ci(block, 2) == "0.50 (0.25 to 0.75)"

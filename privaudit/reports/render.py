@@ -8,7 +8,6 @@ the figure data that the audit keeps. Every value taken from data is autoescaped
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +17,7 @@ from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, 
 
 from privaudit.audit.results import AuditReport
 from privaudit.errors import ConfigError, DataError, MissingDependencyError
+from privaudit.reports.format import format_ci, format_number, format_p_value, format_percent, format_sci
 
 FORMATS = ("html", "pdf", "both")
 
@@ -29,35 +29,8 @@ MODEL_CARD_FIELDS: dict[str, type | tuple] = {
 }
 
 
-def _fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def _ci(est: dict | None, digits: int = 3) -> str:
-    if not est or est.get("estimate") is None:
-        return "n/a"
-    s = _fmt(est["estimate"], digits)
-    if est.get("ci_low") is not None and est.get("ci_high") is not None:
-        s += f" ({_fmt(est['ci_low'], digits)} to {_fmt(est['ci_high'], digits)})"
-    return s
-
-
-def _pval(p) -> str:
-    if p is None:
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _pct(x, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def _sci(x) -> str:
-    return "n/a" if x is None else f"{x:.1e}"
+# The CLI of before issue 13 imports ``_ci``; ``format_ci`` is the public name.
+_ci = format_ci
 
 
 # The top-level template, and the one include per report section (``templates/sections/<name>.html.j2``), in
@@ -75,7 +48,8 @@ def environment(template_dir: Path | None = None) -> Environment:
     loader = ChoiceLoader([FileSystemLoader(str(template_dir)), packaged]) if template_dir else packaged
     env = Environment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update({"fmt": _fmt, "ci": _ci, "pval": _pval, "pct": _pct, "sci": _sci})
+    env.filters.update({"fmt": format_number, "ci": format_ci, "pval": format_p_value, "pct": format_percent,
+                        "sci": format_sci})
     return env
 
 
