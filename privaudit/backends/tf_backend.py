@@ -34,6 +34,7 @@ import numpy as np
 
 from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
+from privaudit.backends._device import pick_device
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
 from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
@@ -101,20 +102,6 @@ def make_optimizer(lr: float):
     ``jit_compile=False``: XLA-compiling the update costs seconds per run on CPU and gains nothing at this size.
     """
     return import_keras().optimizers.Nadam(learning_rate=lr, epsilon=NADAM_EPS, jit_compile=False)
-
-
-def pick_device(name: str = "auto") -> str:
-    tf = import_tf()
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "auto":
-        return "/GPU:0" if gpus else "/CPU:0"
-    if name == "cpu":
-        return "/CPU:0"
-    if name.startswith("cuda"):
-        if not gpus:
-            raise ConfigError(f"--device {name} was asked for but TensorFlow sees no GPU here; use --device cpu")
-        return f"/GPU:{name.partition(':')[2] or 0}"
-    raise ConfigError(f"unknown --device {name!r}; use auto, cpu or cuda")
 
 
 # ---- accounting ----------------------------------------------------------------------------------------------
@@ -375,7 +362,7 @@ class TfBackend:
             _accountant(dp.accountant)  # refuse gdp before any work
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
-        device = pick_device(config.device)
+        device = pick_device(config.device, framework="tf")
 
         keras.utils.set_random_seed(config.seed)
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
