@@ -17,6 +17,7 @@ from torch import nn
 from privaudit import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
+from privaudit.backends._device import pick_device
 from privaudit.backends.torch_models import create_model
 from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      write_canaries)
@@ -35,14 +36,6 @@ BATCHNORM_WHY = (
     "clipping no longer bounds its influence: the DP guarantee would not hold. Use GroupNorm "
     "(--arch resnet9-gn) instead"
 )
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def versions() -> dict:

@@ -8,15 +8,16 @@ the figure data that the audit keeps. Every value taken from data is autoescaped
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound, select_autoescape
+from jinja2 import (ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound,
+                    select_autoescape)
 
 from privaudit.audit.results import AuditReport
 from privaudit.errors import ConfigError, DataError, MissingDependencyError
+from privaudit.reports.format import format_ci, format_number, format_p_value, format_percent, format_sci
 
 FORMATS = ("html", "pdf", "both")
 
@@ -28,42 +29,27 @@ MODEL_CARD_FIELDS: dict[str, type | tuple] = {
 }
 
 
-def _fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+# The CLI of before issue 13 imports ``_ci``; ``format_ci`` is the public name.
+_ci = format_ci
 
 
-def _ci(est: dict | None, digits: int = 3) -> str:
-    if not est or est.get("estimate") is None:
-        return "n/a"
-    s = _fmt(est["estimate"], digits)
-    if est.get("ci_low") is not None and est.get("ci_high") is not None:
-        s += f" ({_fmt(est['ci_low'], digits)} to {_fmt(est['ci_high'], digits)})"
-    return s
-
-
-def _pval(p) -> str:
-    if p is None:
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _pct(x, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def _sci(x) -> str:
-    return "n/a" if x is None else f"{x:.1e}"
+# The top-level template, and the one include per report section (``templates/sections/<name>.html.j2``), in
+# the order the report shows them.
+MAIN_TEMPLATE = "report.html.j2"
+SECTIONS = ("summary", "model", "data", "privacy", "utility", "fairness", "empirical_privacy", "trade_offs",
+            "warnings", "provenance")
 
 
 def environment(template_dir: Path | None = None) -> Environment:
-    loader = FileSystemLoader(str(template_dir)) if template_dir else PackageLoader("privaudit.reports", "templates")
+    """The Jinja environment of the report. With ``template_dir``, a name (``report.html.j2``, ``report.css``,
+    ``sections/privacy.html.j2``) is looked up in that folder first and among privaudit's templates second, so a
+    custom page can include the packaged sections and a custom section can replace one of them."""
+    packaged = PackageLoader("privaudit.reports", "templates")
+    loader = ChoiceLoader([FileSystemLoader(str(template_dir)), packaged]) if template_dir else packaged
     env = Environment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update({"fmt": _fmt, "ci": _ci, "pval": _pval, "pct": _pct, "sci": _sci})
+    env.filters.update({"fmt": format_number, "ci": format_ci, "pval": format_p_value, "pct": format_percent,
+                        "sci": format_sci})
     return env
 
 
@@ -219,15 +205,20 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
 
 def render_html(report: AuditReport, *, template_dir: Path | None = None, title: str | None = None,
                 checks=None, policy_name: str | None = None, model_card: dict | None = None) -> str:
-    if template_dir is not None and not Path(template_dir).is_dir():
-        raise DataError(f"--template {template_dir}: folder not found; give a folder holding report.html.j2")
+    if template_dir is not None:
+        if not Path(template_dir).is_dir():
+            raise DataError(f"--template {template_dir}: folder not found; give a folder holding {MAIN_TEMPLATE}")
+        if not (Path(template_dir) / MAIN_TEMPLATE).is_file():
+            raise DataError(f"--template {template_dir}: no {MAIN_TEMPLATE} in that folder; copy privaudit's "
+                            f"{MAIN_TEMPLATE} there as a starting point (it may include privaudit's sections/*.html.j2)")
     ctx = build_context(report.data, checks=checks, policy_name=policy_name, model_card=model_card, title=title)
     try:
-        template = environment(template_dir).get_template("report.html.j2")
-    except TemplateNotFound as e:
-        raise DataError(f"--template {template_dir}: no {e.name} in that folder; copy privaudit's "
-                        "report.html.j2 (and report.css) there as a starting point") from None
-    return template.render(**ctx)
+        return environment(template_dir).get_template(MAIN_TEMPLATE).render(**ctx)
+    except TemplateNotFound as e:  # an include that neither the folder nor privaudit's templates hold
+        if template_dir is None:
+            raise
+        raise DataError(f"--template {template_dir}: no {e.name} in that folder or among privaudit's templates; "
+                        f"the packaged sections are {', '.join(f'sections/{s}.html.j2' for s in SECTIONS)}") from None
 
 
 def html_to_pdf(html: str) -> bytes:
