@@ -28,7 +28,7 @@ if study is None:
                        "split": "test", "y_effusion": y, "p_effusion": np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1),
                        "sex": rng.choice(["F", "M"], n)})
     study = "audited-table"
-    privaudit.audit({"model": df}, out=study, n_boot=100, force=True)
+    privaudit.audit({"private": df}, out=study, n_boot=100, force=True)
 
 paths = privaudit.report(study, fmt="html", policy=here / "policy.toml", model_card=here / "model_card.toml")
 print("written:", ", ".join(map(str, paths)))

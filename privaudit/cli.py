@@ -220,7 +220,7 @@ def _audit_json(source: Path) -> Path:
 
 
 def _print_headline(doc: dict) -> None:
-    from privaudit.reports.render import _ci
+    from privaudit.reports.format import format_ci as _ci
 
     table = Table(title=f"privaudit: {doc['study'].get('task') or 'study'} (test AUROC, 95% CI)")
     table.add_column("label")
@@ -705,32 +705,16 @@ def accountant_cmd(
 
         privaudit accountant --epsilon 8 --sample-rate 0.02 --steps 500 --delta 1e-4
     """
-    from privaudit.audit.accounting import cross_checks
+    from privaudit.audit.accounting import check_accounting_arguments, cross_checks, solve_noise_multiplier
     from privaudit.errors import ConfigError
 
     if (noise_multiplier is None) == (epsilon is None):
         raise ConfigError("give exactly one of --noise-multiplier and --epsilon")
-    if not 0 < sample_rate < 1:
-        raise ConfigError(f"--sample-rate must be in (0, 1), got {sample_rate}")
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    if not 0 < delta < 1:
-        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    check_accounting_arguments(sample_rate=sample_rate, steps=steps, delta=delta, epsilon=epsilon,
+                               noise_multiplier=noise_multiplier)
     if epsilon is not None:
-        if not epsilon > 0:
-            raise ConfigError(f"--epsilon must be positive, got {epsilon}")
-        from opacus.accountants.utils import get_noise_multiplier
-
-        import warnings
-
-        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" notes, harmless here
-            warnings.simplefilter("ignore", UserWarning)
-            noise_multiplier = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                                          sample_rate=sample_rate, steps=steps,
-                                                          accountant=accountant.value))
+        noise_multiplier = solve_noise_multiplier(epsilon, sample_rate, steps, delta, accountant=accountant.value)
         console.print(f"noise multiplier for ε = {epsilon:g} ({accountant.value}): [bold]{noise_multiplier:.4f}[/]")
-    elif not noise_multiplier > 0:
-        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
     checks, warns = cross_checks(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
     table = Table(title=f"ε at δ = {delta:g}: σ = {noise_multiplier:.4f}, q = {sample_rate:g}, {steps} steps")
     table.add_column("accountant")
@@ -776,11 +760,13 @@ def attack_cmd(
                         command=_command(), progress=console if not quiet else False)
     path = run_dir / "audit.json"
     attacks = report.data["models"]
+    from privaudit.reports.format import format_number
+
     for name, m in attacks.items():
         for key, a in ((m["privacy"]["attacks"]) or {}).items():
             if a and key.startswith(attack):
-                console.print(f"{name}: {key} AUC {a['auc']:.3f}, TPR at 1% FPR "
-                              f"{a['tpr_at_fpr']['0.01'] if a['tpr_at_fpr']['0.01'] is not None else 'n/a'}")
+                console.print(f"{escape(name)}: {key} AUC {format_number(a['auc'])}, TPR at 1% FPR "
+                              f"{format_number(a['tpr_at_fpr']['0.01'])}", highlight=False)
     console.print(f"audit written to [bold]{path}[/]")
 
 
