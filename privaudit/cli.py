@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit.config import AuditConfig, DPConfig, TrainConfig
 from privaudit.errors import PrivauditError
 

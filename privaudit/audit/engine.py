@@ -14,7 +14,7 @@ from importlib import metadata
 import numpy as np
 import pandas as pd
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit.audit import stats
 from privaudit.audit.fairness import SELECTION_METRICS, dp_verdict, holm, pearson_r, selection_metrics
 from privaudit.audit.studywide import aggregates_over_seeds, sweep_groups, trade_offs_of

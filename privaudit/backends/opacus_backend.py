@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
 from privaudit.backends._device import pick_device

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends._device import pick_device
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf

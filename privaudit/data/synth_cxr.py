@@ -49,7 +49,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from privaudit import __version__ as PRIVAUDIT_VERSION
+from privaudit._version import __version__ as PRIVAUDIT_VERSION
 from privaudit._fs import write_json
 from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError

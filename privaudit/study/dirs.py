@@ -29,6 +29,7 @@ ATTACK_SCORES = "attack_scores.csv"
 SHADOWS = "shadows"
 SWEEP = "sweep.json"
 DATA_DIR = "data"
+NON_PRIVATE = "inf"   # a sweep's setting without privacy: its runs are eps=inf/seed=<s>
 
 
 def _write_once(path: Path, obj) -> None:

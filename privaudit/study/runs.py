@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from privaudit._fs import staged_dir
+from privaudit._fs import read_json, staged_dir
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.data import PUBLIC_COHORT_DOC, DataSpec, PreparedData, prepare_data, synthesize
-from privaudit.study.dirs import AUDIT, CONFIG, RunDir, StudyDir
+from privaudit.study.dirs import AUDIT, CONFIG, NON_PRIVATE, SWEEP, RunDir, StudyDir
 from privaudit.tasks import create_task
 
 
@@ -144,8 +144,6 @@ def audit_dir(path: Path, *, config: AuditConfig, command: str | None = None):
     if not path.is_dir():
         raise DataError(f"{path}: not a directory; give a run or study directory, or audit a prediction file")
     if StudyDir(path).is_sweep():
-        from privaudit.study.sweep import audit_sweep
-
         return audit_sweep(path, config=config, command=command)
     run = RunDir(path)
     if run.is_run():
@@ -211,6 +209,26 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
                            warnings=["model trained elsewhere: privaudit cannot see how it was trained, so no DP "
                                      "guarantee is reported for it"])
         write_audit(report, tmp)
+    return report
+
+
+def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = None, command: str | None = None):
+    """Audit the runs of the sweep at ``out`` as one study: writes ``audit.json`` and ``report.html``."""
+    out = Path(out)
+    sweep = read_json(out / SWEEP)
+    missing = [name for name in sweep["runs"] if not RunDir(out / name).is_complete()]
+    if missing:
+        raise DataError(f"{out}: run {missing[0]} is not finished ({len(missing)} missing); run the same "
+                        "'privaudit sweep' command again to train the missing runs")
+    runs = StudyDir(out).runs
+    reference = next((n for n in runs if n.startswith(f"eps={NON_PRIVATE}/")), None)
+    report = audit_runs(runs, config=config, reference=reference, is_sweep=True, provenance={
+        "task": sweep["identity"]["task"], "command": command or sweep.get("command"),
+        "sweep": {"epsilons": sweep["epsilons"], "seeds": sweep["seeds"], "runs": list(runs),
+                  **({"executor": executor_info} if executor_info else {})}})
+    if (out / "data" / "manifest.csv").is_file():
+        report.data["study"]["data"]["manifest"] = "data/manifest.csv"
+    write_audit(report, out)
     return report
 
 

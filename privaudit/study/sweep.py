@@ -27,11 +27,12 @@ from privaudit._fs import holds_run, private_mkdir, read_json, staged_dir, write
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError, OutputExistsError
 from privaudit.study.data import DataSpec, PreparedData, prepare_data
-from privaudit.study.dirs import SWEEP, RunDir, StudyDir
+from privaudit.study.dirs import NON_PRIVATE, SWEEP, RunDir, StudyDir
+from privaudit.study.runs import _console_of, audit_runs, audit_sweep, say, train_run
 
 SWEEP_FILE = SWEEP
 SWEEP_KIND = "privaudit epsilon sweep"
-NON_PRIVATE, CLIP_ONLY = "inf", "clip"
+CLIP_ONLY = "clip"
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,6 @@ def train_job(spec: dict) -> dict:
     Reloads the sweep's data from its recorded block (checked against its hash), trains into a staged folder,
     audits the run alone, and only then moves it to its run directory."""
     from privaudit.study.data import reload_data
-    from privaudit.study.runs import audit_runs, train_run, write_audit
 
     t0 = time.perf_counter()
     config: TrainConfig = spec["config"]
@@ -182,7 +182,6 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
     (``out/audit.json`` with ``out/report.html``)."""
     from privaudit.backends import create_backend
     from privaudit.study.executors import create_executor
-    from privaudit.study.runs import _console_of, say
     from privaudit.tasks import create_task
 
     if not points:
@@ -232,28 +231,6 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
                          "train_seconds": round(time.perf_counter() - t0, 2)}
     audit_sweep(out, config=audit, executor_info=executor_info, command=command)
     return StudyDir(out)
-
-
-def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = None, command: str | None = None):
-    """Audit the runs of the sweep at ``out`` as one study: writes ``audit.json`` and ``report.html``."""
-    from privaudit.study.runs import audit_runs, write_audit
-
-    out = Path(out)
-    sweep = read_json(out / SWEEP_FILE)
-    missing = [name for name in sweep["runs"] if not is_complete(out / name)]
-    if missing:
-        raise DataError(f"{out}: run {missing[0]} is not finished ({len(missing)} missing); run the same "
-                        "'privaudit sweep' command again to train the missing runs")
-    runs = StudyDir(out).runs
-    reference = next((n for n in runs if n.startswith(f"eps={NON_PRIVATE}/")), None)
-    report = audit_runs(runs, config=config, reference=reference, is_sweep=True, provenance={
-        "task": sweep["identity"]["task"], "command": command or sweep.get("command"),
-        "sweep": {"epsilons": sweep["epsilons"], "seeds": sweep["seeds"], "runs": list(runs),
-                  **({"executor": executor_info} if executor_info else {})}})
-    if (out / "data" / "manifest.csv").is_file():
-        report.data["study"]["data"]["manifest"] = "data/manifest.csv"
-    write_audit(report, out)
-    return report
 
 
 def summary_table(doc: dict):
