@@ -238,7 +238,9 @@ def input_shape(card: PreprocessCard, *, size: int, spatial_dims: int) -> list[i
 def _activate(z: np.ndarray, activation: str, source: str, what: str) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-z))
+        from scipy.special import expit
+
+        return expit(z)
     if activation == "softmax":
         if z.shape[1] < 2:
             raise ConfigError(f"{source}: [output] activation = \"softmax\" over {what}, which has a single column "

@@ -475,9 +475,9 @@ def build_zoo_model(arch: str, *, in_channels: int, num_classes: int, spatial_di
     if init is not None:
         path = Path(init)
         state = load_weights(path)
-        _load_init(zm, state, path, new_head=find_head(model, num_classes))
         zm.init = {"path": str(path), "sha256": sha256(path),
                    "format": "safetensors" if path.suffix == ".safetensors" else "torch state_dict"}
+        _load_init(zm, state, path, new_head=find_head(model, num_classes))
     if dp and not zm.dp_compatible:
         zm.model, changes = make_dp_compatible(zm.model)
         zm.changes += changes
@@ -516,9 +516,7 @@ def _load_init(zm: ZooModel, state: dict, path: Path, *, new_head: str | None) -
         n_w = int(state[f"{head}.weight"].shape[0])
         zm.changes.append({"module": head, "from": f"{n_w} outputs in the weights",
                            "to": f"{zm.num_classes} outputs (the task's labels), random weights"})
-    if zm.init is None:
-        zm.init = {}
-    zm.init["new_head"] = bool(kept)
+    zm.init["new_head"] = bool(kept)   # the classifier starts from random weights
 
 
 def zoo_model_for_weights(arch: str, state: dict, path, *, spatial_dims: int, default_channels: int = 1,
