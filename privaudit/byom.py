@@ -79,19 +79,22 @@ def _frame(manifest, sel, losses) -> pd.DataFrame:
     return build_predictions(manifest.frame, sel.labels, sel.probs, losses)
 
 
-def predict_with_model(model, manifest, card=None, *, task="cxr", batch_size: int = 32, device=None):
+def predict_with_model(model, manifest, card=None, *, task="cxr", batch_size: int = 32, device=None,
+                       image_size: int | None = None):
     """Predict with an in-memory model; return ``(predictions, info)``.
 
     ``model``: a ``torch.nn.Module`` (put in eval mode; run without gradients on ``device``, default its own)
     whose outputs are logits (activation ``sigmoid``) unless the card says otherwise, or any other callable
     that takes the prepared float32 numpy batch and returns probabilities (activation ``none`` by default).
     ``card``: a :class:`PreprocessCard`, a dict, a TOML path, or None for privaudit's own preprocessing.
+    ``image_size``: the input edge when the card gives none (default: the task's input size).
     """
     task = _task(task)
-    card = as_card(card)
     is_module = _is_module(model)
+    card = as_card(card)
     if card is None:
         card = default_card(activation="sigmoid" if is_module else "none")
+    card = _sized(card, image_size)
     if not callable(model):
         raise ConfigError(f"model must be a torch nn.Module or a callable returning probabilities; got "
                           f"{type(model).__name__}")
@@ -207,28 +210,29 @@ def predict_checkpoint_file(checkpoint, manifest, *, task="cxr", arch: str | Non
     return preds, info
 
 
-def predict_any(model, manifest, *, task="cxr", arch: str | None = None, preprocess=None, batch_size: int = 32):
+def predict_any(model, manifest, *, task="cxr", arch: str | None = None, preprocess=None, image_size=None,
+                batch_size: int = 32):
     """Dispatch on what ``model`` is: an ONNX path, zoo weights (with ``arch``), or an in-memory model."""
     if isinstance(model, (str, Path)):
         path = Path(model)
-        if path.suffix == ".onnx":
-            return predict_onnx(path, manifest, preprocess, task=task, batch_size=batch_size)
-        if arch is None:
+        if path.suffix != ".onnx" and arch is None:
             raise ConfigError(f"{path}: weights need their architecture; give arch= (e.g. torchvision:densenet121), "
                               "or pass an .onnx file")
-        return predict_zoo_checkpoint(path, manifest, task=task, arch=arch, card=preprocess, batch_size=batch_size)
-    return predict_with_model(model, manifest, preprocess, task=task, batch_size=batch_size)
+        return predict_checkpoint_file(path, manifest, task=task, arch=arch, image_size=image_size,
+                                       preprocess=preprocess)
+    return predict_with_model(model, manifest, preprocess, task=task, batch_size=batch_size, image_size=image_size)
 
 
 def audit_model(model, data, *, task: str = "cxr", preprocess=None, out=None, config=None, name: str = "model",
-                arch: str | None = None, preset: str | None = None, labels=None, batch_size: int = 32,
-                force: bool = False):
+                arch: str | None = None, image_size: int | None = None, preset: str | None = None, labels=None,
+                batch_size: int = 32, force: bool = False, command: str | None = None):
     """Audit a model trained elsewhere on ``data``: the same audit as ``privaudit audit --checkpoint``.
 
     ``model``: an in-memory ``torch.nn.Module``, a callable returning probabilities, an ``.onnx`` path, or a
     weights path with ``arch`` (a zoo name). ``data``: a :class:`~privaudit.data.manifest.Manifest`, or a
     manifest / preset folder path (``preset``, ``labels`` as for ``--data``). ``preprocess``: a preprocessing
-    card (path, dict or :class:`PreprocessCard`). ``config``: an :class:`~privaudit.config.AuditConfig`.
+    card (path, dict or :class:`PreprocessCard`). ``image_size``: the input edge when the card gives none.
+    ``config``: an :class:`~privaudit.config.AuditConfig`. ``command``: the command line, for ``config.json``.
     With ``out``, writes a run directory there (``predictions.csv``, ``config.json``, ``audit.json``,
     ``report.html``; nothing when an error occurs). Returns the :class:`~privaudit.audit.results.AuditReport`.
     """
@@ -245,7 +249,8 @@ def audit_model(model, data, *, task: str = "cxr", preprocess=None, out=None, co
         from privaudit.data.presets import load_data
 
         manifest = load_data(Path(data), task=task_spec, preset=preset, labels=tuple(labels) if labels else None)
-    preds, info = predict_any(model, manifest, task=task, arch=arch, preprocess=card, batch_size=batch_size)
+    preds, info = predict_any(model, manifest, task=task, arch=arch, preprocess=card, image_size=image_size,
+                              batch_size=batch_size)
     data_info = {"manifest": str(manifest.source)}
     run = {"backend": None, "architecture": info.get("architecture") or info.get("model"), "task": task,
            "seed": None, "dp": False}
@@ -259,7 +264,8 @@ def audit_model(model, data, *, task: str = "cxr", preprocess=None, out=None, co
 
         with staged_dir(Path(out), force=force) as tmp:
             write_predictions(preds, tmp / "predictions.csv")
-            write_json(tmp / "config.json", {"checkpoint": info, "data": data_info})
+            write_json(tmp / "config.json", {"checkpoint": info, "data": data_info,
+                                             **({"command": command} if command else {})})
             report.to_json(tmp / "audit.json")
             write_report(tmp / "audit.json")
     return report
