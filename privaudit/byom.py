@@ -113,7 +113,8 @@ def predict_with_model(model, manifest, card=None, *, task="cxr", batch_size: in
         try:
             sel, losses = _predict_batches(run, x, y, card, manifest.labels, what=what, batch_size=batch_size)
         except RuntimeError as e:
-            raise CheckpointError(f"{what} fails on inputs of shape {[batch_size, *input_shape(card, size=size, spatial_dims=task.spatial_dims)]} "
+            shape = [batch_size, *input_shape(card, size=size, spatial_dims=task.spatial_dims)]
+            raise CheckpointError(f"{what} fails on inputs of shape {shape} "
                                   f"({str(e).splitlines()[0][:200]}); check [input] size and channels") from None
         finally:
             model.train(was_training)

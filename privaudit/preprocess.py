@@ -101,7 +101,8 @@ def _number_list(source, key: str, value) -> tuple[float, ...]:
 def card_from_dict(d: dict, source: str = "preprocess") -> PreprocessCard:
     """Validate a card given as a dict (as TOML reads it); every key is checked, each error in one line."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: a preprocessing card is a table with [input] and [output]; got {type(d).__name__}")
+        raise ConfigError(f"{source}: a preprocessing card is a table with [input] and [output]; "
+                          f"got {type(d).__name__}")
     for top in d:
         if top not in ("input", "output"):
             raise _unknown_key(source, "top level", top, ("input", "output"))
@@ -122,7 +123,8 @@ def card_from_dict(d: dict, source: str = "preprocess") -> PreprocessCard:
                           f"got {size!r}")
     channels = inp.get("channels", 1)
     if channels not in (1, 3) or isinstance(channels, bool):
-        raise ConfigError(f"{source}: [input] channels must be 1 (grey) or 3 (the grey image repeated); got {channels!r}")
+        raise ConfigError(f"{source}: [input] channels must be 1 (grey) or 3 (the grey image repeated); "
+                          f"got {channels!r}")
     scale = inp.get("scale", "mean_std")
     if scale not in SCALES:
         raise ConfigError(f"{source}: [input] scale must be one of {', '.join(SCALES)}; got {scale!r}")
@@ -161,7 +163,8 @@ def card_from_dict(d: dict, source: str = "preprocess") -> PreprocessCard:
     names = out.get("names")
     if names is not None:
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError(f"{source}: [output] names must be a list of output names, e.g. names = [\"Atelectasis\"]")
+            raise ConfigError(f"{source}: [output] names must be a list of output names, "
+                              "e.g. names = [\"Atelectasis\"]")
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"{source}: [output] names lists {dup!r} twice")

@@ -35,7 +35,8 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingDependencyError(f"ONNX models need {module.split('.')[0]}; install it with {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"ONNX models need {module.split('.')[0]}; install it with "
+                                     f"{INSTALL_HINT}") from None
 
 
 def _graphs(graph):

@@ -70,7 +70,8 @@ def _import_torchvision():
         import torchvision
         return torchvision
     except ImportError:
-        raise MissingDependencyError(f"torchvision: architectures need torchvision; install it with {INSTALL_HINT}") from None
+        raise MissingDependencyError(f"torchvision: architectures need torchvision; install it with "
+                                     f"{INSTALL_HINT}") from None
     except RuntimeError as e:
         if "torchvision::" not in str(e) or _TORCHVISION_SHIM is not None:
             raise
@@ -146,6 +147,21 @@ def _spatial_dims_ok(lib: str, arch: str, spatial_dims: int) -> None:
     if lib in ("torchvision", "timm") and spatial_dims != 2:
         raise ConfigError(f"architecture {arch!r} is 2D but the task's inputs are {spatial_dims}D; use a monai: "
                           "network (e.g. monai:DenseNet121) or cnn3d-gn for volumes")
+
+
+def check_zoo_name(arch: str, *, spatial_dims: int | None = None) -> None:
+    """Fail early (before any data is read) on an unknown zoo name or a 2D library for a 3D task."""
+    lib, name = parse_zoo_name(arch)
+    if spatial_dims is not None:
+        _spatial_dims_ok(lib, arch, spatial_dims)
+    if lib == "monai":
+        if name not in _MONAI:
+            raise _unknown(lib, name, sorted(_MONAI))
+        return
+    mod = _import(lib)
+    known = mod.is_model(name) if lib == "timm" else name in zoo_names(lib)
+    if not known:
+        raise _unknown(lib, name, zoo_names(lib))
 
 
 def create_zoo_model(arch: str, *, in_channels: int, num_classes: int, spatial_dims: int):
@@ -307,7 +323,7 @@ def _describe(m) -> str:
 
 
 def make_dp_compatible(model) -> tuple[object, list[dict]]:
-    """Opacus' fixes for a zoo network, each recorded as ``{"module", "from", "to"}``.
+    """Opacus' fixes for a zoo network, each recorded as ``{"kind", "module", "from", "to"}``.
 
     In-place activations are turned off, BatchNorm becomes GroupNorm (Opacus' ``ModuleValidator.fix``; the
     BatchNorm's learned scale and shift are carried over, its running statistics dropped), and
@@ -322,7 +338,7 @@ def make_dp_compatible(model) -> tuple[object, list[dict]]:
         if getattr(m, "inplace", False) is True:
             before = _describe(m)
             m.inplace = False
-            changes.append({"module": name, "from": before, "to": _describe(m)})
+            changes.append({"kind": "inplace", "module": name, "from": before, "to": _describe(m)})
     _dense_net_relu(model, changes)
     _norm_act_to_groupnorm(model, changes)
     before = {n: m for n, m in model.named_modules()}
@@ -342,7 +358,8 @@ def make_dp_compatible(model) -> tuple[object, list[dict]]:
             with torch.no_grad():
                 new.weight.copy_(old.weight)
                 new.bias.copy_(old.bias)
-        changes.append({"module": name, "from": _describe(old), "to": _describe(new)})
+        kind = "batchnorm" if isinstance(old, nn.modules.batchnorm._BatchNorm) else "opacus_fix"
+        changes.append({"kind": kind, "module": name, "from": _describe(old), "to": _describe(new)})
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise DPError(f"the model is still not DP-compatible after Opacus' fixes: {str(errors[0]).splitlines()[0]}")
@@ -357,7 +374,8 @@ def _dense_net_relu(model, changes: list) -> None:
         return
     child = "copy_for_relu"
     model.features.add_module(child, Copy())
-    changes.append({"module": f"features.{child}", "from": "F.relu(inplace=True) on the last norm's output",
+    changes.append({"kind": "inplace", "module": f"features.{child}",
+                    "from": "F.relu(inplace=True) on the last norm's output",
                     "to": "Copy() appended to features, so the in-place ReLU acts on a copy (same function)"})
 
 
@@ -388,7 +406,7 @@ def _norm_act_to_groupnorm(model, changes: list) -> None:
                 gn.bias.copy_(m.bias)
         new = nn.Sequential(gn, m.drop, m.act)
         _set_module(model, name, new)
-        changes.append({"module": name, "from": _describe(m),
+        changes.append({"kind": "batchnorm", "module": name, "from": _describe(m),
                         "to": f"Sequential(GroupNorm({gn.num_groups}, {gn.num_channels}), "
                               f"{type(m.drop).__name__}, {type(m.act).__name__})"})
 
@@ -404,12 +422,6 @@ def zoo_clipping(model, requested: str) -> str:
     from privaudit.backends.fastdp import unsupported_layers
 
     return "fast" if not unsupported_layers(model) else "hooks"
-
-
-def has_batchnorm(model) -> bool:
-    from torch import nn
-
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _state_is_dp_fixed(model, state: dict) -> bool:
@@ -431,7 +443,7 @@ class ZooModel:
     architecture: str                          # "<library>:<model>"
     in_channels: int
     num_classes: int
-    changes: list = field(default_factory=list)    # [{"module", "from", "to"}]: every change to the network
+    changes: list = field(default_factory=list)    # [{"kind", "module", "from", "to"}]: every change made
     init: dict | None = None                   # {"path", "sha256", "format", "new_head"} when weights were loaded
     dp_compatible: bool = False                # make_dp_compatible was applied
 
@@ -445,13 +457,20 @@ class ZooModel:
     def warning(self) -> str | None:
         if not self.changes:
             return None
-        kinds = {}
+        counts: dict[str, int] = {}
         for c in self.changes:
-            key = c["from"].split("(")[0] + " -> " + c["to"].split("(")[0]
-            kinds[key] = kinds.get(key, 0) + 1
-        what = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+            counts[c["kind"]] = counts.get(c["kind"], 0) + 1
+        what = ", ".join(_KINDS[k].format(n=n) for k, n in counts.items())
         return (f"{self.architecture} was changed: {what}; the model trained is not the library's model as "
-                "published (see model_changes in train.json)")
+                "published (every change is listed under model_changes in train.json)")
+
+
+# change kind -> how the warning counts it
+_KINDS = {"batchnorm": "{n} BatchNorm layer(s) replaced by GroupNorm for DP",
+          "inplace": "{n} in-place activation(s) turned off for DP",
+          "opacus_fix": "{n} other layer(s) replaced by Opacus' ModuleValidator.fix",
+          "stem": "the RGB stem summed to 1 channel",
+          "head": "the classifier re-initialised for the task's labels"}
 
 
 def _version(lib: str) -> str | None:
@@ -502,7 +521,7 @@ def _load_init(zm: ZooModel, state: dict, path: Path, *, new_head: str | None) -
             kept = load_into(model, state, path, zm.architecture, new_head=new_head)
             before = _describe(model.get_submodule(stem))
             collapse_rgb_stem(model, stem)
-            zm.changes.append({"module": stem, "from": before,
+            zm.changes.append({"kind": "stem", "module": stem, "from": before,
                                "to": _describe(model.get_submodule(stem)) + ": the RGB kernels summed over R, G "
                                      "and B (a grey image gives what the grey image repeated on R, G and B gave)"})
         else:
@@ -514,7 +533,7 @@ def _load_init(zm: ZooModel, state: dict, path: Path, *, new_head: str | None) -
     if kept:
         head = new_head
         n_w = int(state[f"{head}.weight"].shape[0])
-        zm.changes.append({"module": head, "from": f"{n_w} outputs in the weights",
+        zm.changes.append({"kind": "head", "module": head, "from": f"{n_w} outputs in the weights",
                            "to": f"{zm.num_classes} outputs (the task's labels), random weights"})
     zm.init["new_head"] = bool(kept)   # the classifier starts from random weights
 
