@@ -153,12 +153,13 @@ def predict_onnx(path, manifest, card=None, *, task="cxr", batch_size: int = 32)
     return _frame(manifest, sel, losses), info
 
 
-def predict_zoo_checkpoint(path, manifest, *, task="cxr", arch: str, card=None, batch_size: int = 32, device=None,
+def predict_zoo_checkpoint(path, manifest, *, task="cxr", arch: str, card=None, batch_size: int = 32, device="auto",
                            image_size: int | None = None):
     """Predict with weights of a zoo architecture (``.safetensors`` or a ``weights_only`` state_dict); return
     ``(predictions, info)``. The network's input channels and output count are read from the weights; weights of
     a zoo model privaudit trained with DP (GroupNorm in place of BatchNorm) are recognised and fitted the same
-    way. Without a card: privaudit's own preprocessing (as privaudit trains zoo models) and a sigmoid."""
+    way. Without a card: privaudit's own preprocessing (as privaudit trains zoo models) and a sigmoid.
+    ``device``: "auto" (CUDA when available), a torch device, or None (the CPU)."""
     from privaudit.backends._plan import sha256
     from privaudit.backends.zoo import is_zoo_name, load_weights, zoo_model_for_weights
 
@@ -173,6 +174,10 @@ def predict_zoo_checkpoint(path, manifest, *, task="cxr", arch: str, card=None, 
     if card.channels != zm.in_channels:
         raise ConfigError(f"{card.source}: [input] channels = {card.channels}, but the weights' stem reads "
                           f"{zm.in_channels} channel(s); set channels = {zm.in_channels}")
+    if device == "auto":   # CUDA when there is one
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device is not None:
         zm.model.to(device)
     preds, info = predict_with_model(zm.model, manifest, card, task=task, batch_size=batch_size, device=device)

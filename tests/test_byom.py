@@ -370,6 +370,12 @@ def test_zoo_models_train_one_dp_epoch_with_the_accountants_epsilon(task, arch, 
     written = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert np.abs(_probs(df, manifest.labels) - _probs(written, manifest.labels)).max() < 1e-5
     assert info["model_changes"]["dp_compatible"] is True
+    if task == "cxr":   # the audit repeats training's warning that the network was changed
+        from privaudit.audit import run_audit
+        from privaudit.config import AuditConfig
+
+        report = run_audit({"private": written}, runs={"private": tj}, config=AuditConfig(n_boot=20), task=task)
+        assert any(w.startswith("private: timm:test_resnet was changed") for w in report.warnings)
 
 
 def test_privaudits_own_batchnorm_model_stays_refused_for_dp(tmp_path):
@@ -386,6 +392,26 @@ def test_privaudits_own_batchnorm_model_stays_refused_for_dp(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "timm", "safetensors"])
+def test_a_missing_extra_gives_the_install_line(missing, manifest, tmp_path, monkeypatch):
+    from privaudit.backends.zoo import create_zoo_model, load_weights
+    from privaudit.errors import MissingDependencyError
+
+    path = _tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    import sys
+
+    for mod in [m for m in sys.modules if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, mod, None)   # importing it now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r'install it with pip install "privaudit\[models\]"'):
+        if missing == "onnxruntime":
+            byom.predict_onnx(path, manifest, {"input": {"size": SIZE}}, task="cxr")
+        elif missing == "timm":
+            create_zoo_model("timm:resnet18", in_channels=1, num_classes=5, spatial_dims=2)
+        else:
+            load_weights(tmp_path / "w.safetensors")
+
 
 def _tiny_onnx(path: Path, size: int = SIZE) -> Path:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 5)).eval()
