@@ -279,6 +279,16 @@ def test_rgb_weights_become_a_grey_stem_and_an_imagenet_head_starts_afresh(tmp_p
     feats_rgb = nn.Sequential(*list(rgb.children())[:-1])
     with torch.no_grad():
         torch.testing.assert_close(feats(x), feats_rgb(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-5)
+    # old checkpoints without BatchNorm's step counter load, as torch allows; a misshapen key is one line
+    from privaudit.backends.zoo import load_into
+
+    old = {k: v for k, v in rgb.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert load_into(create_zoo_model("torchvision:resnet18", in_channels=3, num_classes=1000, spatial_dims=2),
+                     old, "old.pt", "torchvision:resnet18") == []
+    old["layer1.0.conv1.weight"] = old["layer1.0.conv1.weight"][:32]
+    with pytest.raises(CheckpointError, match=r"old.pt: 'layer1.0.conv1.weight' has shape \[32, 64, 3, 3\] in the "
+                                              r"weights but \[64, 64, 3, 3\] in torchvision:resnet18"):
+        load_into(rgb, old, "old.pt", "torchvision:resnet18")
     # and weights whose keys do not fit: one line naming a few of them
     from privaudit.backends.torch_models import create_model
 

@@ -294,7 +294,8 @@ def load_into(model, state: dict, path, arch: str, *, new_head: str | None = Non
     the task has 5 labels); it then keeps its random weights. Returns the keys left at their random values.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counter is absent from old checkpoints; torch itself accepts that
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = []
@@ -306,14 +307,16 @@ def load_into(model, state: dict, path, arch: str, *, new_head: str | None = Non
                               "the model's own state_dict")
     kept = []
     for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+        if k not in state:
+            kept.append(k)
+        elif tuple(state[k].shape) != tuple(v.shape):
             if new_head is not None and k.startswith(new_head + "."):
                 kept.append(k)
                 continue
             raise CheckpointError(f"{path}: {k!r} has shape {list(state[k].shape)} in the weights but "
                                   f"{list(v.shape)} in {arch}; check --arch and the task's labels")
     model.load_state_dict({k: (own[k] if k in kept else state[k]) for k in own}, strict=True)
-    return kept
+    return [k for k in kept if not k.endswith(".num_batches_tracked")]
 
 
 # ------------------------------------------------------------------------------------------------------- DP
