@@ -555,7 +555,8 @@ def zoo_model_for_weights(arch: str, state: dict, path, *, spatial_dims: int, de
     n_out = default_classes or 7
     if head is not None and f"{head}.weight" in state:
         n_out = int(state[f"{head}.weight"].shape[0])
-    model = create_zoo_model(arch, in_channels=channels, num_classes=n_out, spatial_dims=spatial_dims)
+    model = probe if (channels, n_out) == (default_channels, default_classes or 7) else \
+        create_zoo_model(arch, in_channels=channels, num_classes=n_out, spatial_dims=spatial_dims)
     zm = ZooModel(model, arch, channels, n_out)
     if _state_is_dp_fixed(model, state):
         zm.model, changes = make_dp_compatible(model)
