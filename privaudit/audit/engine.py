@@ -645,6 +645,8 @@ def run_audit(
         if run:
             run_block = {"backend": run.get("backend"), "model": run.get("architecture"), "seed": run.get("seed"),
                          **{k: run.get(k) for k in PRIVACY_KEYS}, "dp": bool(run.get("dp"))}
+            # what training warned about (e.g. a zoo network changed for DP) belongs in the audit too
+            study.warnings.extend(f"{name}: {w}" for w in run.get("warnings") or [])
         utility, curves = _utility(study, name)
         models[name] = {
             "run": run_block,

@@ -92,6 +92,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":   # tensors only by design
+        from privaudit.backends.zoo import load_weights
+
+        return load_weights(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -168,13 +172,23 @@ class OpacusBackend:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         quiet = quiet or not ddp.is_main
-        model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
-                             width=config.width, spatial_dims=task.spatial_dims)
-        init_info = None
-        if config.init:
-            init_path = Path(config.init)
-            _load_into(model, load_state_dict(init_path), init_path)
-            init_info = {"path": recorded_path(init_path, out), "sha256": sha256(init_path)}
+        zoo, clipping = None, config.clipping
+        if ":" in arch:   # torchvision:/timm:/monai: names; init loaded before any BatchNorm replacement
+            from privaudit.backends.zoo import build_zoo_model, zoo_clipping
+
+            zoo = build_zoo_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
+                                  spatial_dims=task.spatial_dims, init=config.init, dp=dp.enabled)
+            model, init_info = zoo.model, zoo.init
+            if dp.enabled:
+                clipping = zoo_clipping(model, config.clipping)
+        else:
+            model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
+                                 width=config.width, spatial_dims=task.spatial_dims)
+            init_info = None
+            if config.init:
+                init_path = Path(config.init)
+                _load_into(model, load_state_dict(init_path), init_path)
+                init_info = {"path": recorded_path(init_path, out), "sha256": sha256(init_path)}
         if dp.enabled:
             check_dp_compatible(model)
         model.to(device)
@@ -203,7 +217,7 @@ class OpacusBackend:
             from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss
 
             common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=dp.max_grad_norm,
-                          poisson_sampling=True, grad_sample_mode=config.clipping,
+                          poisson_sampling=True, grad_sample_mode=clipping,
                           criterion=PerSampleLoss(masked_bce))
             with warnings.catch_warnings():
                 # secure_mode (a cryptographic RNG for the noise) is off, as in Opacus' default; train.json says so.
@@ -278,6 +292,9 @@ class OpacusBackend:
             "init": init_info, "canaries": canary_info, "versions": versions(), "distributed": ddp.describe(),
             "peak_memory": peak_memory(device),
         }
+        if zoo is not None:   # every change made to the library's network, and a warning that it changed
+            train_json["model_changes"] = zoo.record()
+            train_json["warnings"] = [w for w in [zoo.warning()] if w]
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
         return train_json
@@ -335,8 +352,18 @@ class OpacusBackend:
         return history, steps, train_seconds
 
     def predict_checkpoint(self, checkpoint: Path, manifest: Manifest, *, task: str, arch: str,
-                           image_size: int | None = None, trust: bool = False, width: int | None = None):
-        """Predict with weights trained elsewhere: a state_dict, or TorchScript when trusted."""
+                           image_size: int | None = None, trust: bool = False, width: int | None = None,
+                           preprocess=None):
+        """Predict with weights trained elsewhere: a state_dict, TorchScript when trusted, an ONNX file or the
+        weights of a zoo architecture (these two with an optional preprocessing card, see privaudit.byom)."""
+        if Path(checkpoint).suffix == ".onnx" or ":" in (arch or ""):
+            from privaudit.byom import predict_checkpoint_file
+
+            return predict_checkpoint_file(checkpoint, manifest, task=task, arch=arch, image_size=image_size,
+                                           preprocess=preprocess)
+        if preprocess is not None:
+            raise ConfigError("a preprocessing card (--preprocess) applies to ONNX files and zoo architectures "
+                              "(torchvision:, timm:, monai:); privaudit's own architectures use its preprocessing")
         task = create_task(task)
         size = image_size or task.input_size
         checkpoint = Path(checkpoint)
