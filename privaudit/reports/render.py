@@ -13,10 +13,12 @@ import os
 import tomllib
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
 
+from privaudit._fs import atomic_write_bytes
 from privaudit.audit.results import AuditReport
-from privaudit.errors import ConfigError, DataError, MissingDependencyError
+from privaudit.errors import ConfigError, DataError, MissingDependencyError, OutputExistsError
 
 FORMATS = ("html", "pdf", "both")
 
@@ -59,10 +61,28 @@ def _sci(x) -> str:
     return "n/a" if x is None else f"{x:.1e}"
 
 
-def environment(template_dir: Path | None = None) -> Environment:
-    loader = FileSystemLoader(str(template_dir)) if template_dir else PackageLoader("privaudit.reports", "templates")
-    env = Environment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+PACKAGE_TEMPLATES = Path(__file__).parent / "templates"
+
+
+class _FolderLoader(FileSystemLoader):
+    """Templates from one folder, and only from it: a file that is a link to somewhere else is refused."""
+
+    def get_source(self, environment, template):
+        source, filename, uptodate = super().get_source(environment, template)
+        root = os.path.realpath(self.searchpath[0])
+        real = os.path.realpath(filename)
+        if os.path.commonpath([root, real]) != root:
+            raise DataError(f"--template {self.searchpath[0]}: {template} is a link to {real}, outside the "
+                            "template folder; a template may use the folder's own files only")
+        return source, filename, uptodate
+
+
+def environment(template_dir: Path | None = None) -> SandboxedEnvironment:
+    """A sandboxed, autoescaping Jinja environment: a template (perhaps one somebody sent) may format the data
+    it is given, but cannot reach Python's internals, run commands, or read files outside its folder."""
+    loader = _FolderLoader(str(template_dir or PACKAGE_TEMPLATES))
+    env = SandboxedEnvironment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
+                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update({"fmt": _fmt, "ci": _ci, "pval": _pval, "pct": _pct, "sci": _sci})
     return env
 
@@ -223,15 +243,50 @@ def render_html(report: AuditReport, *, template_dir: Path | None = None, title:
         raise DataError(f"--template {template_dir}: folder not found; give a folder holding report.html.j2")
     ctx = build_context(report.data, checks=checks, policy_name=policy_name, model_card=model_card, title=title)
     try:
-        template = environment(template_dir).get_template("report.html.j2")
+        return environment(template_dir).get_template("report.html.j2").render(**ctx)
     except TemplateNotFound as e:
         raise DataError(f"--template {template_dir}: no {e.name} in that folder; copy privaudit's "
                         "report.html.j2 (and report.css) there as a starting point") from None
-    return template.render(**ctx)
+    except TemplateError as e:  # SecurityError (the sandbox refused), a syntax error, an undefined name
+        if template_dir is None:
+            raise
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise DataError(f"--template {template_dir}: {type(e).__name__}{line}: {str(e).splitlines()[0]}") from None
 
 
-def html_to_pdf(html: str) -> bytes:
-    """The PDF of the report's HTML (WeasyPrint; the print stylesheet adds page numbers and the contents)."""
+def _fetcher(weasyprint, folder: Path):
+    """WeasyPrint's URL fetcher, restricted to ``data:`` URLs and the files inside ``folder`` (the template's
+    folder, links resolved): a template cannot embed ``file:///etc/passwd`` or fetch from the network.
+    Refused URLs are kept in ``refused``."""
+    from urllib.parse import unquote, urlsplit
+
+    root = os.path.realpath(folder)
+
+    class Fetcher(weasyprint.URLFetcher):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.refused: list[str] = []
+
+        def fetch(self, url, headers=None):
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme == "file" and parts.netloc in ("", "localhost"):
+                real = os.path.realpath(unquote(parts.path))
+                if os.path.commonpath([root, real]) == root and os.path.isfile(real):
+                    return super().fetch(url, headers)
+            elif scheme == "data":
+                return super().fetch(url, headers)
+            self.refused.append(url)
+            raise ValueError(f"privaudit refuses {url}: a report may embed data: URLs and its template folder's files only")
+
+    return Fetcher(allowed_protocols=("data", "file"), allow_redirects=False)
+
+
+def html_to_pdf(html: str, *, template_dir: Path | None = None) -> bytes:
+    """The PDF of the report's HTML (WeasyPrint; the print stylesheet adds page numbers and the contents).
+
+    Resources load from ``data:`` URLs and the template folder only (relative URLs start there); the PDF is
+    refused, with one line naming the URL, when the HTML asks for anything else."""
     try:
         import weasyprint
     except (ImportError, OSError) as e:  # OSError: WeasyPrint is installed but the Pango libraries are not
@@ -243,22 +298,39 @@ def html_to_pdf(html: str) -> bytes:
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)  # font-matching chatter is not the user's business
     logging.getLogger("fontTools").setLevel(logging.ERROR)
-    return weasyprint.HTML(string=html, base_url=None).write_pdf()
+    folder = Path(template_dir or PACKAGE_TEMPLATES).absolute()
+    fetcher = _fetcher(weasyprint, folder)
+    pdf = weasyprint.HTML(string=html, base_url=str(folder) + os.sep, url_fetcher=fetcher).write_pdf()
+    if fetcher.refused:
+        raise DataError(f"the report refers to {fetcher.refused[0]}, which privaudit does not embed: a PDF may use "
+                        f"data: URLs and the files of its template folder ({folder}) only")
+    return pdf
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+def _check_target(path: Path, audit_json: Path, *, beside: bool, force: bool) -> None:
+    """An output file may replace: report.html / report.pdf beside its own audit.json; with ``force``, any other
+    regular file (never the audit.json it is rendered from). Everything else that exists is refused."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise ConfigError(f"--out {path} is a folder; give a file name")
+    if os.path.realpath(path) == os.path.realpath(audit_json):
+        raise ConfigError(f"--out {path} is the audit.json the report is rendered from; give another file name")
+    own = path.parent.absolute() == audit_json.parent.absolute() and path.name in ("report.html", "report.pdf")
+    if not (beside or own or force):
+        raise OutputExistsError(f"--out {path} already exists; choose a new file name or pass --force to replace it")
 
 
 def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Path | None = None,
-                 fmt: str = "html", policy: Path | None = None, model_card: Path | None = None) -> list[Path]:
+                 fmt: str = "html", policy: Path | None = None, model_card: Path | None = None,
+                 force: bool = False) -> list[Path]:
     """Render ``audit_json`` as HTML and/or PDF; return the files written.
 
-    Without ``out`` the files go beside ``audit.json`` as ``report.html`` / ``report.pdf``. With ``out`` and
-    ``fmt="both"``, ``out`` names the HTML file and the PDF takes the same stem. Everything is rendered in
-    memory first, so a failure leaves no half-written report.
+    Without ``out`` the files go beside ``audit.json`` as ``report.html`` / ``report.pdf``, replacing earlier
+    ones. With ``out`` and ``fmt="both"``, ``out`` names the HTML file and the PDF takes the same stem; a file
+    that exists there is replaced only with ``force`` (or when it is the report.html / report.pdf beside this
+    audit.json), and keeps its mode. Everything is rendered in memory first, so a failure leaves no
+    half-written report.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -285,9 +357,10 @@ def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Pat
     for path in targets.values():
         if not path.parent.is_dir():
             raise ConfigError(f"--out {path}: folder {path.parent} does not exist")
+        _check_target(path, audit_json, beside=out is None, force=force)
     payloads = {"html": html.encode("utf-8")}
     if "pdf" in targets:
-        payloads["pdf"] = html_to_pdf(html)
+        payloads["pdf"] = html_to_pdf(html, template_dir=template_dir)
     for kind, path in targets.items():
-        _write_atomic(path, payloads[kind])
+        atomic_write_bytes(path, payloads[kind], mode=None)  # mkstemp + replace; an existing file keeps its mode
     return list(targets.values())
