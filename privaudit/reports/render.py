@@ -30,7 +30,48 @@ MODEL_CARD_FIELDS: dict[str, type | tuple] = {
 }
 
 
+class Suppressed(dict):
+    """A suppressed group as a template sees it: every field of it reads "suppressed", and nothing else."""
+
+    def __init__(self):
+        super().__init__(suppressed=True)
+
+    def __missing__(self, key):
+        return Suppressed()
+
+    def get(self, key, default=None):
+        return self[key]
+
+    def __bool__(self):
+        return True
+
+    def __str__(self):
+        return "suppressed"
+
+    def __html__(self):
+        return "suppressed"
+
+
+def _view(obj):
+    """The document as the template reads it: each ``{"n": null, "suppressed": true}`` becomes a
+    :class:`Suppressed`, and a count the audit hid (null in a composition row) reads "suppressed" too."""
+    from privaudit.audit._cells import is_suppressed
+
+    if is_suppressed(obj):
+        return Suppressed()
+    if isinstance(obj, dict):
+        out = {k: _view(v) for k, v in obj.items()}
+        for split in out.get("suppressed_splits") or ():
+            out[f"n_{split}"] = Suppressed()
+        return out
+    if isinstance(obj, list):
+        return [_view(v) for v in obj]
+    return obj
+
+
 def _fmt(x, digits: int = 3) -> str:
+    if isinstance(x, Suppressed):
+        return "suppressed"
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     if isinstance(x, float):
@@ -39,6 +80,8 @@ def _fmt(x, digits: int = 3) -> str:
 
 
 def _ci(est: dict | None, digits: int = 3) -> str:
+    if isinstance(est, Suppressed):
+        return "suppressed"
     if not est or est.get("estimate") is None:
         return "n/a"
     s = _fmt(est["estimate"], digits)
@@ -48,16 +91,22 @@ def _ci(est: dict | None, digits: int = 3) -> str:
 
 
 def _pval(p) -> str:
+    if isinstance(p, Suppressed):
+        return "suppressed"
     if p is None:
         return "n/a"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _pct(x, digits: int = 1) -> str:
+    if isinstance(x, Suppressed):
+        return "suppressed"
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def _sci(x) -> str:
+    if isinstance(x, Suppressed):
+        return "suppressed"
     return "n/a" if x is None else f"{x:.1e}"
 
 
@@ -154,10 +203,18 @@ def headline_rows(doc: dict) -> list[dict]:
 
 
 def _composition_rows(study: dict) -> list[dict]:
+    """Per attribute: its groups (suppressed ones and hidden split counts read "suppressed"), the unknown
+    count, the suppression rule and the groups it touched ("small")."""
     out = []
     for attr, c in ((study.get("data") or {}).get("composition") or {}).items():
-        out.append({"attribute": attr, "groups": c["groups"], "n_unknown": c.get("n_unknown", 0),
-                    "rule": c.get("rule", ""), "flagged": [g for g, v in c["groups"].items() if v.get("small")]})
+        groups = {}
+        for g, v in _view(c["groups"]).items():
+            if not isinstance(v, Suppressed):
+                v = {**v, "small": bool(v.get("small") or v.get("suppressed_splits"))}
+            groups[g] = v
+        n_unknown = c.get("n_unknown", 0)
+        out.append({"attribute": attr, "groups": groups, "n_unknown": Suppressed() if n_unknown is None else n_unknown,
+                    "rule": c.get("rule", ""), "flagged": [g for g, v in groups.items() if v.get("small")]})
     return out
 
 
@@ -214,6 +271,10 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
     """Everything the template shows, as plain data (no objects with behaviour)."""
     from privaudit.reports.figures import figures
 
+    from privaudit.audit._cells import MIN_CELL
+    from privaudit.audit.results import suppress_v1
+
+    doc = suppress_v1(doc, MIN_CELL)  # a version 2 document is suppressed already, by patients
     study = doc["study"]
     config_keys, config_rows = _config_rows(study)
     card = model_card if model_card is not None else study.get("model_card")
@@ -225,14 +286,15 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
                    "policy": policy_name,
                    "checks": [{"model": c.model, "check": c.check, "threshold": c.threshold, "value": c.value,
                                "ci": c.ci, "status": c.status, "reason": c.reason} for c in checks]}
+    view = _view(doc)
     return {
-        "doc": doc, "study": study, "models": doc["models"], "comparisons": doc.get("comparisons") or {},
+        "doc": view, "study": view["study"], "models": view["models"], "comparisons": view.get("comparisons") or {},
         "figures": figures(doc), "warnings": doc.get("warnings") or [], "headline": headline_rows(doc),
         "labels": study.get("labels") or [], "composition": _composition_rows(study),
         "several_epsilons": len(set(round(e, 6) for e in eps)) > 1, "verdict": verdict, "card": card,
         "provenance": _provenance(study), "config_keys": config_keys, "config_rows": config_rows,
-        "trade_offs": study.get("trade_offs"), "aggregates": study.get("aggregates"),
-        "attack_rows": {name: _attack_rows(m) for name, m in doc["models"].items()},
+        "trade_offs": view["study"].get("trade_offs"), "aggregates": view["study"].get("aggregates"),
+        "attack_rows": {name: _attack_rows(m) for name, m in view["models"].items()},
         "title": title or f"privaudit report: {study.get('task') or 'study'}",
     }
 
