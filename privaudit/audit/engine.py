@@ -559,6 +559,7 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
         ok_in, ok_out = ok[:k], ok[k:]
         res, warns = attack_metrics(sc[idx_in][ok_in], sc[idx_out][ok_out],
                                     groups={a: g[ok] for a, g in groups.items()})
+        res.setdefault("by_group", {})  # {} when no attribute is audited
         _suppress_by_group(res, {a: g[ok] for a, g in groups.items()}, units[ok], int(ok_in.sum()), min_cell,
                            warnings, name, attack)
         attacks[attack] = res

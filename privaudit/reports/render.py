@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, select_autoescape
@@ -50,6 +51,29 @@ class Suppressed(dict):
 
     def __html__(self):
         return "suppressed"
+
+
+class _LazyFigures(Mapping):
+    """The report's figures, drawn only when a template first reads one (a custom template may use none)."""
+
+    def __init__(self, doc: dict):
+        self._doc, self._figures = doc, None
+
+    def _all(self) -> dict:
+        if self._figures is None:
+            from privaudit.reports.figures import figures
+
+            self._figures = figures(self._doc)
+        return self._figures
+
+    def __getitem__(self, key):
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
 
 
 def _view(obj):
@@ -269,8 +293,6 @@ def _config_rows(study: dict) -> tuple[list[str], list[dict]]:
 def build_context(doc: dict, *, checks=None, policy_name: str | None = None, model_card: dict | None = None,
                   title: str | None = None) -> dict:
     """Everything the template shows, as plain data (no objects with behaviour)."""
-    from privaudit.reports.figures import figures
-
     from privaudit.audit._cells import MIN_CELL
     from privaudit.audit.results import suppress_v1
 
@@ -289,7 +311,7 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
     view = _view(doc)
     return {
         "doc": view, "study": view["study"], "models": view["models"], "comparisons": view.get("comparisons") or {},
-        "figures": figures(doc), "warnings": doc.get("warnings") or [], "headline": headline_rows(doc),
+        "figures": _LazyFigures(doc), "warnings": doc.get("warnings") or [], "headline": headline_rows(doc),
         "labels": study.get("labels") or [], "composition": _composition_rows(study),
         "several_epsilons": len(set(round(e, 6) for e in eps)) > 1, "verdict": verdict, "card": card,
         "provenance": _provenance(study), "config_keys": config_keys, "config_rows": config_rows,
@@ -405,7 +427,6 @@ def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Pat
         checks = evaluate(report.data, Policy.load(Path(policy)))
         policy_name = Path(policy).name
     card = load_model_card(model_card)
-    html = render_html(report, template_dir=template_dir, checks=checks, policy_name=policy_name, model_card=card)
     targets: dict[str, Path] = {}
     if out is not None:
         out = Path(out)
@@ -420,6 +441,7 @@ def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Pat
         if not path.parent.is_dir():
             raise ConfigError(f"--out {path}: folder {path.parent} does not exist")
         _check_target(path, audit_json, beside=out is None, force=force)
+    html = render_html(report, template_dir=template_dir, checks=checks, policy_name=policy_name, model_card=card)
     payloads = {"html": html.encode("utf-8")}
     if "pdf" in targets:
         payloads["pdf"] = html_to_pdf(html, template_dir=template_dir)
