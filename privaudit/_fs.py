@@ -166,9 +166,11 @@ def check_out_dir(out: Path, *, force: bool, what: str = "--out") -> None:
         return
     kind = is_privaudit_dir(out)
     if not force:
-        what_is = f"a privaudit {kind}" if kind else "files"
-        raise OutputExistsError(f"{what} {out} already holds {what_is}; choose a new directory"
-                                + (" or pass --force to replace it" if kind else ""))
+        if kind:
+            raise OutputExistsError(f"{what} {out} already holds a {kind} privaudit wrote; choose a new directory or "
+                                    "pass --force to replace it")
+        raise OutputExistsError(f"{what} {out} already holds files; choose a new directory (--force replaces only "
+                                "a folder privaudit wrote)")
     if kind is None:
         raise OutputExistsError(f"{what} {out} holds files privaudit did not write; --force replaces only a "
                                 "run, study, sweep, cache or cohort folder privaudit wrote; choose a new directory")
