@@ -8,11 +8,11 @@
 * **Split counts.** In the cohort composition, a split count under ``min_cell`` patients is hidden too,
   with the group's next-smallest split counts, so that it cannot be worked out from the group's total
   (:func:`suppress_table`).
-* **What is not done: complementary suppression across groups.** A suppressed group's size can be worked out
-  from the published totals when it is its attribute's only suppressed group and no value is unknown;
-  hiding a large group to prevent that would hide the metrics the audit exists for. The suppressed group's
-  metrics are not exposed that way: they are computed without it (it is left out of the other groups'
-  references and of the one-vs-rest comparisons).
+* **What is not done: complementary suppression across groups.** A suppressed group's size, and its additive
+  figures (such as how many of its positives the threshold caught), can be worked out from the published
+  totals when it is its attribute's only suppressed group and no value is unknown; hiding a large group to
+  prevent that would hide the metrics the audit exists for. Its AUROC and parity cannot be: it is left out
+  of the other groups' references and of the one-vs-rest comparisons.
 * **Identifier-like columns** (:func:`identifier_like`: more than :data:`MAX_GROUPS` distinct values, or
   distinct values for more than half of the patients) are never grouped, even when named; the warning names
   the column, never a value.
