@@ -92,6 +92,9 @@ def test_identifier_columns_are_never_grouped_and_never_published(tmp_path):
             for sid, pid in zip(df["sample_id"], df["patient_id"]):
                 assert f'"{sid}"' not in out and f">{sid}<" not in out and f'"{pid}"' not in out
         assert "/secure" not in json.dumps(r.data["study"])
+    for col in ("patient_id", "sample_id"):
+        with pytest.raises(DataError, match="identifier or bookkeeping column"):
+            run_audit({"m": df}, config=AuditConfig(n_boot=10, attributes=(col,)))
     only = run_audit({"m": df}, config=AuditConfig(n_boot=10, attributes=("mrn",)))  # nothing left to group
     assert set(only.models["m"]["fairness"]) == {"pearson_r"} and "MRN-7" not in render_html(only)
 

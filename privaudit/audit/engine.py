@@ -174,6 +174,11 @@ class _Study:
         if wanted is not None:
             for spec in wanted:
                 missing = [p for p in spec.split("*") if p not in arrays]
+                if missing and missing[0] == "age" and "age_group" in arrays:
+                    raise DataError("attribute 'age' is grouped as 'age_group' (see --age-bins); name age_group")
+                if missing and missing[0] in NOT_ATTRIBUTES and missing[0] in frame.columns:
+                    raise DataError(f"{missing[0]!r} is an identifier or bookkeeping column, not an attribute; "
+                                    "name a column of group values such as sex or site")
                 if missing:
                     available = list(attribute_arrays(frame, edges, columns=other_columns(frame)))
                     raise DataError(f"attribute {missing[0]!r} is not in the prediction file; available: "
