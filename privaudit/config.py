@@ -194,8 +194,9 @@ class AuditConfig:
     specificity: float = 0.9           # for sensitivity at a fixed specificity
     margin: float = 0.02               # equivalence margin of the "does DP amplify unfairness?" verdict
     alpha: float = 0.05
-    attributes: tuple[str, ...] | None = None  # None: every attribute column present; "a*b" intersects
+    attributes: tuple[str, ...] | None = None  # None: the known attribute columns and attr_*; "a*b" intersects
     age_edges: tuple[int, ...] = (0, 31, 61, 71, 81)
+    min_cell: int = 10                 # groups with fewer patients are suppressed (privaudit.audit._cells.MIN_CELL)
 
     def __post_init__(self):
         if self.n_boot < 1:
@@ -216,6 +217,8 @@ class AuditConfig:
             raise ConfigError(f"specificity must be in (0, 1), got {self.specificity}")
         if not self.margin > 0:
             raise ConfigError(f"margin must be > 0, got {self.margin}")
+        if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 1:
+            raise ConfigError(f"min_cell must be a whole number of patients, at least 1, got {self.min_cell!r}")
 
 
 def load_toml(path: Path) -> dict:

@@ -88,12 +88,12 @@ def test_data_values_are_escaped_and_no_patient_rows_leak(tmp_path):
 
 def test_data_section_has_composition_flags_and_split_check():
     df = make_predictions(n=400, seed=3, patients="pairs")
-    df.loc[df.index[:6], "sex"] = "X"  # a tiny group
+    df.loc[df.index[:6], "sex"] = "X"  # a tiny group: 3 patients, suppressed (schema_version 2)
     rep = run_audit({"m": df}, config=AuditConfig(n_boot=10))
     comp = rep.data["study"]["data"]["composition"]["sex"]["groups"]
-    assert comp["X"]["n"] == 6 and comp["X"]["small"] is True
+    assert comp["X"] == {"n": None, "suppressed": True}
     assert comp["F"]["n"] == int((df["sex"] == "F").sum())
-    assert sum(g["n_test"] for g in comp.values()) == int((df["split"] == "test").sum())
+    assert sum(comp[g]["n_test"] for g in ("F", "M")) == int(((df["split"] == "test") & (df["sex"] != "X")).sum())
     check = rep.data["study"]["data"]["patient_split_check"]
     # patients come in pairs with independently drawn splits, so some sit in two splits
     pairs = df.groupby("patient_id")["split"].nunique()

@@ -12,7 +12,10 @@ import pandas as pd
 from privaudit._fs import to_jsonable, write_json
 from privaudit.errors import DataError
 
-SCHEMA_VERSION = 1
+# 2: small groups are suppressed ({"n": null, "suppressed": true}) wherever groups appear, counted in patients
+# (study.min_cell); composition split counts may be null; the composition's "small" flag is gone.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def load_schema() -> dict:
@@ -64,6 +67,9 @@ class AuditReport:
         if version > SCHEMA_VERSION:
             raise DataError(f"{name}: schema_version {version} is newer than this privaudit understands "
                             f"({SCHEMA_VERSION}); upgrade privaudit")
+        if version not in READABLE_VERSIONS:
+            raise DataError(f"{name}: schema_version {version} is not one privaudit writes "
+                            f"({', '.join(map(str, READABLE_VERSIONS))}); this is not an audit.json")
         return cls(data)
 
     def validate(self) -> None:
@@ -189,3 +195,59 @@ def _walk(rows: list[dict], node, path: list[str], *, model: str, section: str, 
                          "estimate": float(value), "ci_low": None, "ci_high": None,
                          "n": n, "p_value": None, "answer": None,
                          "path": ".".join(sub)})
+
+
+def suppress_v1(doc: dict, min_cell: int) -> dict:
+    """A copy of a schema_version 1 document with its small groups suppressed, for rendering: version 1 kept
+    no patient counts, so a group whose published count (images) is under ``min_cell`` is replaced by
+    ``{"n": null, "suppressed": true}`` in the fairness groups, parity, selection metrics, the composition and
+    the attacks by group. A version 2 document is returned as it is (the audit suppressed it already)."""
+    import copy
+
+    from privaudit.audit._cells import suppressed
+
+    if doc.get("schema_version") != 1:
+        return doc
+    doc = copy.deepcopy(doc)
+
+    def small(entry) -> bool:
+        n = entry.get("n") if isinstance(entry, dict) else None
+        return isinstance(n, int) and n < min_cell
+
+    hidden_any = False
+    for m in (doc.get("models") or {}).values():
+        for attr, per_label in (m.get("fairness") or {}).items():
+            if attr == "pearson_r" or not isinstance(per_label, dict):
+                continue
+            for res in per_label.values():
+                groups = res.get("groups") or {}
+                hide = {g for g, v in groups.items() if small(v)}
+                hidden_any |= bool(hide)
+                for g in hide:
+                    groups[g] = suppressed()
+                    if g in (res.get("performance_parity") or {}):
+                        res["performance_parity"][g] = suppressed()
+                for key, val in res.items():
+                    if key in ("groups", "performance_parity") or not isinstance(val, dict) or not hide:
+                        continue
+                    if "estimate" in val:  # a two-group comparison involving a hidden group
+                        res[key] = suppressed()
+                    else:
+                        for g in hide & set(val):
+                            val[g] = suppressed()
+        for attack in ((m.get("privacy") or {}).get("attacks") or {}).values():
+            for entries in ((attack or {}).get("by_group") or {}).values():
+                for g in [g for g, v in entries.items() if small(v)]:
+                    entries[g] = suppressed()
+                    hidden_any = True
+    for c in (((doc.get("study") or {}).get("data") or {}).get("composition") or {}).values():
+        groups = c.get("groups") or {}
+        for g in [g for g, v in groups.items() if small(v)]:
+            groups[g] = suppressed()
+            hidden_any = True
+        c["rule"] = f"suppressed: fewer than {min_cell} images (a schema_version 1 audit has no patient counts)"
+    if hidden_any:
+        doc.setdefault("warnings", []).append(
+            f"this report was rendered from a schema_version 1 audit.json: groups with fewer than {min_cell} images "
+            "were suppressed at rendering; run the audit again for suppression by patients")
+    return doc
