@@ -167,8 +167,8 @@ def check_out_dir(out: Path, *, force: bool, what: str = "--out") -> None:
     kind = is_privaudit_dir(out)
     if not force:
         if kind:
-            raise OutputExistsError(f"{what} {out} already holds a {kind} privaudit wrote; choose a new directory or "
-                                    "pass --force to replace it")
+            raise OutputExistsError(f"{what} {out} already holds a run or other output privaudit wrote (a {kind}); "
+                                    "choose a new directory or pass --force to replace it")
         raise OutputExistsError(f"{what} {out} already holds files; choose a new directory (--force replaces only "
                                 "a folder privaudit wrote)")
     if kind is None:

@@ -179,6 +179,8 @@ Force_ = Annotated[bool, typer.Option("--force", help="Replace what --out alread
 Quiet_ = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 NBoot_ = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")]
 CI_ = Annotated[float, typer.Option("--ci", help="Confidence level of the intervals.")]
+MinCell_ = Annotated[int, typer.Option("--min-cell", help="Smallest group, in patients, whose counts and metrics "
+                                       "are shown; smaller groups are suppressed, as in health statistics.")]
 
 
 def _labels(text: str | None):
@@ -281,6 +283,7 @@ def train_and_audit_cmd(
     device: Device_ = "auto",
     canaries: Canaries_ = 0,
     n_boot: NBoot_ = 1000,
+    min_cell: MinCell_ = 10,
     out: Annotated[Optional[Path], typer.Option("--out", help="Study directory (default runs/<task>-<backend>-"
                                                 "<timestamp>/).")] = None,
     pdf: Annotated[bool, typer.Option("--pdf", help="Also write report.pdf (WeasyPrint).")] = False,
@@ -304,7 +307,7 @@ def train_and_audit_cmd(
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
     study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
-                            audit=AuditConfig(n_boot=n_boot, seed=seed), force=force, pdf=pdf, model_card=model_card,
+                            audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), force=force, pdf=pdf, model_card=model_card,
                             command=_command(), console=console, quiet=quiet)
     doc = study.audit.data
     _print_headline(doc)
@@ -355,6 +358,7 @@ def sweep_cmd(
     device: Device_ = "auto",
     canaries: Canaries_ = 0,
     n_boot: NBoot_ = 1000,
+    min_cell: MinCell_ = 10,
     executor: Executor_ = ExecutorName.local,
     ray_address: RayAddress_ = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Processes of the local pool (default: one per "
@@ -387,7 +391,7 @@ def sweep_cmd(
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
     study = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
-                      jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), command=_command(), console=console,
+                      jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), command=_command(), console=console,
                       quiet=quiet)
     doc = study.audit.data
     console.print(summary_table(doc))
@@ -484,13 +488,15 @@ def audit_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (for --predictions and "
                                                 "--checkpoint).")] = None,
     n_boot: NBoot_ = 1000,
+    min_cell: MinCell_ = 10,
     ci: CI_ = 0.95,
     seed: Seed_ = 0,
     cluster: Annotated[bool, typer.Option("--cluster/--no-cluster", help="Resample patients rather than images "
                                           "when patient_id repeats.")] = True,
     ci_method: Annotated[str, typer.Option("--ci-method", help="percentile, or bca for the AUROCs.")] = "percentile",
     attributes: Annotated[Optional[str], typer.Option("--attributes", help="Comma-separated attributes to audit "
-                          "(default: every attribute column); 'sex*age_group' gives intersectional groups.")] = None,
+                          "(default: the known attribute columns sex, age, comorbidity, site, race, ethnicity, and every attr_* "
+                          "column; other columns only when named); 'sex*age_group' gives intersectional groups.")] = None,
     age_bins: Annotated[Optional[str], typer.Option("--age-bins", help="Lower edges of the age groups after 0, "
                         "in years (default 31,61,71,81).")] = None,
     threshold: Annotated[str, typer.Option("--threshold", help="youden (chosen on the val split) or a fixed "
@@ -515,7 +521,7 @@ def audit_cmd(
     from privaudit.study import runs
     from privaudit.tasks import AGE_EDGES, parse_age_edges
 
-    config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster, ci_method=ci_method,
+    config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster, ci_method=ci_method, min_cell=min_cell,
                          attributes=_labels(attributes), threshold=threshold, margin=margin,
                          age_edges=parse_age_edges(age_bins) if age_bins else AGE_EDGES)
     given = [x for x in (run_dir, predictions, checkpoint) if x]
@@ -564,6 +570,9 @@ def report_cmd(
     model_card: ModelCard_ = None,
     template: Annotated[Optional[Path], typer.Option("--template", help="Folder with your own "
                                                      "report.html.j2 (and report.css).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (it keeps its mode). "
+                                        "report.html / report.pdf beside their own audit.json are always "
+                                        "re-rendered.")] = False,
 ):
     """Render report.html and/or report.pdf from an audit.json alone.
 
@@ -577,7 +586,8 @@ def report_cmd(
     """
     from privaudit.study.api import report
 
-    written = report(_audit_json(source), fmt=fmt, out=out, policy=policy, model_card=model_card, template=template)
+    written = report(_audit_json(source), fmt=fmt, out=out, policy=policy, model_card=model_card, template=template,
+                     force=force)
     console.print("report written to " + ", ".join(f"[bold]{p}[/]" for p in written))
 
 
@@ -740,6 +750,7 @@ def attack_cmd(
     ray_address: RayAddress_ = None,
     seed: Seed_ = 0,
     n_boot: NBoot_ = 1000,
+    min_cell: MinCell_ = 10,
     quiet: Quiet_ = False,
 ):
     """Train shadow (LiRA) or reference (RMIA) models with the run's own backend, configuration and data, and
@@ -756,7 +767,7 @@ def attack_cmd(
     from privaudit.study.api import attack as run_attack
 
     report = run_attack(attack, run_dir, shadows=shadows, references=references, offline=offline, jobs=jobs,
-                        executor=executor.value, ray_address=ray_address, seed=seed, n_boot=n_boot,
+                        executor=executor.value, ray_address=ray_address, seed=seed, n_boot=n_boot, min_cell=min_cell,
                         command=_command(), progress=console if not quiet else False)
     path = run_dir / "audit.json"
     attacks = report.data["models"]
@@ -804,6 +815,9 @@ def check_cmd(
 
 
 def main() -> None:
+    from privaudit._fs import install_signal_handlers
+
+    install_signal_handlers()   # SIGTERM (what a scheduler sends) is handled like Ctrl-C: nothing half-written
     app()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from privaudit.audit._cells import is_suppressed
+
 from privaudit.audit.fairness import pearson_r
 from privaudit.audit.utility import percentile_ci
 
@@ -183,9 +185,13 @@ def trade_offs_of(models: dict, study, prevalence: dict | None = None,
     null_gaps = []  # one warning for them all: a small group's gap is null in most models
     for attr in study.attributes:
         for lab in list(study.labels) + ["macro"]:
-            groups_here = list(dict.fromkeys(
+            groups_here = list(dict.fromkeys(  # a group suppressed (too few patients) in any model stays out
                 g for m in models.values()
-                for g in ((m["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}))))
+                for g, v in ((m["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {})).items()
+                if not is_suppressed(v)))
+            groups_here = [g for g in groups_here if not any(
+                is_suppressed(((m["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {})).get(g))
+                for m in models.values())]
             for g in groups_here:
                 y = [((models[n]["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}).get(g)
                       or {}).get("estimate") for n in dp_models]

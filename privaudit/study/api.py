@@ -200,7 +200,7 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
 
 def attack(name: str, run, *, shadows: int | None = None, references: int | None = None, offline: bool = False,
            jobs: int | None = None, executor: str = "local", ray_address: str | None = None, seed: int = 0,
-           n_boot: int = 1000, config: AuditConfig | None = None, progress: Progress = False,
+           n_boot: int = 1000, min_cell: int = 10, config: AuditConfig | None = None, progress: Progress = False,
            command: str | None = None):
     """Train shadow (``lira``) or reference (``rmia``) models with the run's own backend, configuration and
     exactly its data, add the attack to the run's audit, and return that audit."""
@@ -214,7 +214,7 @@ def attack(name: str, run, *, shadows: int | None = None, references: int | None
     if not Path(run).is_dir():
         raise ConfigError(f"{run}: not a run directory")
     console, quiet = _progress(progress)
-    cfg = config or AuditConfig(n_boot=n_boot, seed=seed)
+    cfg = config or AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell)
     return run_attack(Path(run), name, k or 0, offline=offline, jobs=jobs, executor=executor,
                       ray_address=ray_address, seed=seed, audit_config=cfg, command=command, console=console,
                       quiet=quiet)
@@ -232,7 +232,8 @@ def load_audit(source):
     return AuditReport.from_json(path)
 
 
-def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None, template=None) -> list[Path]:
+def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None, template=None,
+           force: bool = False) -> list[Path]:
     """Render report.html and/or report.pdf from an audit.json (or a study directory) alone; returns the paths."""
     from privaudit.reports import write_report
 
@@ -241,4 +242,4 @@ def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None,
     load_audit(path)
     return write_report(path, Path(out) if out else None, template_dir=Path(template) if template else None,
                         fmt=fmt, policy=Path(policy) if policy else None,
-                        model_card=Path(model_card) if model_card else None)
+                        model_card=Path(model_card) if model_card else None, force=force)

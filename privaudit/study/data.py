@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from privaudit._fs import private_mkdir
+from privaudit._fs import private_mkdir, write_marker
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.dirs import DATA_DIR
 from privaudit.tasks import create_task
@@ -103,6 +103,7 @@ def synthesize(task: str, out: Path, *, n: int, image_size: int, seed: int, publ
     if public and task != "cxr":
         raise ConfigError("public (a pretraining cohort) exists for task cxr only")
     private_mkdir(out)
+    write_marker(out, "cohort")
     with Progress(console=console, disable=quiet or console is None) as prog:
         t = prog.add_task(f"writing {'public' if public else 'synthetic'} cohort", total=n)
         if task == "pdac":

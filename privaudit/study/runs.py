@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from privaudit._fs import read_json, staged_dir
+from privaudit._fs import output_lock, read_json, staged_dir, write_marker
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.data import PUBLIC_COHORT_DOC, DataSpec, PreparedData, prepare_data, synthesize
@@ -60,6 +60,7 @@ def train_run(data: PreparedData, config: TrainConfig, out: Path, *, command: st
     train = config.to_dict()
     train["init"] = relative_init(config, root or Path(out).parent)
     RunDir(out).write_config(train, data.info, command=command, **extra)
+    write_marker(out, "run")
     return backend.train(data.manifest, config, Path(out), console=_console_of(console), quiet=quiet)
 
 
@@ -71,11 +72,17 @@ def train(config: TrainConfig, data: DataSpec, out: Path, *, force: bool = False
 
     create_task(config.task)
     create_backend(config.backend)  # fail on an unknown backend before any work
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, kind="run", inputs=_inputs(data, config)) as tmp:
         prepared = prepare_data(config.task, data, tmp, image_size=config.image_size, console=_console_of(console),
                                 quiet=quiet)
         info = train_run(prepared, config, tmp, command=command, root=tmp, console=console, quiet=quiet)
     return None if info.get("written") is False else RunDir(Path(out))
+
+
+def _inputs(data: DataSpec, config: TrainConfig | None = None, *more) -> tuple:
+    """Every path a command reads: an output may neither be nor contain one of them (staged_dir refuses)."""
+    paths = [data.path, data.controls, config.init if config is not None else None, *more]
+    return tuple(Path(p) for p in paths if p)
 
 
 # ---- auditing -------------------------------------------------------------------------------------------------
@@ -143,6 +150,11 @@ def audit_dir(path: Path, *, config: AuditConfig, command: str | None = None):
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a directory; give a run or study directory, or audit a prediction file")
+    with output_lock(path):  # the same lock as a training into that folder: one writer at a time
+        return _audit_dir(path, config=config, command=command)
+
+
+def _audit_dir(path: Path, *, config: AuditConfig, command: str | None):
     if StudyDir(path).is_sweep():
         return audit_sweep(path, config=config, command=command)
     run = RunDir(path)
@@ -176,7 +188,8 @@ def audit_frames(predictions: dict[str, pd.DataFrame | Path | str], *, config: A
     report = run_audit(frames, reference=reference, config=config,
                        provenance={"command": command} if command else None)
     if out is not None:
-        with staged_dir(out, force=force) as tmp:
+        files = tuple(Path(p) for p in predictions.values() if not isinstance(p, pd.DataFrame))
+        with staged_dir(out, force=force, kind="study", inputs=files) as tmp:
             write_audit(report, tmp)
     return report
 
@@ -198,7 +211,7 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
     backend = backend or ("tf" if Path(checkpoint).suffix == ".keras" else "opacus")
     be = create_backend(backend)
     manifest = load_manifest(data, task)
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, kind="run", inputs=_inputs(data, None, checkpoint)) as tmp:
         preds, info = be.predict_checkpoint(Path(checkpoint), manifest, task=task, arch=arch, image_size=image_size,
                                             trust=trust)
         write_predictions(preds, tmp / "predictions.csv")
@@ -249,7 +262,8 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
     if pretrain and config.task != "cxr":
         raise ConfigError("pretrain needs a synthetic public cohort, which exists for cxr only")
     bars = _console_of(console)
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, kind="study",
+                    inputs=_inputs(data, config, *([model_card] if isinstance(model_card, (str, Path)) else []))) as tmp:
         prepared = prepare_data(config.task, data, tmp, image_size=config.image_size, console=bars, quiet=quiet)
         data_info = dict(prepared.info)
         if pretrain:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privaudit._fs import holds_run, private_mkdir, read_json, staged_dir, write_json
+from privaudit._fs import holds_run, output_lock, private_mkdir, read_json, staged_dir, write_json, write_marker
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError, OutputExistsError
 from privaudit.study.data import DataSpec, PreparedData, prepare_data
@@ -165,7 +164,7 @@ def train_job(spec: dict) -> dict:
     data = PreparedData(data.manifest, data.spec, spec["data_info"])
     run_dir = sweep_dir / spec["name"]
     private_mkdir(run_dir.parent)
-    with staged_dir(run_dir, force=True) as tmp:  # force: a leftover incomplete folder is not a finished run
+    with staged_dir(run_dir, force=True, kind="run") as tmp:  # force: an unfinished run of this sweep is redone
         info = train_run(data, config, tmp, command=spec["command"], root=sweep_dir,
                          sweep={"run": spec["name"], "epsilon": spec["label"]})
         report = audit_runs({spec["name"]: RunDir(tmp)}, config=spec["audit"])
@@ -199,37 +198,37 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
     runs = {run_name(p, s): (p, s) for p in points for s in seed_list}
     todo = [name for name in runs if not is_complete(out / name)]
 
-    with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
-        private_mkdir(out)
-        # sweep.json is the sweep's plan: a resumed sweep may add settings or seeds, so it lists every run asked for
-        write_json(out / SWEEP_FILE, {
-            "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
-            "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
-            "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
-        # one data-preparation path: a synthetic cohort is written once into out/data (kept on resume)
-        prepared = prepare_data(base.task, data, out, image_size=base.image_size, console=_console_of(console),
-                                quiet=quiet)
-        for name in todo:  # folders left by a run that was killed mid-way
-            for partial in (out / name).parent.glob(f".{Path(name).name}.partial-*"):
-                shutil.rmtree(partial, ignore_errors=True)
-        specs = [{"name": name, "label": runs[name][0].label, "sweep_dir": str(out),
-                  "config": point_config(base, *runs[name]), "data_info": prepared.info, "audit": audit,
-                  "command": command}
-                 for name in todo]
-        reused = len(runs) - len(todo)
-        say(console, quiet, f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
-                            f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
-                            f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one sweep at a time on --out (each run also locks its own folder)
+        with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
+            private_mkdir(out)
+            write_marker(out, "sweep")
+            # sweep.json is the sweep's plan: a resumed sweep may add settings or seeds, so it lists every run asked for
+            write_json(out / SWEEP_FILE, {
+                "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
+                "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
+                "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
+            # one data-preparation path: a synthetic cohort is written once into out/data (kept on resume)
+            prepared = prepare_data(base.task, data, out, image_size=base.image_size, console=_console_of(console),
+                                    quiet=quiet)
+            specs = [{"name": name, "label": runs[name][0].label, "sweep_dir": str(out),
+                      "config": point_config(base, *runs[name]), "data_info": prepared.info, "audit": audit,
+                      "command": command}
+                     for name in todo]
+            reused = len(runs) - len(todo)
+            say(console, quiet, f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
+                                f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
+                                f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
 
-        def done(i, res):
-            eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
-            say(console, quiet, f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
+            def done(i, res):
+                eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
+                say(console, quiet, f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
 
-        t0 = time.perf_counter()
-        ex.run(train_job, specs, labels=todo, on_done=done)
-        executor_info = {**ex.describe(), "trained": len(todo), "reused": reused,
-                         "train_seconds": round(time.perf_counter() - t0, 2)}
-    audit_sweep(out, config=audit, executor_info=executor_info, command=command)
+            t0 = time.perf_counter()
+            ex.run(train_job, specs, labels=todo, on_done=done)
+            executor_info = {**ex.describe(), "trained": len(todo), "reused": reused,
+                             "train_seconds": round(time.perf_counter() - t0, 2)}
+        audit_sweep(out, config=audit, executor_info=executor_info, command=command)
     return StudyDir(out)
 
 
