@@ -5,6 +5,7 @@ Bad input (any :class:`~privaudit.errors.PrivauditError`) prints one line on std
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import re
@@ -149,7 +150,8 @@ Acc_ = Annotated[Accountant, typer.Option("--accountant", help="Privacy accounta
 Clipping_ = Annotated[Clipping, typer.Option("--clipping", help="Per-sample clipping engine (opacus backend): "
                       "Opacus' hooks, ew (expanded weights) or ghost modes, or fast (privaudit's engine: the same "
                       "clipped, noised gradient and epsilon at close to non-private speed; models with other "
-                      "layers than Linear, Conv, GroupNorm and Embedding fall back to hooks).")]
+                      "layers than Linear, Conv, GroupNorm and Embedding fall back to hooks). Library networks "
+                      "(--arch torchvision:...) use fast under hooks where it covers them.")]
 NoDP_ = Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")]
 Epochs_ = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the task's; cxr 5, "
                                                 "pdac 15).")]
@@ -162,13 +164,19 @@ Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge i
 NSamples_ = Annotated[Optional[int], typer.Option("--n-samples", help="Size of the synthetic cohort when --data is "
                                                   "not given (default: the task's; cxr 3000, pdac 400).")]
 Width_ = Annotated[Optional[int], typer.Option("--width", help="Channels of the network's first stage (default: the "
-                                               "task's; cxr 32, pdac 16).")]
+                                               "task's; cxr 32, pdac 16; privaudit's own architectures only).")]
 Arch_ = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the task's; resnet9-gn for cxr, "
-                                              "cnn3d-gn for pdac).")]
+                                              "cnn3d-gn for pdac), or a network from a library: "
+                                              "torchvision:densenet121, timm:resnet18, monai:DenseNet121 (2D or "
+                                              "3D from the task; needs privaudit\\[models]). Library networks get "
+                                              "GroupNorm in place of BatchNorm for DP training.")]
 LR_ = Annotated[Optional[float], typer.Option("--lr", help="NAdam learning rate (default: the task's; cxr 2e-3, "
                                               "pdac 5e-4).")]
 Seed_ = Annotated[int, typer.Option("--seed", help="Random seed (data split, initialisation, sampling).")]
-Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights (a state_dict).")]
+Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these weights: a state_dict (read with "
+                  "weights_only=True) or a .safetensors file. For a library network (--arch torchvision:...) they "
+                  "are loaded before any BatchNorm replacement; RGB weights are summed to one channel and a "
+                  "classifier of another size (ImageNet's) starts afresh, both recorded in train.json.")]
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 Canaries_ = Annotated[int, typer.Option("--canaries", help="Insert this many canaries (each trained on with "
                                         "probability 1/2) for the one-run empirical epsilon.")]
@@ -193,10 +201,48 @@ def _default_out(task: str, backend: str) -> Path:
     return default(task, backend)
 
 
+def _check_arch(task: str, backend: str, arch: str | None) -> None:
+    """Fail on a library network's name (torchvision:, timm:, monai:) before any data is read."""
+    if not arch or ":" not in arch:
+        return
+    from privaudit.errors import ConfigError
+
+    if backend != "opacus":
+        raise ConfigError(f"--arch {arch}: library networks run on the opacus backend (PyTorch); use "
+                          f"--backend opacus, or one of the {backend} backend's own architectures")
+    from privaudit.backends.zoo import check_zoo_name
+    from privaudit.tasks import create_task
+
+    check_zoo_name(arch, spatial_dims=create_task(task).spatial_dims)
+
+
+@contextlib.contextmanager
+def _model_changes(arch: str | None):
+    """For a library network: Python's ModelChangedWarning off, because the command prints train.json's
+    warnings (the same line) as ``warning: ...`` once training is done."""
+    if not arch or ":" not in arch:
+        yield
+        return
+    import warnings
+
+    from privaudit.backends.zoo import ModelChangedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ModelChangedWarning)
+        yield
+
+
+def _print_train_warnings(infos) -> None:
+    for info in infos:
+        for w in (info or {}).get("warnings") or []:
+            err_console.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
                   init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0,
                   clipping=Clipping.hooks) -> TrainConfig:
     """The options as a TrainConfig; what is left out takes the task's defaults (TrainConfig.for_task)."""
+    _check_arch(task, backend, arch)
     return TrainConfig.for_task(task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
                                 batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, seed=seed,
                                 device=device, init=init, canaries=canaries, clipping=Clipping(clipping).value,
@@ -306,9 +352,11 @@ def train_and_audit_cmd(
                         clipping)
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
-    study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
-                            audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), force=force, pdf=pdf, model_card=model_card,
-                            command=_command(), console=console, quiet=quiet)
+    with _model_changes(cfg.arch):
+        study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
+                                audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), force=force,
+                                pdf=pdf, model_card=model_card, command=_command(), console=console, quiet=quiet)
+    _print_train_warnings(run.train_info() for run in study.runs.values())
     doc = study.audit.data
     _print_headline(doc)
     runs = ", ".join(f"{name}/" for name in doc["models"])
@@ -452,11 +500,13 @@ def train_cmd(
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
     from privaudit.backends.distributed import rank_zero_out
 
-    with rank_zero_out(out) as target:   # under torchrun only rank 0 writes --out; the others use scratch
+    # under torchrun only rank 0 writes --out; the others use scratch
+    with rank_zero_out(out) as target, _model_changes(cfg.arch):
         run = train(cfg, spec, target, force=force, command=_command(), console=console, quiet=quiet)
     if run is None:   # a torchrun rank other than 0
         return
     info = run.train_info()
+    _print_train_warnings([info])
     eps = f"ε = {info['epsilon']:.2f} (δ = {info['delta']:.0e}, {info['accountant']})" if info["dp"] else "no DP"
     console.print(f"run written to [bold]{out}[/]: {info['steps']} steps, {eps}")
 
@@ -471,15 +521,23 @@ def audit_cmd(
                     "(default: the file stem).")] = None,
     reference: Annotated[Optional[str], typer.Option("--reference", help="Model the others are compared "
                          "against.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights trained elsewhere "
-                          "(a state_dict; TorchScript with --trust-checkpoint; a Keras .keras file).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights trained elsewhere: a "
+                          "state_dict or .safetensors (privaudit's or a library architecture, see --arch), an .onnx "
+                          "file (run with onnxruntime, no trust flag needed), TorchScript with --trust-checkpoint, "
+                          "or a Keras .keras file.")] = None,
     data: Data_ = None,
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
     labels: Labels_ = None,
     task: Annotated[str, typer.Option("--task", help="Task of the checkpoint: cxr or pdac.")] = "cxr",
-    arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint.")] = "resnet9-gn",
+    arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint: privaudit's own, or a "
+                    "library network such as torchvision:densenet121, timm:resnet18, monai:DenseNet121 (needs "
+                    "privaudit\\[models]). Ignored for an .onnx file.")] = "resnet9-gn",
+    preprocess: Annotated[Optional[Path], typer.Option("--preprocess", help="Preprocessing card (TOML) for a model "
+                          "trained elsewhere: input size, channels, scaling, output activation and which model "
+                          "output is which label (\\[output.map]). For .onnx checkpoints and library "
+                          "architectures; default: privaudit's own preprocessing.")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="Backend that loads the checkpoint "
                        "(default: tf for a .keras file, else opacus).")] = None,
     image_size: Size_ = None,
@@ -516,6 +574,10 @@ def audit_cmd(
         privaudit audit --checkpoint model.pt --arch resnet9-gn --data manifest.csv --out audit/
 
         privaudit audit --checkpoint model.keras --data manifest.csv --out audit/
+
+        privaudit audit --checkpoint densenet121.onnx --data manifest.csv --preprocess card.toml --out audit/
+
+        privaudit audit --checkpoint weights.safetensors --arch torchvision:densenet121 --data manifest.csv --out audit/
     """
     from privaudit.errors import ConfigError
     from privaudit.study import runs
@@ -527,6 +589,15 @@ def audit_cmd(
     given = [x for x in (run_dir, predictions, checkpoint) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of RUN_DIR, --predictions FILE or --checkpoint PATH")
+    card = None
+    if preprocess is not None:
+        if checkpoint is None:
+            raise ConfigError("--preprocess describes a model trained elsewhere; give it with --checkpoint")
+        from privaudit.preprocess import load_preprocess_card
+
+        card = load_preprocess_card(preprocess)
+    if checkpoint is not None and checkpoint.suffix != ".onnx":
+        _check_arch(task, backend or "opacus", arch)
     if run_dir is not None:
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: not a directory; give a run directory, or a file with --predictions")
@@ -551,7 +622,7 @@ def audit_cmd(
         spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from)
         report = runs.audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend,
                                        image_size=image_size, trust=trust_checkpoint, config=config, force=force,
-                                       command=_command())
+                                       command=_command(), preprocess=card)
         path = Path(out) / "audit.json"
     _print_headline(report.data)
     console.print(f"audit written to [bold]{escape(str(path))}[/]")

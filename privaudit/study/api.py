@@ -159,7 +159,7 @@ def sweep(task: str = "cxr", *, epsilons="1,3,8,inf", seeds: int = 1, data=None,
 
 def audit(source=None, *, out=None, reference: str | None = None, config: AuditConfig | None = None,
           checkpoint=None, data=None, task: str = "cxr", arch: str = "resnet9-gn", backend: str | None = None,
-          image_size: int | None = None, trust_checkpoint: bool = False, force: bool = False,
+          image_size: int | None = None, trust_checkpoint: bool = False, preprocess=None, force: bool = False,
           command: str | None = None, **options):
     """Audit models and return the result (:class:`~privaudit.audit.results.AuditReport`: ``.to_frame()``,
     ``.to_json()``, ``.models``, ``.warnings``).
@@ -167,12 +167,19 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
     ``source`` is a run, study or sweep directory (audited in place, as ``privaudit audit DIR``), or prediction
     tables keyed by model name (pandas DataFrames or paths in the predictions.csv schema; written to ``out``
     only when it is given), or a list of prediction files (named by their stems). ``checkpoint`` + ``data``
-    audit weights trained elsewhere into the run directory ``out``. ``options``: ``n_boot``, ``ci``, ``seed``,
-    ``attributes``, ``age_bins``, ``threshold``, ``margin``, ``cluster``, ``ci_method``, ...
+    audit weights trained elsewhere into the run directory ``out``: a state_dict or ``.safetensors`` of
+    ``arch`` (privaudit's own, or ``torchvision:<model>``, ``timm:<model>``, ``monai:<model>``), an ``.onnx``
+    file, TorchScript (``trust_checkpoint=True``) or a ``.keras`` file; ``preprocess`` (a TOML path, a dict or a
+    PreprocessCard) says how an ONNX or library model reads its inputs and which output is which label.
+    ``options``: ``n_boot``, ``ci``, ``seed``, ``attributes``, ``age_bins``, ``threshold``, ``margin``,
+    ``cluster``, ``ci_method``, ...
     """
     from privaudit.study import runs
 
     cfg = _audit_config(config, options)
+    if preprocess is not None and checkpoint is None:
+        raise ConfigError("preprocess (a preprocessing card) applies to a checkpoint audit: give checkpoint= and "
+                          "data=")
     if checkpoint is not None:
         if source is not None:
             raise ConfigError("give a source or a checkpoint, not both")
@@ -181,7 +188,7 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
         spec = data if isinstance(data, DataSpec) else DataSpec(path=data, seed=cfg.seed)
         return runs.audit_checkpoint(Path(checkpoint), spec, Path(out), task=task, arch=arch, backend=backend,
                                      image_size=image_size, trust=trust_checkpoint, config=cfg, force=force,
-                                     command=command)
+                                     command=command, preprocess=preprocess)
     if isinstance(source, pd.DataFrame):
         source = {"model": source}
     if isinstance(source, (list, tuple)):

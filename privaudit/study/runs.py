@@ -196,10 +196,13 @@ def audit_frames(predictions: dict[str, pd.DataFrame | Path | str], *, config: A
 
 def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, arch: str, backend: str | None,
                      image_size: int | None, trust: bool, config: AuditConfig, force: bool = False,
-                     command: str | None = None):
+                     command: str | None = None, preprocess=None):
     """Predict with a checkpoint trained elsewhere, then audit it: writes a run directory at ``out``.
 
     ``backend=None`` picks it from the file name: ``.keras`` files go to the tf backend, others to opacus.
+    ``.onnx`` files and the weights of a library architecture (``arch`` = ``torchvision:<model>``,
+    ``timm:<model>`` or ``monai:<model>``) go through :func:`privaudit.byom.audit_model`, with the
+    preprocessing card ``preprocess`` (a TOML path, a dict or a PreprocessCard; None: privaudit's own).
     """
     from privaudit.audit import run_audit
     from privaudit.backends import create_backend
@@ -208,6 +211,25 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
 
     if data.path is None:
         raise ConfigError("a checkpoint needs data (a manifest): the samples to score the model on")
+    is_onnx, is_zoo = Path(checkpoint).suffix == ".onnx", ":" in (arch or "")
+    if is_onnx or is_zoo:
+        from privaudit.byom import audit_model
+        from privaudit.preprocess import as_card
+
+        card = as_card(preprocess)   # a bad card fails before any data is read
+        if not is_onnx:
+            from privaudit.backends.zoo import check_zoo_name
+
+            if backend not in (None, "opacus"):
+                raise ConfigError(f"backend {backend!r} does not load library architectures ({arch}); they load "
+                                  "with PyTorch: leave out backend")
+            check_zoo_name(arch, spatial_dims=create_task(task).spatial_dims)
+        return audit_model(Path(checkpoint), load_manifest(data, task), task=task, arch=None if is_onnx else arch,
+                           preprocess=card, image_size=image_size, config=config, out=out, force=force,
+                           command=command)
+    if preprocess is not None:
+        raise ConfigError("preprocess (a preprocessing card) applies to .onnx files and library architectures "
+                          "(torchvision:, timm:, monai:); privaudit's own architectures use its own preprocessing")
     backend = backend or ("tf" if Path(checkpoint).suffix == ".keras" else "opacus")
     be = create_backend(backend)
     manifest = load_manifest(data, task)
