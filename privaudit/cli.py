@@ -136,6 +136,17 @@ LabelFrom_ = Annotated[Optional[str], typer.Option("--label-from", help="msd pre
                                                    "is a tumour scan when its label map holds the tumour class, "
                                                    "else refused) or dataset (every MSD case positive, maps unread).",
                                                    metavar="segmentation|dataset")]
+Uncertain_ = Annotated[Optional[str], typer.Option("--uncertain", help="chexpert and mimic presets: what an uncertain "
+                                                   "(-1) finding becomes: ignore (default, U-Ignore: unknown, left out "
+                                                   "of loss and metrics), zeros (U-Zeros: negative) or ones (U-Ones: "
+                                                   "positive).", metavar="ignore|zeros|ones")]
+Blank_ = Annotated[Optional[str], typer.Option("--blank", help="chexpert and mimic presets: what a blank finding (not "
+                                               "mentioned in the report) becomes: unknown (default) or negative.",
+                                               metavar="unknown|negative")]
+NoFinding_ = Annotated[Optional[str], typer.Option("--no-finding", help="chexpert and mimic presets: negative "
+                                                   "(default, as torchxrayvision: a positive No Finding makes the row's "
+                                                   "blank findings negative) or ignore (No Finding is not read).",
+                                                   metavar="negative|ignore")]
 Labels_ = Annotated[Optional[str], typer.Option("--labels", help="Comma-separated subset of the task's labels.")]
 Views_ = Annotated[str, typer.Option("--views", help="frontal (default) or all.")]
 Epsilon_ = Annotated[Optional[float], typer.Option("--epsilon", help="Target epsilon (default 8 unless "
@@ -202,11 +213,12 @@ def _train_config(task, backend, arch, width, image_size, epochs, batch_size, ph
                                 max_grad_norm=max_grad_norm, accountant=Accountant(accountant).value)
 
 
-def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from):
+def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain=None, blank=None,
+          no_finding=None):
     from privaudit.study.data import DataSpec
 
     return DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed,
-                    controls=controls, label_from=label_from)
+                    controls=controls, label_from=label_from, uncertain=uncertain, blank=blank, no_finding=no_finding)
 
 
 def _audit_json(source: Path) -> Path:
@@ -254,6 +266,9 @@ def train_and_audit_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -302,7 +317,7 @@ def train_and_audit_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
                             audit=AuditConfig(n_boot=n_boot, seed=seed), force=force, pdf=pdf, model_card=model_card,
                             command=_command(), console=console, quiet=quiet)
@@ -336,6 +351,9 @@ def sweep_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     delta: Delta_ = None,
@@ -385,7 +403,7 @@ def sweep_cmd(
                         device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     study = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
                       jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), command=_command(), console=console,
                       quiet=quiet)
@@ -407,6 +425,9 @@ def train_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -445,7 +466,7 @@ def train_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     from privaudit.backends.distributed import rank_zero_out
 
     with rank_zero_out(out) as target:   # under torchrun only rank 0 writes --out; the others use scratch
@@ -473,6 +494,9 @@ def audit_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     task: Annotated[str, typer.Option("--task", help="Task of the checkpoint: cxr or pdac.")] = "cxr",
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint.")] = "resnet9-gn",
@@ -521,6 +545,10 @@ def audit_cmd(
     given = [x for x in (run_dir, predictions, checkpoint) if x]
     if len(given) != 1:
         raise ConfigError("give exactly one of RUN_DIR, --predictions FILE or --checkpoint PATH")
+    policies = [n for n, v in (("uncertain", uncertain), ("blank", blank), ("no_finding", no_finding)) if v]
+    if policies and checkpoint is None:
+        raise ConfigError(f"{policies[0]} applies to --checkpoint audits, which load data; a run is audited on the "
+                          "labels it recorded, and prediction files carry their own")
     if run_dir is not None:
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: not a directory; give a run directory, or a file with --predictions")
@@ -542,7 +570,8 @@ def audit_cmd(
     else:
         if out is None:
             raise ConfigError("--checkpoint needs --out DIR for the run directory it writes")
-        spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from)
+        spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from, uncertain, blank,
+                     no_finding)
         report = runs.audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend,
                                        image_size=image_size, trust=trust_checkpoint, config=config, force=force,
                                        command=_command())
@@ -648,6 +677,9 @@ def cache_cmd(
     preset: Preset_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes decoding images (default: the CPU cores).")]
     = 0,
     force: Force_ = False,
@@ -674,7 +706,8 @@ def cache_cmd(
     if create_task(task).spatial_dims != 2:
         raise ConfigError(f"task {task!r} has 3D volumes, which are cached on first use (see PRIVAUDIT_CACHE_DIR); "
                           "privaudit data cache is for 2D images")
-    manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views), task)
+    manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
+                                      uncertain=uncertain, blank=blank, no_finding=no_finding), task)
     with Progress(console=console, disable=quiet) as prog:
         t = prog.add_task("caching images", total=len(manifest.frame))
         folder, built = build_cache(manifest, image_size, out, force=force, jobs=jobs or os.cpu_count() or 1,
