@@ -137,6 +137,17 @@ LabelFrom_ = Annotated[Optional[str], typer.Option("--label-from", help="msd pre
                                                    "is a tumour scan when its label map holds the tumour class, "
                                                    "else refused) or dataset (every MSD case positive, maps unread).",
                                                    metavar="segmentation|dataset")]
+Uncertain_ = Annotated[Optional[str], typer.Option("--uncertain", help="chexpert and mimic presets: what an uncertain "
+                                                   "(-1) finding becomes: ignore (default, U-Ignore: unknown, left out "
+                                                   "of loss and metrics), zeros (U-Zeros: negative) or ones (U-Ones: "
+                                                   "positive).", metavar="ignore|zeros|ones")]
+Blank_ = Annotated[Optional[str], typer.Option("--blank", help="chexpert and mimic presets: what a blank finding (not "
+                                               "mentioned in the report) becomes: unknown (default) or negative.",
+                                               metavar="unknown|negative")]
+NoFinding_ = Annotated[Optional[str], typer.Option("--no-finding", help="chexpert and mimic presets: negative "
+                                                   "(default, as torchxrayvision: a positive No Finding makes the row's "
+                                                   "blank findings negative) or ignore (No Finding is not read).",
+                                                   metavar="negative|ignore")]
 Labels_ = Annotated[Optional[str], typer.Option("--labels", help="Comma-separated subset of the task's labels.")]
 Views_ = Annotated[str, typer.Option("--views", help="frontal (default) or all.")]
 Epsilon_ = Annotated[Optional[float], typer.Option("--epsilon", help="Target epsilon (default 8 unless "
@@ -250,11 +261,12 @@ def _train_config(task, backend, arch, width, image_size, epochs, batch_size, ph
                                 max_grad_norm=max_grad_norm, accountant=Accountant(accountant).value)
 
 
-def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from):
+def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain=None, blank=None,
+          no_finding=None):
     from privaudit.study.data import DataSpec
 
     return DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed,
-                    controls=controls, label_from=label_from)
+                    controls=controls, label_from=label_from, uncertain=uncertain, blank=blank, no_finding=no_finding)
 
 
 def _audit_json(source: Path) -> Path:
@@ -302,6 +314,9 @@ def train_and_audit_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -351,7 +366,7 @@ def train_and_audit_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     with _model_changes(cfg.arch):
         study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
                                 audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), force=force,
@@ -387,6 +402,9 @@ def sweep_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     delta: Delta_ = None,
@@ -437,7 +455,7 @@ def sweep_cmd(
                         device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     study = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
                       jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell), command=_command(), console=console,
                       quiet=quiet)
@@ -459,6 +477,9 @@ def train_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
     epsilon: Epsilon_ = None,
@@ -497,7 +518,7 @@ def train_cmd(
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     from privaudit.backends.distributed import rank_zero_out
 
     # under torchrun only rank 0 writes --out; the others use scratch
@@ -529,6 +550,9 @@ def audit_cmd(
     preset: Preset_ = None,
     controls: Controls_ = None,
     label_from: LabelFrom_ = None,
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     labels: Labels_ = None,
     task: Annotated[str, typer.Option("--task", help="Task of the checkpoint: cxr or pdac.")] = "cxr",
     arch: Annotated[str, typer.Option("--arch", help="Architecture of the checkpoint: privaudit's own, or a "
@@ -598,6 +622,10 @@ def audit_cmd(
         card = load_preprocess_card(preprocess)
     if checkpoint is not None and checkpoint.suffix != ".onnx":
         _check_arch(task, backend or "opacus", arch)
+    policies = [n for n, v in (("uncertain", uncertain), ("blank", blank), ("no_finding", no_finding)) if v]
+    if policies and checkpoint is None:
+        raise ConfigError(f"{policies[0]} applies to --checkpoint audits, which load data; a run is audited on the "
+                          "labels it recorded, and prediction files carry their own")
     if run_dir is not None:
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: not a directory; give a run directory, or a file with --predictions")
@@ -619,7 +647,8 @@ def audit_cmd(
     else:
         if out is None:
             raise ConfigError("--checkpoint needs --out DIR for the run directory it writes")
-        spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from)
+        spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from, uncertain, blank,
+                     no_finding)
         report = runs.audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend,
                                        image_size=image_size, trust=trust_checkpoint, config=config, force=force,
                                        command=_command(), preprocess=card)
@@ -729,6 +758,9 @@ def cache_cmd(
     preset: Preset_ = None,
     labels: Labels_ = None,
     views: Views_ = "frontal",
+    uncertain: Uncertain_ = None,
+    blank: Blank_ = None,
+    no_finding: NoFinding_ = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes decoding images (default: the CPU cores).")]
     = 0,
     force: Force_ = False,
@@ -755,7 +787,8 @@ def cache_cmd(
     if create_task(task).spatial_dims != 2:
         raise ConfigError(f"task {task!r} has 3D volumes, which are cached on first use (see PRIVAUDIT_CACHE_DIR); "
                           "privaudit data cache is for 2D images")
-    manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views), task)
+    manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
+                                      uncertain=uncertain, blank=blank, no_finding=no_finding), task)
     with Progress(console=console, disable=quiet) as prog:
         t = prog.add_task("caching images", total=len(manifest.frame))
         folder, built = build_cache(manifest, image_size, out, force=force, jobs=jobs or os.cpu_count() or 1,

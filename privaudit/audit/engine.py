@@ -29,6 +29,7 @@ from privaudit.tasks import age_group, create_task, list_tasks
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
                 "poisson_sampling")
+MIN_CLASS_N = 10        # below this many known positives or negatives in the test split a label's AUROC is flagged
 MAX_BCA_UNITS = 5000    # BCa needs one jackknife AUROC per unit left out
 PRIVILEGED = {"sex": "M", "comorbidity": "0"}  # aif360 needs a privileged group; others: the largest group
 ROC_POINTS = 101
@@ -319,11 +320,32 @@ def _utility(study: _Study, name: str) -> dict:
             "youden": {"threshold": thr if np.isfinite(thr) else None, "threshold_source": source,
                        **{k: rates[k] for k in ("sensitivity", "specificity", "accuracy")}},
         }
+        labels[lab]["unreliable"] = _unreliable(study, lab, n, n_pos)
         curves[lab] = _curves(y, p, W)
     point = float(np.mean(points))
     b = _nan_mean([study.boots[(name, lab, None, None)][1] for lab in study.labels])
     study.boots[(name, "macro", None, None)] = (point, b)
-    return {"labels": labels, "macro_auroc": _est(point, b, ci, n_boot=True), "n": study.n}, curves
+    macro = _est(point, b, ci, n_boot=True)
+    flagged = [lab for lab in study.labels if labels[lab]["unreliable"]["flag"]]
+    macro["includes_unreliable"] = flagged   # the macro is over every label; these are flagged
+    reliable = [lab for lab in study.labels if lab not in flagged]
+    if flagged and reliable:
+        rp = float(np.mean([study.boots[(name, lab, None, None)][0] for lab in reliable]))
+        rb = _nan_mean([study.boots[(name, lab, None, None)][1] for lab in reliable])
+        macro["without_unreliable"] = {**_est(rp, rb, ci, n_boot=True), "labels": reliable}
+    return {"labels": labels, "macro_auroc": macro, "n": study.n}, curves
+
+
+def _unreliable(study: _Study, lab: str, n: int, n_pos: int) -> dict:
+    """Whether the test split has too few known positives or negatives of ``lab`` for its AUROC to mean much
+    (fewer than MIN_CLASS_N of either); a flagged label's AUROC is still reported, with a warning."""
+    n_neg = n - n_pos
+    flag = min(n_pos, n_neg) < MIN_CLASS_N
+    if flag:
+        study.warnings.append(f"label {lab}: the test split has {n_pos} known positive(s) and {n_neg} known "
+                              f"negative(s), fewer than {MIN_CLASS_N} of one class, so its AUROC is unreliable "
+                              "(flagged in the audit and the report; the macro AUROC includes it)")
+    return {"flag": bool(flag), "n_pos": n_pos, "n_neg": n_neg, "min": MIN_CLASS_N}
 
 
 def _curves(y, p, W) -> dict:

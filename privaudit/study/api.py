@@ -28,7 +28,8 @@ from privaudit.study.data import DataSpec
 from privaudit.study.dirs import AUDIT, RunDir, StudyDir
 
 Progress = bool | Callable[[str], None]
-_DATA_OPTIONS = ("preset", "labels", "views", "n_samples", "controls", "label_from")
+_DATA_OPTIONS = ("preset", "labels", "views", "n_samples", "controls", "label_from", "uncertain", "blank",
+                 "no_finding")
 _AUDIT_OPTIONS = {f.name for f in dataclasses.fields(AuditConfig)}
 
 
@@ -101,7 +102,9 @@ def train(task: str = "cxr", *, data=None, out=None, config: TrainConfig | None 
     ``data``: a manifest.csv, a dataset folder (CheXpert, NIH, MIMIC-CXR-JPG, MSD), a DataSpec, or None for a
     synthetic cohort of ``n_samples``. ``options``: the CLI's training options by name (``epsilon``, ``dp=False``,
     ``epochs``, ``batch_size``, ``image_size``, ``width``, ``clipping``, ``canaries``, ``seed``, ...) and the
-    data options (``preset``, ``labels``, ``views``, ``n_samples``, ``controls``, ``label_from``).
+    data options (``preset``, ``labels``, ``views``, ``n_samples``, ``controls``, ``label_from``, and the
+    chexpert/mimic label policies ``uncertain`` = "ignore" | "zeros" | "ones", ``blank`` = "unknown" | "negative",
+    ``no_finding`` = "negative" | "ignore").
     """
     from privaudit.study.runs import train as _train
 
@@ -172,20 +175,25 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
     file, TorchScript (``trust_checkpoint=True``) or a ``.keras`` file; ``preprocess`` (a TOML path, a dict or a
     PreprocessCard) says how an ONNX or library model reads its inputs and which output is which label.
     ``options``: ``n_boot``, ``ci``, ``seed``, ``attributes``, ``age_bins``, ``threshold``, ``margin``,
-    ``cluster``, ``ci_method``, ...
+    ``cluster``, ``ci_method``, ...; with a checkpoint also the data options of :func:`train` (``preset``,
+    ``labels``, ``uncertain``, ``blank``, ``no_finding``, ...).
     """
     from privaudit.study import runs
 
+    data_opts = {k: options.pop(k) for k in _DATA_OPTIONS if k in options}
     cfg = _audit_config(config, options)
     if preprocess is not None and checkpoint is None:
         raise ConfigError("preprocess (a preprocessing card) applies to a checkpoint audit: give checkpoint= and "
                           "data=")
+    if data_opts and checkpoint is None:
+        raise ConfigError(f"{next(iter(data_opts))} is a data option: it applies to a checkpoint audit, whose data "
+                          "are loaded; a run directory is audited on the data it recorded")
     if checkpoint is not None:
         if source is not None:
             raise ConfigError("give a source or a checkpoint, not both")
         if out is None:
             raise ConfigError("a checkpoint audit needs out: the run directory it writes")
-        spec = data if isinstance(data, DataSpec) else DataSpec(path=data, seed=cfg.seed)
+        spec = _data_spec(data, data_opts, cfg.seed)
         return runs.audit_checkpoint(Path(checkpoint), spec, Path(out), task=task, arch=arch, backend=backend,
                                      image_size=image_size, trust=trust_checkpoint, config=cfg, force=force,
                                      command=command, preprocess=preprocess)

@@ -232,15 +232,17 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
                           "(torchvision:, timm:, monai:); privaudit's own architectures use its own preprocessing")
     backend = backend or ("tf" if Path(checkpoint).suffix == ".keras" else "opacus")
     be = create_backend(backend)
+    data = data.with_label_policy()
     manifest = load_manifest(data, task)
+    data_block = {"manifest": str(data.path), **{k: v for k, v in data.label_policies().items() if v is not None}}
     with staged_dir(out, force=force, kind="run", inputs=_inputs(data, None, checkpoint)) as tmp:
         preds, info = be.predict_checkpoint(Path(checkpoint), manifest, task=task, arch=arch, image_size=image_size,
                                             trust=trust)
         write_predictions(preds, tmp / "predictions.csv")
-        RunDir(tmp).write_config(None, {"manifest": str(data.path)}, command=command, checkpoint=info)
+        RunDir(tmp).write_config(None, data_block, command=command, checkpoint=info)
         run = {"backend": backend, "architecture": info.get("architecture"), "task": task, "seed": None, "dp": False}
         report = run_audit({"model": preds}, runs={"model": run}, config=config, task=task,
-                           data={"manifest": str(data.path)}, provenance={"command": command},
+                           data=dict(data_block), provenance={"command": command},
                            warnings=["model trained elsewhere: privaudit cannot see how it was trained, so no DP "
                                      "guarantee is reported for it"])
         write_audit(report, tmp)

@@ -25,7 +25,7 @@ from pathlib import Path
 from privaudit._fs import holds_run, output_lock, private_mkdir, read_json, staged_dir, write_json, write_marker
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError, OutputExistsError
-from privaudit.study.data import DataSpec, PreparedData, prepare_data
+from privaudit.study.data import LEGACY_LABEL_POLICY, DataSpec, PreparedData, prepare_data
 from privaudit.study.dirs import NON_PRIVATE, SWEEP, RunDir, StudyDir
 from privaudit.study.runs import _console_of, audit_runs, audit_sweep, say, train_run
 
@@ -99,9 +99,11 @@ def _identity(base: TrainConfig, data) -> dict:
     train.pop("seed")
     dp = train.pop("dp")
     train.update({f"dp.{k}": dp[k] for k in ("delta", "max_grad_norm", "accountant", "poisson_sampling")})
+    data = data.with_label_policy()   # the policies the preset applies, defaults written out
     spec = {"path": str(Path(data.path).absolute()) if data.path else None, "preset": data.preset,
             "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed,
-            "controls": str(Path(data.controls).absolute()) if data.controls else None, "label_from": data.label_from}
+            "controls": str(Path(data.controls).absolute()) if data.controls else None, "label_from": data.label_from,
+            **data.label_policies()}
     if data.path is None:
         spec["n_samples"] = data.cohort_size(base.task)
     return {"task": base.task, "train": train, "data": spec}
@@ -137,6 +139,8 @@ def check_sweep_dir(out: Path, base: TrainConfig, data) -> dict | None:
                           "choose another --out (its finished runs are kept)")
     for section in ("train", "data"):
         was, now = old["identity"].get(section) or {}, new[section]
+        if section == "data" and now.get("uncertain") and not any(k in was for k in LEGACY_LABEL_POLICY):
+            was = {**was, **LEGACY_LABEL_POLICY}   # a sweep from before the label policies were recorded
         for key in sorted(set(was) | set(now)):
             if was.get(key) != now.get(key):
                 raise ConfigError(f"--out {out} holds a sweep trained with {_option(key)} {was.get(key)}, not "
