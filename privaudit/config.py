@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privaudit.errors import ConfigError
+from privaudit.limits import check_limit
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 # How per-sample gradients are clipped (opacus backend): Opacus' hooks, expanded weights (ew) and ghost
@@ -82,6 +83,18 @@ class DPConfig:
         return dataclasses.replace(self, delta=delta)
 
 
+def _size_limit(task: str) -> str:
+    """The limit on ``task``'s image size: MAX_VOLUME_SIZE for a 3D task, else MAX_IMAGE_SIZE."""
+    from privaudit.errors import RegistryError
+    from privaudit.tasks import create_task
+
+    try:
+        dims = create_task(task).spatial_dims
+    except RegistryError:
+        dims = 2   # an unknown task is refused where the task is looked up, with the valid names
+    return "MAX_VOLUME_SIZE" if dims == 3 else "MAX_IMAGE_SIZE"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run."""
@@ -122,6 +135,10 @@ class TrainConfig:
                               f"{self.backend!r}; leave --clipping out")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        for name in ("epochs", "batch_size", "physical_batch_size", "width", "canaries"):
+            check_limit(name, getattr(self, name))
+        if self.image_size is not None:
+            check_limit("image_size", self.image_size, const=_size_limit(self.task))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,6 +173,7 @@ class AuditConfig:
     def __post_init__(self):
         if self.n_boot < 1:
             raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+        check_limit("n_boot", self.n_boot)
         if not 0 < self.ci < 1:
             raise ConfigError(f"--ci must be in (0, 1), got {self.ci}")
         if self.ci_method not in ("percentile", "bca"):
@@ -174,12 +192,28 @@ class AuditConfig:
             raise ConfigError(f"--margin must be > 0, got {self.margin}")
 
 
-def load_toml(path: Path) -> dict:
+MAX_TOML_BYTES = 1 << 20   # a configuration, policy or model-card file is a few hundred bytes
+
+
+def load_toml(path: Path, what: str = "configuration file") -> dict:
+    """A TOML file as a dict; every way it can fail (missing, a folder, unreadable, too large, not UTF-8, not
+    TOML) is one ConfigError line naming the file. ``what`` names the kind of file in those lines."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a {what}; give a TOML file")
     try:
+        size = path.stat().st_size
+        if size > MAX_TOML_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a {what} (TOML)")
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        raise ConfigError(f"{path}: not valid TOML ({str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML nested too deeply for a {what}") from None
