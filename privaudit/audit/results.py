@@ -53,7 +53,7 @@ def validate_document(data, name: str = "audit.json") -> None:
         error = best_match(validator.iter_errors(data))
         while error is not None and error.validator in ("oneOf", "anyOf") and error.context:
             # the form meant is the one of the value's own type: report what is wrong inside it
-            inner = [e for e in error.context if e.validator != "type"] or error.context
+            inner = [e for e in error.context if e.validator != "type" or e.relative_path] or error.context
             error = best_match(inner)
     except RecursionError:
         raise DataError(f"{name}: nested too deeply to be an audit.json") from None

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from privaudit.errors import ConfigError, DataError, OutputExistsError
-from privaudit.limits import check_limit
+from privaudit.limits import check_limit, check_out_parent
 
 CACHE_FORMAT = 1
 CACHE_ENV = "PRIVAUDIT_IMAGE_CACHE"
@@ -128,6 +128,7 @@ def build_cache(manifest, size: int, out: Path | None = None, *, force: bool = F
     check_limit("image_size", size)
     check_limit("jobs", jobs)
     out = Path(out) if out is not None else default_cache_dir(manifest, size)
+    check_out_parent(out)
     frame = manifest.frame
     if out.is_dir() and not force and _is_cache_dir(out):
         state = check_cache(out, manifest, size)

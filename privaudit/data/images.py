@@ -62,14 +62,12 @@ def _check_deflated(path: Path, meta) -> None:
     total = 0
     with open(path, "rb") as f:
         f.seek(start)
-        while chunk := f.read(1 << 16):
-            while chunk:
+        while (chunk := f.read(1 << 16)) and not inflate.eof:
+            while chunk and not inflate.eof:   # bytes after the end of the stream (padding) are not inflated
                 total += len(inflate.decompress(chunk, 1 << 20))
                 if total > budget:
                     raise _too_large(path, f"the deflated DICOM inflates to more than {budget:,} bytes")
                 chunk = inflate.unconsumed_tail
-            if inflate.eof:
-                break
 
 
 def _read_dicom(path: Path) -> np.ndarray:

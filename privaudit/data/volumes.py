@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -118,10 +119,12 @@ def _header(path: Path):
     if not is_nifti(path):
         raise DataError(f"{path}: not a NIfTI volume (expected .nii or .nii.gz); convert it, e.g. with dcm2niix")
     try:
-        img = nib.load(str(path))   # reads the header only; the data stays on disk until asked for
-        shape = tuple(int(s) for s in img.shape)
-        dtype = np.dtype(img.get_data_dtype())
-        spacing = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+        with warnings.catch_warnings():   # a degenerate affine makes nibabel warn; it is refused below instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            img = nib.load(str(path))   # reads the header only; the data stays on disk until asked for
+            shape = tuple(int(s) for s in img.shape)
+            dtype = np.dtype(img.get_data_dtype())
+            spacing = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
     except (ImageFileError, OSError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}); re-export the volume or drop "
                         "its row") from None
@@ -313,7 +316,10 @@ def build_transform(prep: Preprocessing) -> Callable:
 def preprocess_volume(path: Path, prep: Preprocessing) -> np.ndarray:
     """One file through the whole pipeline, without the cache: (1, S, S, S) float32 in [0, 1]."""
     img = _header(path)
-    check_resample(path, img.shape, np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0), prep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spacing = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+    check_resample(path, img.shape, spacing, prep)
     out = build_transform(prep)(read_volume(path))
     arr = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
     return np.clip(arr, 0.0, 1.0)
