@@ -58,7 +58,7 @@ def audit_dir(tmp_path_factory) -> Path:
            "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0, "poisson_sampling": True,
            "backend": "opacus", "architecture": "resnet9-gn", "seed": 0}
     df = make_predictions(n=300, seed=2)
-    df["site"] = ["[/x]" if i % 2 else "$\\foo$" for i in range(len(df))]
+    df["site"] = ["[/x]" if i % 2 else "[/y]" for i in range(len(df))]   # closing tags: rich cannot parse them
     out = tmp_path_factory.mktemp("study")
     run_audit({"eps3": df, "non_private": df}, runs={"eps3": run}, config=AuditConfig(n_boot=20)).to_json(
         out / "audit.json")
@@ -146,6 +146,7 @@ def test_the_example_policy_checks_a_single_run_named_eps3(audit_dir, tmp_path):
     single.mkdir()
     doc = json.loads((audit_dir / "audit.json").read_text())
     doc["models"] = {"eps3": doc["models"]["eps3"]}
+    doc["models"]["eps3"]["fairness"].pop("site")   # its markup names are the case above
     doc["comparisons"] = {}
     (single / "audit.json").write_text(json.dumps(doc))
     res = cli("check", single, "--policy", ROOT / "examples" / "policy.toml")
@@ -166,7 +167,7 @@ def test_check_prints_group_names_in_rich_markup(audit_dir, tmp_path):
     policy.write_text("[policy]\nmax_parity_gap = 0.5\n")
     res = cli("check", audit_dir, "--policy", policy)
     assert res.returncode in (0, 1) and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "[/x]" in res.stdout or "$\\foo$" in res.stdout
+    assert "[/x]" in res.stdout or "[/y]" in res.stdout
 
 
 @needs_cli
