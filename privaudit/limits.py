@@ -51,15 +51,21 @@ _LIMITS = {
 }
 
 
+def _key(name: str) -> str:
+    """``--n-boot`` and ``n_boot`` name the same limit."""
+    return name.lstrip("-").replace("-", "_")
+
+
 def limit_of(name: str) -> int:
     """The current limit on the option ``name`` (read at call time, so a raised constant takes effect)."""
-    return globals()[_LIMITS[name]]
+    return globals()[_LIMITS[_key(name)]]
 
 
 def check_limit(name: str, value, limit: int | None = None, *, const: str | None = None) -> None:
     """Refuse ``value`` of the parameter ``name`` above ``limit`` (default: the module's limit for ``name``).
 
-    ``name`` is the parameter as the library spells it (``n_boot``); the CLI maps it to its flag. ``const`` names
+    ``name`` is the parameter as the library spells it (``n_boot``), or the CLI's flag (``--n-boot``), and the
+    message uses it as given. ``const`` names
     the constant behind ``limit`` when it is not the default one for ``name``. A value that is not a whole
     number is refused too, since each of these counts something.
     """
@@ -70,7 +76,7 @@ def check_limit(name: str, value, limit: int | None = None, *, const: str | None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if value > limit:
-        const = const or _LIMITS.get(name)
+        const = const or _LIMITS.get(_key(name))
         raise ConfigError(f"{name} {value} is above the limit {limit}; give at most {limit}"
                           + (f" (from Python, privaudit.limits.{const} raises it)" if const else ""))
 

@@ -112,6 +112,9 @@ def test_check_limit_names_the_parameter_the_value_and_the_limit():
     limits.check_limit("n_boot", limits.MAX_N_BOOT)        # the limit itself is allowed
     with pytest.raises(ConfigError, match="whole number"):
         limits.check_limit("shadows", 2.5)
+    with pytest.raises(ConfigError) as e:    # the CLI may pass its flag: the message uses it
+        limits.check_limit("--n-boot", 200_000)
+    assert str(e.value).startswith("--n-boot 200000 is above the limit") and "MAX_N_BOOT" in str(e.value)
 
 
 def test_limits_are_read_when_checked(monkeypatch):
@@ -247,7 +250,7 @@ def test_formats_outside_the_list_are_refused_whatever_their_name(tmp_path):
     Image.new("L", (20, 20), 128).save(f, format="GIF")
     with pytest.raises(DataError) as e:
         read_image(f, 16)
-    _one_line(e.value, str(f), "not a PNG, JPEG, TIFF or BMP image")
+    _one_line(e.value, str(f), "not a readable image", "not a PNG, JPEG, TIFF or BMP file")
 
 
 def test_big_endian_16_bit_tiff_keeps_its_range(tmp_path):

@@ -57,7 +57,8 @@ CACHE_ENV = "PRIVAUDIT_IMAGE_CACHE"
 WORKERS_ENV = "PRIVAUDIT_LOADER_WORKERS"
 DEFAULT_DIRNAME = ".privaudit-cache"
 # What the cached values are; a change to read_image's output must change this text (and so every key).
-READER = "privaudit.data.images.read_image: grey float32 in [0, 1], PIL bilinear resize to size x size"
+READER = ("privaudit.data.images.read_image: grey float32 in [0, 1] (16-bit of either byte order over 65535, "
+          "DICOM palette colour through its LUT), PIL bilinear resize to size x size")
 _CHUNK = 64   # at most this many images per task when decoding in worker processes
 
 

@@ -146,8 +146,8 @@ def _read_pil(path: Path):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _too_large(path, f"PIL refuses it as a decompression bomb ({str(e).split('.')[0]})") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not a {', '.join(PIL_FORMATS[:-1])} or {PIL_FORMATS[-1]} image (DICOM files "
-                        f"need a .dcm name); convert it, or {_READ_HINT}") from None
+        raise DataError(f"{path}: not a readable image: not a {', '.join(PIL_FORMATS[:-1])} or {PIL_FORMATS[-1]} "
+                        f"file (DICOM files need a .dcm name); convert it, or {_READ_HINT}") from None
     except MemoryError:
         raise _too_large(path, "decoding it ran out of memory") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for corrupt files
