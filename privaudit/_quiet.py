@@ -51,6 +51,7 @@ NOISE = tuple(re.compile(p) for p in (
 # log records of optional-dependency notices (aif360: "No module named 'inFairness': SenSeI and SenSR will be
 # unavailable. To install, run: ...")
 _OPTIONAL_NOTICE = re.compile(r"^No module named '[\w.]+'")
+_CHATTY = ("absl", "tensorflow", "tf_keras", "keras", "h5py")   # loggers whose import-time chatter is dropped
 
 
 class _ImportNoiseFilter(logging.Filter):
@@ -67,8 +68,7 @@ class _ImportNoiseFilter(logging.Filter):
         if _OPTIONAL_NOTICE.match(message):
             return False
         # TensorFlow, absl and Keras log start-up chatter at WARNING and below while they import
-        return not (record.levelno <= logging.WARNING and record.name.split(".")[0] in ("absl", "tensorflow", "tf_keras",
-                                                                                    "keras", "h5py"))
+        return not (record.levelno <= logging.WARNING and record.name.split(".")[0] in _CHATTY)
 
 
 def _is_noise(line: str) -> bool:
@@ -111,7 +111,7 @@ def quiet_imports():
         yield
         return
     noise_filter = _ImportNoiseFilter()
-    loggers = [logging.getLogger(name) for name in ("", "absl", "tensorflow", "tf_keras", "keras", "h5py")]
+    loggers = [logging.getLogger(name) for name in ("", *_CHATTY)]
     for logger in loggers:
         logger.addFilter(noise_filter)
     try:

@@ -57,13 +57,14 @@ class DPConfig:
             raise ConfigError("give --epsilon or --noise-multiplier, not both: one determines the other")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}; use --no-dp for no privacy")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise ConfigError(f"--noise-multiplier must be >= 0, got {self.noise_multiplier} (0 clips without "
+        sigma = self.noise_multiplier
+        if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+            raise ConfigError(f"--noise-multiplier must be a finite number >= 0, got {self.noise_multiplier} (0 clips without "
                               "noise: a clip-only baseline that earns no epsilon)")
         if self.delta is not None and not (0 < self.delta < 1):
             raise ConfigError(f"--delta must be in (0, 1), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         if not self.poisson_sampling:
             raise ConfigError(
                 "DP training without Poisson sampling is refused: the accountants' epsilon assumes each sample "
@@ -133,8 +134,8 @@ class TrainConfig:
         if self.clipping != "hooks" and self.backend != "opacus":
             raise ConfigError(f"--clipping {self.clipping} is an option of the opacus backend, not of "
                               f"{self.backend!r}; leave --clipping out")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         for name in ("epochs", "batch_size", "physical_batch_size", "width", "canaries"):
             check_limit(name, getattr(self, name))
         if self.image_size is not None:
@@ -188,8 +189,8 @@ class AuditConfig:
             object.__setattr__(self, "threshold", t)
         if not 0 < self.specificity < 1:
             raise ConfigError(f"--specificity must be in (0, 1), got {self.specificity}")
-        if not self.margin > 0:
-            raise ConfigError(f"--margin must be > 0, got {self.margin}")
+        if not (self.margin > 0 and math.isfinite(self.margin)):
+            raise ConfigError(f"--margin must be a finite number > 0, got {self.margin}")
 
 
 MAX_TOML_BYTES = 1 << 20   # a configuration, policy or model-card file is a few hundred bytes

@@ -31,6 +31,7 @@ MAX_GRADIENT_CANARIES = 100_000  # gradient-space canaries, where a backend offe
 MAX_SHADOWS = 1024              # LiRA shadow models (--shadows); the LiRA paper uses 256
 MAX_REFERENCES = 1024           # RMIA reference models (--references)
 MAX_SEEDS = 1000                # seeds per sweep setting (--seeds)
+MAX_SWEEP_POINTS = 100          # epsilon settings of one sweep (--epsilons)
 MAX_JOBS = 1024                 # worker processes (--jobs)
 MAX_BOOTSTRAP_CELLS = 200_000_000  # n_boot x test samples: the bootstrap's weight matrix (8 bytes a cell)
 
@@ -47,7 +48,7 @@ _LIMITS = {
     "n_samples": "MAX_N_SAMPLES", "n": "MAX_N_SAMPLES", "epochs": "MAX_EPOCHS", "batch_size": "MAX_BATCH_SIZE",
     "physical_batch_size": "MAX_PHYSICAL_BATCH_SIZE", "width": "MAX_WIDTH", "canaries": "MAX_CANARIES",
     "gradient_canaries": "MAX_GRADIENT_CANARIES", "shadows": "MAX_SHADOWS", "references": "MAX_REFERENCES",
-    "seeds": "MAX_SEEDS", "jobs": "MAX_JOBS",
+    "seeds": "MAX_SEEDS", "jobs": "MAX_JOBS", "epsilons": "MAX_SWEEP_POINTS",
 }
 
 

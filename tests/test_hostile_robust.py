@@ -17,7 +17,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from privaudit import limits
@@ -56,7 +55,8 @@ def tiny_dicom(path: Path, *, rows=8, cols=8, frames=1, samples=1, pixels: bytes
                deflated: bool = False) -> Path:
     """A DICOM image written with pydicom: ``frames`` frames of rows x cols x samples 8-bit pixels."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
+                             generate_uid)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -138,6 +138,19 @@ def test_configs_refuse_absurd_values(make, needle):
     with pytest.raises(ConfigError) as e:
         make()
     _one_line(e.value, needle, "above the limit")
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(max_grad_norm=float("inf")), "--max-grad-norm"),
+    (dict(epsilon=None, noise_multiplier=float("inf")), "--noise-multiplier"),
+    (dict(epsilon=None, noise_multiplier=float("nan")), "--noise-multiplier"),
+])
+def test_dp_settings_must_be_finite(kw, needle):
+    from privaudit.config import DPConfig
+
+    with pytest.raises(ConfigError) as e:
+        DPConfig(**kw)
+    _one_line(e.value, needle, "finite")
 
 
 def test_synthetic_cohorts_refuse_absurd_sizes_before_writing(tmp_path):

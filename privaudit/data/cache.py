@@ -391,7 +391,8 @@ def verify_cache(manifest, image_size: int, folder: Path | None = None, *, jobs:
         arr = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         return CacheVerification(folder, stale=f"images.npy is unreadable ({type(e).__name__})", atol=atol)
-    if arr.dtype != np.float32 or arr.shape[1:] != (1, image_size, image_size) or len(arr) <= state.rows.max(initial=-1):
+    if (arr.dtype != np.float32 or arr.shape[1:] != (1, image_size, image_size)
+            or len(arr) <= state.rows.max(initial=-1)):
         return CacheVerification(folder, stale=f"images.npy has shape {arr.shape}", atol=atol)
     del arr
     paths = [str(p) for p in manifest.image_paths()]

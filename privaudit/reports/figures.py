@@ -202,7 +202,8 @@ def tradeoff_utility_figure(doc: dict) -> str | None:
     lo = np.array([m["utility"]["macro_auroc"].get("ci_low") or np.nan for _, _, m in finite], dtype=float)
     hi = np.array([m["utility"]["macro_auroc"].get("ci_high") or np.nan for _, _, m in finite], dtype=float)
     x = np.array([e for _, e, _ in finite])
-    ax.errorbar(x, est, yerr=[np.maximum(est - lo, 0), np.maximum(hi - est, 0)], fmt="o", color=COLOURS[0], ms=4, capsize=2, lw=1,
+    ax.errorbar(x, est, yerr=[np.maximum(est - lo, 0), np.maximum(hi - est, 0)], fmt="o", color=COLOURS[0], ms=4,
+                capsize=2, lw=1,
                 label="DP models (95% CI)")
     agg = doc["study"].get("aggregates") or {}
     means = sorted((v["epsilon"]["mean"], v["macro_auroc"]["mean"]) for v in agg.values()

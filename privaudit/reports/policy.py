@@ -52,10 +52,8 @@ def _read_toml(path: Path) -> dict:
 
 
 def _check_models(path, where: str, value) -> None:
-    if isinstance(value, str):
-        if value not in SCOPES:
-            raise ConfigError(f"{path}: {where} must be a list of model names, \"all\" or \"dp\", got {one_line(repr(value))}")
-    elif not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+    names = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    if not (value in SCOPES if isinstance(value, str) else names):
         raise ConfigError(f"{path}: {where} must be a list of model names, \"all\" or \"dp\", got "
                           f"{one_line(repr(value))[:80]}")
 
