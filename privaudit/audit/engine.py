@@ -17,7 +17,8 @@ import pandas as pd
 
 from privaudit import __version__
 from privaudit.audit import stats
-from privaudit.audit.fairness import SELECTION_METRICS, dp_verdict, holm, pearson_r, selection_metrics
+from privaudit.audit.fairness import (SELECTION_METRICS, gap_change_verdict, holm, pearson_r,
+                                      selection_metrics)
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
 from privaudit.config import AuditConfig
@@ -511,18 +512,23 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
         keep = study.known(lab)
         clusters = study.clusters[keep] if study.clusters is not None and study.resampler.clustered else None
         try:
-            delong = stats.delong_test(study.y[lab][keep], study.scores(name, lab)[keep],
-                                       study.scores(ref, lab)[keep], clusters=clusters)["p_value"]
+            res = stats.delong_test(study.y[lab][keep], study.scores(name, lab)[keep],
+                                    study.scores(ref, lab)[keep], clusters=clusters)
+            delong, log_p = res["p_value"], res["log_p_value"]
         except ValueError:  # one class: DeLong is undefined, as is the AUROC
-            delong = None
+            delong = log_p = None
         labels[lab] = {"auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d),
-                       "delong_p_value": None if delong is None or not np.isfinite(delong) else float(delong)}
+                       "delong_p_value": None if delong is None or not np.isfinite(delong) else float(delong),
+                       # exact where the p-value itself is floored at 2.2e-308
+                       "delong_log10_p_value": None if log_p is None or not np.isfinite(log_p)
+                       else float(log_p / np.log(10))}
     pa, ba = boots[(name, "macro", None, None)]
     pr, br = boots[(ref, "macro", None, None)]
     d = ba - br
     out = {"labels": labels, "macro_auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d)}
 
-    # Does DP amplify unfairness? Change in each |parity gap|, paired over the same resamples.
+    # Does DP amplify unfairness? Change in each parity gap, paired over the same resamples (one seed each:
+    # stats.seed_gap_change with arrays of length 1; the sweep module passes every seed).
     rows = []
     for attr, values in study.attributes.items():
         present = sorted({v for v in values if v is not None})
@@ -533,35 +539,45 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
                 if (name, lab, attr, g) not in boots or (ref, lab, attr, g) not in boots:
                     continue
                 (p1, b1), (p0, b0) = boots[(name, lab, attr, g)], boots[(ref, lab, attr, g)]
-                change, change_boot = abs(p1) - abs(p0), np.abs(b1) - np.abs(b0)
-                lo90, hi90, _ = percentile_ci(change_boot, 1 - 2 * cfg.alpha)
-                rows.append({"attr": attr, "lab": lab, "group": g, "est": _est(change, change_boot, ci),
-                             "p": paired_p_value(change_boot), "lo90": lo90, "hi90": hi90, "change": change})
+                rows.append({"attr": attr, "lab": lab, "group": g, "change": stats.seed_gap_change(
+                    [p1], [p0], b1[None, :], b0[None, :], ci=ci, alpha=cfg.alpha)})
     # Holm across attributes, labels and groups (the macro rows are summaries, outside the family)
     family = [i for i, r in enumerate(rows) if r["lab"] != "macro"]
     adjusted = np.full(len(rows), np.nan)
     if family:
-        adjusted[family] = holm([rows[i]["p"] for i in family])
+        adjusted[family] = holm([rows[i]["change"]["p_value"] for i in family])
     fair, summary = {}, {}
     for attr in dict.fromkeys(r["attr"] for r in rows):
         for lab in dict.fromkeys(r["lab"] for r in rows if r["attr"] == attr):
             idx = [i for i, r in enumerate(rows) if r["attr"] == attr and r["lab"] == lab]
-            changes = {rows[i]["group"]: {**rows[i]["est"], "p_value": rows[i]["p"]} for i in idx}
-            verdict = _verdict(rows, idx, adjusted, cfg, holm_family=lab != "macro")
+            verdict = _verdict(rows, idx, adjusted, cfg, family_size=len(family) if lab != "macro" else None)
+            changes = {rows[i]["group"]: _change_entry(rows[i]["change"], mdc)
+                       for i, mdc in zip(idx, verdict["minimum_detectable_change"]["by_change"])}
             fair.setdefault(attr, {})[lab] = {"parity_gap_change": changes, "verdict": verdict}
         idx = [i for i in family if rows[i]["attr"] == attr]
-        summary[attr] = _verdict(rows, idx, adjusted, cfg, holm_family=True)
+        summary[attr] = _verdict(rows, idx, adjusted, cfg, family_size=len(family))
+        study.warnings.extend(f"{name} vs {ref}: {w}" for w in summary[attr]["warnings"])
     out["fairness"] = fair
     out["fairness_verdict"] = summary
+    out["covers_training_randomness"] = False  # one model per side; the sweep module covers seeds
     return out
 
 
-def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, holm_family: bool) -> dict:
+def _change_entry(change: dict, mdc: float | None) -> dict:
+    """One parity-gap change as audit.json keeps it (the full stats.seed_gap_change result, minus its internals)."""
+    keep = ("estimate", "ci_low", "ci_high", "p_value", "measure", "abs_gap_change", "gap_private", "gap_reference",
+            "equivalence_bound", "n_boot_used", "n_seeds", "covers_training_randomness")
+    return {**{k: change[k] for k in keep}, "minimum_detectable_change": mdc}
+
+
+def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, family_size: int | None) -> dict:
+    """gap_change_verdict over ``rows[idx]``: Holm-adjusted over the whole family when ``family_size`` is given,
+    else (the macro summaries) Holm within ``idx``."""
     sub = [rows[i] for i in idx]
-    return dp_verdict([r["change"] for r in sub], [r["lo90"] for r in sub], [r["hi90"] for r in sub],
-                      [adjusted[i] for i in idx] if holm_family else [r["p"] for r in sub],
-                      margin=cfg.margin, alpha=cfg.alpha,
-                      names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub], adjusted=holm_family)
+    return gap_change_verdict([r["change"] for r in sub], margin=cfg.margin, alpha=cfg.alpha,
+                              names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub],
+                              adjusted_p=[adjusted[i] for i in idx] if family_size is not None else None,
+                              family_size=family_size, n_boot=cfg.n_boot)
 
 
 # An epsilon sweep names its models "eps=<setting>/seed=<seed>": <setting> is a target epsilon, "inf" (no

@@ -253,3 +253,108 @@ def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float
         out["reason"] = (f"no gap widened significantly (Holm, alpha={alpha}), but the {level} CI of {names[i]}, "
                          f"[{lo[i]:+.4f}, {hi[i]:+.4f}], is not within ±{margin}.")
     return out
+
+
+P_VALUE_RULE = ("normal approximation with bootstrap standard errors (Student's t with Satterthwaite df over seeds), "
+                "so that Holm over m tests can reach alpha/m whatever the number of resamples")
+
+
+def gap_change_verdict(changes: Sequence[dict], *, margin: float = 0.02, alpha: float = 0.05,
+                       names: Sequence[str] | None = None, adjusted_p: Sequence[float | None] | None = None,
+                       family_size: int | None = None, n_boot: int | None = None, power: float = 0.8) -> dict:
+    """Does DP amplify unfairness? ``"yes"``, ``"no"`` or ``"inconclusive"`` from parity-gap changes.
+
+    ``changes``: one :func:`privaudit.audit.stats.seed_gap_change` result per gap (label and group), ``names``
+    their labels. ``adjusted_p``: Holm-adjusted p-values over a larger family (all attributes, labels and
+    groups of a comparison) of size ``family_size``, aligned with ``changes``; by default Holm is applied
+    to these changes alone.
+
+    * ``"yes"`` if some gap widened (``|gamma_private| > |gamma_reference|``, the intersection-union test of
+      ``seed_gap_change``, which has level alpha whatever the two gaps and their noise) with Holm-adjusted
+      p ``<= alpha``;
+    * otherwise ``"no"`` if every change in |gap| is shown within ``+-margin`` (``equivalence_bound < margin``);
+    * otherwise ``"inconclusive"``.
+
+    **Resolution rule.** The p-values come from the normal approximation with bootstrap standard errors
+    (:data:`P_VALUE_RULE`), never from counting resamples: a resampling p-value cannot go below 1/(B+1), and Holm
+    over m tests needs alpha/m, so with B resamples "yes" would be out of reach once m > alpha (B+1) (50 at
+    B = 1000, while 7 groups x 5 labels is already 35). When m > alpha (B+1) (``resolution_limited``) the
+    verdict warns that the resamples cannot check the far tail that the answer may rest on, and says how many
+    resamples would (``ceil(m / alpha)``).
+
+    ``minimum_detectable_change``: per change, the smallest |gap| that a private model would need, starting from
+    a reference gap of 0, for the test to find it with ``power`` at Holm's strictest level ``alpha / m``
+    (:func:`~privaudit.audit.stats.minimum_detectable_change`), and the smallest and largest over the changes.
+
+    Returns ``answer, margin, alpha, p_value_adjusted, reason, p_value_method, resolution_limited,
+    minimum_detectable_change, covers_training_randomness, warnings`` (sentences for the study's warnings).
+    """
+    from privaudit.audit.stats import NO_TRAINING_RANDOMNESS, minimum_detectable_change
+
+    k = len(changes)
+    names = [f"change {i}" for i in range(k)] if names is None else list(names)
+    if len(names) != k or (adjusted_p is not None and len(adjusted_p) != k):
+        raise ValueError("changes, names and adjusted_p must have one length")
+    if not margin > 0 or not 0 < alpha < 0.5:
+        raise ValueError(f"need margin > 0 and 0 < alpha < 0.5; got margin={margin}, alpha={alpha}")
+    raw = [c.get("p_value") for c in changes]
+    adj = holm(raw) if adjusted_p is None else np.array([np.nan if v is None else v for v in adjusted_p], float)
+    m = int(family_size if family_size is not None else np.sum(~np.isnan(np.array(
+        [np.nan if v is None else v for v in raw], dtype=float))))
+    level = alpha / max(m, 1)
+    mdc = []
+    for c in changes:
+        dfs = [d for d in ((c.get("difference") or {}).get("df"), (c.get("sum") or {}).get("df")) if d is not None]
+        se_u, se_w = (c.get("difference") or {}).get("se"), (c.get("sum") or {}).get("se")
+        mdc.append(None if se_u is None or se_w is None else minimum_detectable_change(
+            se_u, se_w, alpha=level, power=power, rho=c.get("rho") or 0.0, df=min(dfs) if dfs else np.inf))
+    finite_mdc = [v for v in mdc if v is not None]
+    covers = bool(k) and all(c.get("covers_training_randomness") for c in changes)
+    limited = n_boot is not None and m > alpha * (n_boot + 1)
+    out = {"answer": "inconclusive", "margin": margin, "alpha": alpha,
+           "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": "",
+           "p_value_method": P_VALUE_RULE, "family_size": m, "resolution_limited": bool(limited),
+           "minimum_detectable_change": {"power": power, "alpha_holm": level, "by_change": mdc,
+                                         "smallest": min(finite_mdc) if finite_mdc else None,
+                                         "largest": max(finite_mdc) if finite_mdc else None},
+           "covers_training_randomness": covers, "warnings": []}
+    if limited:
+        out["warnings"].append(
+            f"{m} tests in the family: Holm's first threshold alpha/m = {level:.2g} is below 1/(B+1) = "
+            f"{1 / (n_boot + 1):.2g}, the smallest p-value that {n_boot} resamples can show, so the verdict's "
+            f"p-values come from the normal approximation and the resamples cannot check the tail they rest on; "
+            f"use at least {int(np.ceil(m / alpha))} resamples (n_boot) to check them by resampling")
+    if k and not covers:
+        out["warnings"].append(f"the verdict compares single training runs: {NO_TRAINING_RANDOMNESS}")
+    if k == 0:
+        out["reason"] = "there are no parity-gap changes to judge."
+        return out
+    est = np.array([np.nan if c.get("estimate") is None else c["estimate"] for c in changes], dtype=float)
+    significant = adj <= alpha  # False where nan
+    if significant.any():
+        cand = np.flatnonzero(significant)
+        i = cand[np.lexsort((-np.nan_to_num(est[cand], nan=-np.inf), adj[cand]))[0]]
+        c = changes[i]
+        out["answer"] = "yes"
+        out["reason"] = (f"{int(significant.sum())} of {k} parity gaps widened significantly (Holm over {m}, "
+                         f"alpha={alpha}), led by {names[i]}: |gap| {abs(c['gap_reference']):.4f} -> "
+                         f"{abs(c['gap_private']):.4f} (squared-gap change {c['estimate']:+.2e}, adjusted "
+                         f"p={adj[i]:.3g}).")
+        return out
+    bound = np.array([np.nan if c.get("equivalence_bound") is None else c["equivalence_bound"] for c in changes])
+    undefined = np.flatnonzero(np.isnan(bound))
+    if len(undefined):
+        out["reason"] = (f"no gap widened significantly, but {names[undefined[0]]} has no interval, so "
+                         f"equivalence within ±{margin} cannot be shown for every change.")
+        return out
+    i = int(np.argmax(bound))
+    mdc_note = (f" The smallest widening these tests detect with {power:.0%} power is about "
+                f"{out['minimum_detectable_change']['smallest']:.3f}." if finite_mdc else "")
+    if bound[i] < margin:
+        out["answer"] = "no"
+        out["reason"] = (f"all {k} changes in |gap| are within ±{margin} (two one-sided tests, alpha={alpha}); the "
+                         f"least certain is {names[i]}, within ±{bound[i]:.4f}.")
+    else:
+        out["reason"] = (f"no gap widened significantly (Holm over {m}, alpha={alpha}), but the change in |gap| of "
+                         f"{names[i]} is only shown within ±{bound[i]:.4f}, not ±{margin}.{mdc_note}")
+    return out
