@@ -18,32 +18,33 @@ REPS = 1000
 
 
 # ---- simulated AUROCs with a real patient bootstrap --------------------------------------------------------------
-def _auroc_boot(scores: np.ndarray, n_pos: int, weights: np.ndarray, chunk: int = 100):
-    """AUROC of each (rep, model) and of each bootstrap resample.
+def _auroc_boot(rng, scores: np.ndarray, n_pos: int, n_boot: int, *, groups: int = 1, chunk: int = 100):
+    """AUROC of each (rep, group, model) and of each patient-bootstrap resample.
 
-    ``scores`` ``(R, M, n)`` with the first ``n_pos`` samples positive; ``weights`` ``(R, B, n)`` resample counts
-    (patients drawn with replacement, shared by every model of a rep). AUROC under weights is
-    ``sum_ij w_i w_j [s_i > s_j] / (sum w_pos sum w_neg)`` over positives i and negatives j (continuous scores:
-    no ties). Returns ``(R, M)`` and ``(R, M, B)``.
+    ``scores`` ``(R, M, n)``: the n patients form ``groups`` consecutive equal blocks, each with its ``n_pos``
+    positives first. Each rep draws ``n_boot`` resamples of its n patients with replacement (counts, shared by
+    every model and group of the rep). AUROC under weights is ``sum_ij w_i w_j [s_i > s_j] / (sum w_pos sum
+    w_neg)`` over positives i and negatives j of a group (continuous scores: no ties). Returns ``(R, G, M)``
+    and ``(R, G, M, B)``.
     """
     r_all, m_all, n = scores.shape
-    est = np.empty((r_all, m_all))
-    boots = np.empty((r_all, m_all, weights.shape[1]))
+    size = n // groups
+    est = np.empty((r_all, groups, m_all))
+    boots = np.empty((r_all, groups, m_all, n_boot))
     for r0 in range(0, r_all, chunk):
-        s = scores[r0:r0 + chunk]
-        w = weights[r0:r0 + chunk]
-        c = (s[..., :n_pos, None] > s[..., None, n_pos:]).astype(np.float32)  # (r, M, P, N)
-        est[r0:r0 + chunk] = c.mean(axis=(-1, -2))
-        wp, wn = w[..., :n_pos], w[..., n_pos:]
-        num = np.einsum("rmbj,rbj->rmb", np.matmul(wp[:, None], c), wn)
-        boots[r0:r0 + chunk] = num / (wp.sum(-1) * wn.sum(-1))[:, None, :]
+        r = min(chunk, r_all - r0)
+        idx = rng.integers(0, n, (r, n_boot, n))
+        flat = (idx + n * np.arange(r * n_boot).reshape(r, n_boot, 1)).ravel()
+        w = np.bincount(flat, minlength=r * n_boot * n).reshape(r, n_boot, n).astype(np.float32)
+        for g in range(groups):
+            s = scores[r0:r0 + r, :, g * size:(g + 1) * size]
+            wg = w[..., g * size:(g + 1) * size]
+            c = (s[..., :n_pos, None] > s[..., None, n_pos:]).astype(np.float32)  # (r, M, P, N)
+            est[r0:r0 + r, g] = c.mean(axis=(-1, -2))
+            wp, wn = wg[..., :n_pos], wg[..., n_pos:]
+            num = np.einsum("rmbj,rbj->rmb", np.matmul(wp[:, None], c), wn)
+            boots[r0:r0 + r, g] = num / (wp.sum(-1) * wn.sum(-1))[:, None, :]
     return est, boots
-
-
-def _patient_weights(rng, reps: int, n_boot: int, n: int) -> np.ndarray:
-    idx = rng.integers(0, n, (reps, n_boot, n))
-    flat = (idx + n * np.arange(reps * n_boot).reshape(reps, n_boot, 1)).ravel()
-    return np.bincount(flat, minlength=reps * n_boot * n).reshape(reps, n_boot, n).astype(np.float32)
 
 
 def _seeded_aurocs(rng, n_seeds: int, *, reps=REPS, n_boot=100, n_pos=40, n_neg=80, delta=1.2, sd_train=0.5,
@@ -64,8 +65,8 @@ def _seeded_aurocs(rng, n_seeds: int, *, reps=REPS, n_boot=100, n_pos=40, n_neg=
     b = rng.normal(0, sd_train / 2, (reps, settings, n_seeds, 1))
     shift = delta - setting_shift * np.arange(settings)[None, :, None, None]
     sc = (shift + a + b) * y + x[:, None] + rng.normal(0, sd_model, (reps, settings, n_seeds, n))
-    w = _patient_weights(rng, reps, n_boot, n)
-    est, boots = _auroc_boot(sc.reshape(reps, settings * n_seeds, n), n_pos, w)
+    est, boots = _auroc_boot(rng, sc.reshape(reps, settings * n_seeds, n), n_pos, n_boot)
+    est, boots = est[:, 0], boots[:, 0]
     k2 = 2 * (1 + sd_model**2) + sd_train**2 + (sd_train / 2) ** 2
     truth = sps.norm.cdf((delta - setting_shift * np.arange(settings)) / np.sqrt(k2))
     return truth, est.reshape(reps, settings, n_seeds), boots.reshape(reps, settings, n_seeds, -1)
@@ -212,15 +213,8 @@ def test_squared_gap_change_is_unbiased_when_both_gaps_are_zero():
     x = rng.standard_normal((reps, 1, n))
     strength = np.array([0.5, 2.0])[None, :, None]  # private, reference: the same in both groups
     sc = strength * y + x + rng.normal(0, 0.5, (reps, 2, n))
-    w = _patient_weights(rng, reps, n_boot, n)
-    half = n_pos + n_neg
-    aucs, boots = [], []
-    for g in range(2):
-        cols = slice(g * half, (g + 1) * half)
-        e, b = _auroc_boot(sc[..., cols], n_pos, w[..., cols])
-        aucs.append(e)
-        boots.append(b)
-    gap, gap_boot = aucs[0] - aucs[1], boots[0] - boots[1]          # (R, model), (R, model, B)
+    aucs, boots = _auroc_boot(rng, sc, n_pos, n_boot, groups=2)
+    gap, gap_boot = aucs[:, 0] - aucs[:, 1], boots[:, 0] - boots[:, 1]   # (R, model), (R, model, B)
     changes, plug_in, rejects = [], [], []
     for r in range(reps):
         res = stats.seed_gap_change(gap[r, :1], gap[r, 1:], gap_boot[r, :1], gap_boot[r, 1:])

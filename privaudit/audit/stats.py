@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import log_ndtr, logsumexp, ndtr, ndtri, stdtr, stdtrit
+from scipy.special import log_ndtr, logsumexp, ndtr, ndtri, owens_t, stdtr, stdtrit
 from scipy.stats import chi2, norm, rankdata
 from scipy.stats import t as student_t
 from sklearn.metrics import roc_curve
@@ -896,8 +896,7 @@ def gap_change_tests(gap_private, gap_reference, var_private, var_reference, cov
     sd = np.sqrt(np.clip(4 * a1 * v11 + 2 * v11**2 + 4 * a0 * v00 + 2 * v00**2 - 8 * a10 * v10 - 4 * v10**2,
                          0.0, None))
     df = np.minimum(*dfs)
-    q = np.where(np.isfinite(df), student_t.ppf((1 + ci) / 2, np.where(np.isfinite(df), df, 1.0)),
-                 norm.ppf((1 + ci) / 2))
+    q = np.where(np.isfinite(df), stdtrit(np.where(np.isfinite(df), df, 1.0), (1 + ci) / 2), ndtri((1 + ci) / 2))
     up = np.maximum(pu.log_sf(u), pw.log_sf(w))        # u and w > 0: gamma_1 > |gamma_0|
     down = np.maximum(pu.log_sf(-u), pw.log_sf(-w))    # u and w < 0: gamma_1 < -|gamma_0|
     p = np.minimum(1.0, np.maximum(np.exp(np.log(2.0) + np.minimum(up, down)), np.finfo(float).tiny))
@@ -961,20 +960,37 @@ def seed_gap_change(gap_private, gap_reference, boots_private=None, boots_refere
 def _bvn_upper(a: float, b: float, rho: float) -> float:
     """``P(X > a, Y > b)`` for standard bivariate normal ``(X, Y)`` with correlation ``rho``.
 
-    ``int_a^inf phi(x) P(Y > b | X = x) dx`` with ``Y | X = x ~ N(rho x, 1 - rho^2)``, by adaptive quadrature
-    (deterministic); ``a`` or ``b`` equal to ``-inf`` and ``rho = +-1`` in closed form.
-    """
-    from scipy.integrate import quad
+    Owen's (1956, Ann. Math. Stat. 27:1075-1090) closed form through his T function (``scipy.special.owens_t``),
+    with ``h = -a``, ``k = -b``::
 
+        P(X <= h, Y <= k) = Phi(h)/2 + Phi(k)/2 - T(h, a_h) - T(k, a_k) - beta,
+        a_h = (k - rho h) / (h sqrt(1 - rho^2)),  a_k = (h - rho k) / (k sqrt(1 - rho^2)),
+        beta = 0 if h k > 0 or (h k = 0 and h + k >= 0), else 1/2;
+
+    a zero ``h`` (or ``k``) uses ``T(0, +-inf) = +-1/4`` by continuity, and ``h = k = 0`` Sheppard's
+    ``1/4 + arcsin(rho) / (2 pi)``. Infinite ``a`` or ``b`` and ``rho = +-1`` in closed form.
+    """
     if a == -np.inf or b == -np.inf:
-        return float(norm.sf(b if a == -np.inf else a))
+        return float(ndtr(-(b if a == -np.inf else a)))
+    if a == np.inf or b == np.inf:
+        return 0.0
     if rho >= 1 - 1e-12:
-        return float(norm.sf(max(a, b)))
+        return float(ndtr(-max(a, b)))
     if rho <= -1 + 1e-12:
-        return float(max(0.0, norm.cdf(-b) - norm.cdf(a)))
-    s = np.sqrt(1 - rho**2)
-    val, _ = quad(lambda x: norm.pdf(x) * norm.sf((b - rho * x) / s), a, np.inf, epsabs=1e-12, epsrel=1e-10)
-    return float(val)
+        return float(max(0.0, ndtr(-b) - ndtr(a)))
+    h, k = -float(a), -float(b)
+    if h == 0 and k == 0:  # Sheppard's quadrant probability
+        return float(0.25 + np.arcsin(rho) / (2 * np.pi))
+    r = np.sqrt(1 - rho**2)
+
+    def t_term(x, y):  # T(x, (y - rho x) / (x r)); at x = 0 (y != 0) the limit T(0, +-inf) = +-1/4
+        if x == 0:
+            return 0.25 * np.sign(y)
+        return float(owens_t(x, (y - rho * x) / (x * r)))
+
+    beta = 0.0 if h * k > 0 or (h * k == 0 and h + k >= 0) else 0.5
+    cdf = 0.5 * ndtr(h) + 0.5 * ndtr(k) - t_term(h, k) - t_term(k, h) - beta
+    return float(min(1.0, max(0.0, cdf)))
 
 
 def minimum_detectable_change(se_difference: float, se_sum: float, *, alpha: float, power: float = 0.8,
