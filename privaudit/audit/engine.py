@@ -17,13 +17,13 @@ import pandas as pd
 
 from privaudit import __version__
 from privaudit.audit import stats
-from privaudit.audit.fairness import (SELECTION_METRICS, gap_change_verdict, holm, pearson_r,
-                                      selection_metrics)
+from privaudit.audit.fairness import (SELECTION_METRICS, gap_change_verdict, holm, macro_disparate_impact,
+                                      pearson_r, pearson_r_bootstrap, selection_metrics)
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
 from privaudit.config import AuditConfig
 from privaudit.errors import DataError
-from privaudit.predictions import labels_of, validate_predictions
+from privaudit.predictions import blank_patient_ids, blank_patient_warning, labels_of, validate_predictions
 from privaudit.tasks import age_group
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
@@ -291,7 +291,8 @@ def _group_metrics(study: _Study, name: str, lab: str, mask: np.ndarray, ci: flo
 
 
 def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str, ci: float) -> dict:
-    """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels)."""
+    """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels, except disparate
+    impact: the ratio of the mean selection rates, fairness.macro_disparate_impact)."""
     present = sorted({v for v in values if v is not None})
     privileged = PRIVILEGED.get(attr)
     if len(present) == 2 and privileged not in present:
@@ -304,15 +305,22 @@ def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str
         yhat = (study.scores(name, la) >= thr).astype(int) if np.isfinite(thr) else np.zeros(study.n, int)
         res = selection_metrics(study.y[la], yhat, values, privileged if len(present) == 2 else None, study.W)
         if not np.isfinite(thr):
-            res = {g: {**e, **{m: {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
-                               for m in SELECTION_METRICS}} for g, e in res.items()}
+            nan = {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
+            res = {g: {**e, **{m: nan for m in SELECTION_METRICS},
+                       "selection_rates": {"unprivileged": nan, "privileged": nan}} for g, e in res.items()}
         per.append(res)
     out = {}
     for metric in SELECTION_METRICS:
         groups = {}
         for g in per[0]:
-            point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
-            boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
+            if metric == "disparate_impact" and len(per) > 1:  # the ratio of mean selection rates over labels
+                rates = [[r[g]["selection_rates"][side] for r in per if g in r] for side in ("unprivileged",
+                                                                                          "privileged")]
+                point = float(macro_disparate_impact(*[[e["estimate"] for e in side] for side in rates]))
+                boot = macro_disparate_impact(*[np.vstack([e["boot"] for e in side]) for side in rates])
+            else:
+                point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
+                boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
             groups[g] = {**_est(point, boot, ci), "privileged": str(per[0][g]["privileged"])}
         out[metric] = next(iter(groups.values())) if len(present) == 2 and len(groups) == 1 else groups
     return out
@@ -359,7 +367,8 @@ def _fairness(study: _Study, name: str) -> dict:
                 ref_boot = np.average(np.vstack([group_boot[h][1] for h in others]), axis=0, weights=wts)
                 pp_point, pp_boot = group_boot[g][0] - ref_point, group_boot[g][1] - ref_boot
                 study.boots[(name, lab, attr, g)] = (pp_point, pp_boot)
-                parity[g] = _est(pp_point, pp_boot, ci)
+                # resamples where any group is undefined drop out: say how many the interval used
+                parity[g] = {**_est(pp_point, pp_boot, ci), "n_boot_used": int(np.isfinite(pp_boot).sum())}
             per_label[lab] = {"groups": groups, "performance_parity": parity,
                               **_selection(study, name, attr, values, lab, ci)}
         out[attr] = per_label
@@ -389,8 +398,12 @@ def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
     res = pearson_r(x, y, confidence=study.config.ci)
     if res.get("reason"):
         study.warnings.append(f"{name}: Pearson's r of {what} is null: {res['reason']}")
+    # ci_low/ci_high (Fisher z) treat every image as independent; the bootstrap resamples patients
+    boot = pearson_r_bootstrap(x, y, study.W, confidence=study.config.ci) if res["r"] is not None else None
     return {"r": res["r"], "p_value": res["p_value"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-            "n": res["n"], "x": "age", "y": "abs_error"}
+            "n": res["n"], "x": "age", "y": "abs_error",
+            "bootstrap": None if boot is None else {**boot, "clustered": study.resampler.clustered,
+                                                    "method": "percentile, the study's resamples"}}
 
 
 def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges,
@@ -451,7 +464,7 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
             from privaudit.audit.privacy import repeated_trials_bound
 
             res["epsilon_lower_bound_repeated_trials"] = repeated_trials_bound(
-                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta)
+                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta, seed=seed)
     return attacks
 
 
@@ -820,6 +833,10 @@ def run_audit(
     runs = runs or {}
     frames = {name: validate_predictions(df, f"predictions of {name!r}") for name, df in predictions.items()}
     study = _Study(frames, config)
+    for name, df in frames.items():
+        blank = blank_patient_warning(blank_patient_ids(df), len(df), f"predictions of {name!r}")
+        if blank:
+            study.warnings.append(blank)
     if reference is None and "non_private" in frames and len(frames) > 1:
         reference = "non_private"
     if reference is not None and reference not in frames:

@@ -84,8 +84,9 @@ def selection_metrics(y: np.ndarray, yhat: np.ndarray, groups: np.ndarray, privi
 
     Returns ``{unprivileged group: entry}`` (empty when fewer than two groups are present), where ``entry``
     holds ``"unprivileged"``, ``"privileged"`` (a group or ``"rest"``), the point counts ``n_unprivileged``,
-    ``n_privileged``, ``n_pos_unprivileged``, ``n_pos_privileged``, and for each name in
-    :data:`SELECTION_METRICS` a dict ``{"estimate": float, "boot": (B,) array}``: the estimate uses every
+    ``n_privileged``, ``n_pos_unprivileged``, ``n_pos_privileged``, ``selection_rates`` (``unprivileged`` and
+    ``privileged``, each ``{"estimate", "boot"}``), and for each name in :data:`SELECTION_METRICS` a dict
+    ``{"estimate": float, "boot": (B,) array}``: the estimate uses every
     sample once (``W`` = ones), ``boot[b]`` uses the weights ``W[b]``. A metric is ``nan`` where it is
     undefined: a side without samples (SPD, DI, EOD, AOD), a privileged selection rate of 0 (DI), a side
     without positives (EOD, AOD) or without negatives (AOD).
@@ -131,8 +132,28 @@ def selection_metrics(y: np.ndarray, yhat: np.ndarray, groups: np.ndarray, privi
         out[g] = {"unprivileged": g, "privileged": REST if one_vs_rest else privileged,
                   "n_unprivileged": int(pu[_N]), "n_privileged": int(pp[_N]),
                   "n_pos_unprivileged": int(pu[_POS]), "n_pos_privileged": int(pp[_POS]),
-                  **{m: {"estimate": float(est[m]), "boot": bs[m]} for m in SELECTION_METRICS}}
+                  **{m: {"estimate": float(est[m]), "boot": bs[m]} for m in SELECTION_METRICS},
+                  # the two selection rates behind DI, for a macro DI over labels (macro_disparate_impact)
+                  "selection_rates": {"unprivileged": {"estimate": float(_rates(pu)[0]), "boot": _rates(bu)[0]},
+                                      "privileged": {"estimate": float(_rates(pp)[0]), "boot": _rates(bp)[0]}}}
     return out
+
+
+def macro_disparate_impact(rate_unprivileged, rate_privileged) -> np.ndarray:
+    """Disparate impact over labels: the ratio of the mean selection rates, ``mean_l SR_u,l / mean_l SR_p,l``.
+
+    ``rate_*``: selection rates per label, ``(L,)`` (gives a 0-d array) or ``(L, B)`` (bootstrap resamples in the
+    columns; gives ``(B,)``). The mean of
+    the per-label ratios is not used: a ratio is unbounded above, so one label with a tiny privileged rate would
+    dominate it, and it is not invariant to swapping the groups. The ratio of means is the disparate impact of
+    the pooled decisions when every label has the same number of samples. ``nan`` where a rate is ``nan`` (a
+    macro over a subset of labels would change meaning) or the mean privileged rate is 0.
+    """
+    u = np.atleast_1d(np.asarray(rate_unprivileged, dtype=float))
+    p = np.atleast_1d(np.asarray(rate_privileged, dtype=float))
+    if u.shape != p.shape:
+        raise ValueError(f"selection rates of both groups need one shape, got {u.shape} and {p.shape}")
+    return _divide(u.mean(axis=0), p.mean(axis=0))
 
 
 def pearson_r(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
@@ -167,6 +188,42 @@ def pearson_r(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     ci = res.confidence_interval(confidence_level=confidence)
     out.update(r=float(res.statistic), p_value=float(res.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
     return out
+
+
+def weighted_pearson_r(x, y, W) -> np.ndarray:
+    """Pearson's r of each bootstrap resample: ``(B,)`` for counts ``W`` ``(B, n)`` (``nan`` where undefined).
+
+    Row b is r of the multiset the counts describe (the pairs repeated ``W[b, i]`` times): from the weighted
+    moments ``S = W @ [1, x, y, x^2, y^2, xy]``, ``r = (S_xy S_1 - S_x S_y) / sqrt((S_xx S_1 - S_x^2)
+    (S_yy S_1 - S_y^2))``, after centring x and y on their means (which leaves r unchanged and keeps the
+    differences exact). Pairs where either value is not finite are dropped first.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    W = np.atleast_2d(np.asarray(W, dtype=float))
+    if x.shape != y.shape or x.ndim != 1 or W.shape[1] != len(x):
+        raise ValueError(f"x and y must be 1-D of one length n and W (B, n); got {x.shape}, {y.shape}, {W.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return np.full(W.shape[0], np.nan)
+    x, y, W = x[ok] - x[ok].mean(), y[ok] - y[ok].mean(), W[:, ok]
+    s1, sx, sy, sxx, syy, sxy = (W @ np.column_stack([np.ones_like(x), x, y, x * x, y * y, x * y])).T
+    vx, vy = sxx * s1 - sx**2, syy * s1 - sy**2
+    den = np.sqrt(np.clip(vx, 0, None) * np.clip(vy, 0, None))
+    scale = np.sqrt(np.mean(x * x) * np.mean(y * y)) * s1**2  # 'zero' variance is relative to the data's scale
+    return _divide(sxy * s1 - sx * sy, np.where(den > 1e-12 * scale, den, 0.0))
+
+
+def pearson_r_bootstrap(x, y, W, *, confidence: float = 0.95) -> dict:
+    """Percentile bootstrap interval of Pearson's r from the study's resamples ``W`` (patients resampled when
+    the study clusters them, so images of one patient move together). Returns ``{"ci_low", "ci_high",
+    "n_boot_used"}``: resamples where r is undefined are left out and counted."""
+    r = weighted_pearson_r(x, y, W)
+    r = r[np.isfinite(r)]
+    if len(r) < 2:
+        return {"ci_low": None, "ci_high": None, "n_boot_used": int(len(r))}
+    lo, hi = np.quantile(r, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"ci_low": float(lo), "ci_high": float(hi), "n_boot_used": int(len(r))}
 
 
 def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
