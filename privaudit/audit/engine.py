@@ -129,7 +129,7 @@ class _Study:
         self.resampler = Resampler(self.n, n_boot=config.n_boot, seed=config.seed, clusters=self.clusters,
                                    cluster=config.cluster)
         self.W = self.resampler.weights
-        self.sample_major = stats.SampleMajorWeights(self.W)  # the fast AUROC path reads W in this layout
+        self.sample_major = self.resampler.sample_major()  # the counts as drawn, in the fast AUROC's layout
         self.attributes = self._attributes(ref)
         self.thresholds: dict = {}
         self.boots: dict = {}

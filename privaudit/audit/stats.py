@@ -431,6 +431,23 @@ class SampleMajorWeights:
         self.blocks = [np.ascontiguousarray(w[b0:b0 + block].T, dtype=self.dtype)
                        for b0 in range(0, self.n_boot, block)]
 
+    @classmethod
+    def from_blocks(cls, blocks) -> "SampleMajorWeights":
+        """Wrap blocks already in the ``(n, b)`` layout (e.g. :func:`privaudit.audit.utility.draw_counts`), without
+        a copy. They must be float32 holding non-negative integers with every resample's sum below 2**24, or
+        float64."""
+        blocks = list(blocks)
+        if not blocks or len({b.shape[0] for b in blocks}) != 1 or any(b.ndim != 2 for b in blocks):
+            raise ValueError("blocks must be a non-empty list of (n, b) arrays with one n")
+        dtypes = {b.dtype for b in blocks}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"blocks must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+        self = cls.__new__(cls)
+        self.blocks = [np.ascontiguousarray(b) for b in blocks]
+        self.n, self.n_boot = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+        self.dtype = next(iter(dtypes))
+        return self
+
 
 def _class_blocks(pos: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Rows of the slot matrix of :func:`weighted_auroc_fast` for samples ``pos``/``s`` (already restricted).
