@@ -513,7 +513,10 @@ def weighted_auroc_fast(y_true, y_score, weights: np.ndarray | SampleMajorWeight
         return out
     order, row, lo, tie, kn = _class_blocks(pos, s[idx])
     n_rows = kn + 1 + len(lo)
-    by_row = np.argsort(row, kind="stable")
+    # rows rise with the score within each class and every negative row precedes every positive one, so the
+    # stable order by row is the negatives in score order, then the positives: a partition, not a sort
+    cls = pos[order]
+    by_row = np.r_[np.flatnonzero(~cls), np.flatnonzero(cls)]
     indptr = np.r_[0, np.cumsum(np.bincount(row, minlength=n_rows))]
     a = sp.csr_array((np.ones(len(idx), dtype=sw.dtype), idx[order][by_row], indptr), shape=(n_rows, sw.n))
     mixed = tie >= 0
