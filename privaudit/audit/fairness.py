@@ -1,5 +1,9 @@
 """Group fairness of hard predictions, correlations, and the verdict on whether DP amplifies unfairness.
 
+The verdict (:func:`gap_change_verdict`) takes parity-gap changes from
+:func:`privaudit.audit.stats.seed_gap_change` (one seed or several) and applies Holm's correction to their
+intersection-union tests.
+
 Selection metrics follow aif360's convention, *unprivileged minus privileged* (and unprivileged over
 privileged for the ratio), with the formulas of ``aif360.metrics.ClassificationMetric`` and
 ``aif360.sklearn.metrics``:
@@ -243,73 +247,6 @@ def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
     adjusted = np.full(len(p), np.nan)
     adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return adjusted
-
-
-def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float | None],
-               change_ci_high: Sequence[float | None], p_values: Sequence[float | None], margin: float = 0.02,
-               alpha: float = 0.05, *, names: Sequence[str] | None = None, adjusted: bool = False) -> dict:
-    """Does DP amplify unfairness for one attribute? ``"yes"``, ``"no"`` or ``"inconclusive"``.
-
-    Each input has one entry per change in a parity gap (private minus non-private ``|gap|``, one per label
-    and group; ``names`` labels them, e.g. ``"Effusion/F"``), ``None``/``nan`` where undefined:
-
-    * ``"yes"`` if some change is positive (``change_est > 0``) and significant after Holm's adjustment
-      of ``p_values`` (paired bootstrap p-values, :func:`~privaudit.audit.utility.paired_p_value`):
-      adjusted p ``<= alpha``;
-    * otherwise ``"no"`` if every change is equivalent to zero by TOST (two one-sided tests at level
-      ``alpha`` against ``-margin`` and ``+margin``): its ``(1 - 2 alpha)`` CI lies within
-      ``[-margin, +margin]``;
-    * otherwise ``"inconclusive"``.
-
-    TOST at level ``alpha`` uses the ``(1 - 2 alpha)`` interval, i.e. the **90% CI for alpha = 0.05**, not the
-    95% CI reported beside the estimates: the caller passes the percentile bounds
-    ``percentile_ci(change_boot, 1 - 2 * alpha)`` of each change's paired bootstrap samples.
-
-    With ``adjusted=True`` the ``p_values`` are already Holm-adjusted over a larger family (all attributes,
-    labels and groups of a comparison) and are used as they are.
-
-    Returns ``{"answer", "margin", "alpha", "p_value_adjusted" (list aligned with the inputs, None where
-    undefined), "reason"}``, the reason one sentence naming the change that decided the answer.
-    """
-    est, lo, hi = (np.array([np.nan if v is None else v for v in a], dtype=float)
-                   for a in (change_est, change_ci_low, change_ci_high))
-    k = len(est)
-    names = [f"change {i}" for i in range(k)] if names is None else list(names)
-    if not (len(lo) == len(hi) == len(p_values) == len(names) == k):
-        raise ValueError("change_est, change_ci_low, change_ci_high, p_values and names must have one length")
-    if not margin > 0 or not 0 < alpha < 0.5:
-        raise ValueError(f"need margin > 0 and 0 < alpha < 0.5; got margin={margin}, alpha={alpha}")
-    adj = (np.array([np.nan if v is None else v for v in p_values], dtype=float) if adjusted
-           else holm(p_values))
-    out = {"answer": "inconclusive", "margin": margin, "alpha": alpha,
-           "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": ""}
-    level = f"{1 - 2 * alpha:.0%}"
-    if k == 0:
-        out["reason"] = "there are no parity-gap changes to judge."
-        return out
-    significant = (est > 0) & (adj <= alpha)  # False where either is nan
-    if significant.any():
-        cand = np.flatnonzero(significant)
-        i = cand[np.lexsort((-est[cand], adj[cand]))[0]]  # smallest adjusted p, then the largest increase
-        out["answer"] = "yes"
-        out["reason"] = (f"{significant.sum()} of {k} parity gaps widened significantly (Holm, alpha={alpha}), "
-                         f"led by {names[i]} with a change of {est[i]:+.4f} (adjusted p={adj[i]:.3g}).")
-        return out
-    undefined = np.flatnonzero(np.isnan(lo) | np.isnan(hi))
-    if len(undefined):
-        out["reason"] = (f"no gap widened significantly, but {names[undefined[0]]} has no {level} CI, so "
-                         f"equivalence within ±{margin} cannot be shown for every change.")
-        return out
-    excess = np.maximum(hi - margin, -margin - lo)  # > 0 where the CI leaves [-margin, margin]
-    i = int(np.argmax(excess))
-    if excess[i] <= 0:
-        out["answer"] = "no"
-        out["reason"] = (f"all {k} changes have their {level} CIs within ±{margin} (TOST, alpha={alpha}); the "
-                         f"closest to the bound is {names[i]} with [{lo[i]:+.4f}, {hi[i]:+.4f}].")
-    else:
-        out["reason"] = (f"no gap widened significantly (Holm, alpha={alpha}), but the {level} CI of {names[i]}, "
-                         f"[{lo[i]:+.4f}, {hi[i]:+.4f}], is not within ±{margin}.")
-    return out
 
 
 P_VALUE_RULE = ("normal approximation with bootstrap standard errors (Student's t with Satterthwaite df over seeds), "
