@@ -19,10 +19,11 @@ paired bootstrap). Timed, end to end (drawing the resamples, laying them out, an
   indices) on ``--naive-boot`` resamples, extrapolated linearly to ``--boot``.
 
 Checks: on the first ``--naive-boot`` new resamples, ``weighted_auroc_fast`` equals ``roc_auc_score`` on the
-expanded resample (max abs diff < 1e-9); the old and the new bootstrap agree in law (the bootstrap SDs of every
-AUROC within max(10%, 5/sqrt(2B)): different draws of the same multinomial). Goals, printed with PASS/FAIL: new end to end
-<= 10 s and two-level <= 1.5 x new. Exit status 1 if a check fails. On a shared machine the absolute seconds move
-with the load; the ratios against the old path, measured in the same run, are the robust figures.
+expanded resample (max abs diff < 1e-9); the old and the new bootstrap agree in law (the bootstrap SDs of
+every AUROC within max(10%, 5/sqrt(2B)): different draws of the same multinomial). Goals, printed with
+PASS/FAIL: new end to end <= 10 s and two-level <= 1.5 x new. Exit status 1 if a check fails. On a shared
+machine the absolute seconds move with the load; the ratios against the old path, measured in the same run,
+are the robust figures.
 
     python benchmarks/bootstrap_auroc.py --n 100000 --labels 8 --boot 2000 --naive-boot 20
 """

@@ -218,8 +218,8 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, *
       than the sample's out-distribution.
 
     With ``fixed_variance`` one global sd replaces the per-sample ones, which the paper recommends with few
-    shadows: the pooled within-sample sd of :func:`pooled_sd` (variances pooled, not sds averaged). A sample with fewer than ``min_models`` in (online) or out shadows
-    gets nan.
+    shadows: the pooled within-sample sd of :func:`pooled_sd` (variances pooled, not sds averaged). A sample
+    with fewer than ``min_models`` in (online) or out shadows gets nan.
     """
     from scipy.stats import norm
 

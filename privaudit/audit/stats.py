@@ -8,6 +8,12 @@ the metric needs them, no negatives where it needs them, zero total weight) give
 never raise on a degenerate resample. They do raise ``ValueError`` on malformed input (labels other than 0/1,
 non-finite scores, probabilities outside [0, 1], mismatched shapes), before any resample is looked at.
 
+The module also holds the inference over seeds and over many tests: :func:`seed_mean_interval`,
+:func:`seed_difference`, :func:`seed_gap_change` (with :func:`gap_change_tests`, vectorised),
+:func:`minimum_detectable_change` and :func:`seed_trend`, described in the comments above them (two-level
+intervals covering training randomness and test patients; the bias-corrected squared gap; the
+intersection-union test of a widened gap).
+
 Rank-based metrics sort the scores once and reuse that order for every row; threshold metrics reduce to
 matrix products ``W @ M``. Row blocks keep the temporaries near ``_BLOCK_BYTES``.
 
@@ -23,7 +29,6 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import log_ndtr, logsumexp, ndtr, ndtri, owens_t, stdtr, stdtrit
 from scipy.stats import chi2, norm, rankdata
-from scipy.stats import t as student_t
 from sklearn.metrics import roc_curve
 
 from privaudit.audit.utility import _BLOCK_BYTES
@@ -924,9 +929,9 @@ def gap_change_tests(gap_private, gap_reference, var_private, var_reference, cov
     bound = np.minimum(np.abs(u) + pu.quantile(1 - alpha / 2), np.abs(w) + pw.quantile(1 - alpha / 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = np.where((pu.se > 0) & (pw.se > 0), np.clip((v11 - v00) / (pu.se * pw.se), -1, 1), np.nan)
-    return {"estimate": est, "ci_low": est - q * sd, "ci_high": est + q * sd, "p_value": np.where(degenerate, np.nan, p),
-            "equivalence_bound": bound, "rho": rho, "se_difference": pu.se, "se_sum": pw.se,
-            "df_difference": dfs[0], "df_sum": dfs[1]}
+    return {"estimate": est, "ci_low": est - q * sd, "ci_high": est + q * sd,
+            "p_value": np.where(degenerate, np.nan, p), "equivalence_bound": bound, "rho": rho,
+            "se_difference": pu.se, "se_sum": pw.se, "df_difference": dfs[0], "df_sum": dfs[1]}
 
 
 def seed_gap_change(gap_private, gap_reference, boots_private=None, boots_reference=None, *, ci: float = 0.95,
