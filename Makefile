@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch; installing it first stops pip from pulling a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo demo-tf test install install-tf install-test system-deps clean
+.PHONY: demo demo-tf test install install-tf install-models install-test system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,14 +39,23 @@ $(VENV)/.installed-tf: $(VENV)/.installed
 	$(PIP) install --quiet --no-deps $(TF_NODEPS)
 	touch $@
 
-# The tests cover the tf backend too, so the test set-up installs it.
+# The tests cover the tf backend and the models extra (torchvision, timm, onnxruntime) too, so the test set-up
+# installs them. torch stays the one installed above: the extra pins torchvision to its build.
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-tf
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,models]" "$(TORCH)"
+	$(PY) -c 'import sys, torch; v = torch.__version__.split("+")[0]; want = "$(TORCH)".split("==")[-1]; sys.exit(0 if v == want else f"torch {torch.__version__} replaced torch {want}")'
 	touch $@
 
 install: $(VENV)/.installed
 
 install-tf: $(VENV)/.installed-tf
+
+# Architectures by name (torchvision:, timm:), .safetensors and ONNX models: pip install "privaudit[models]".
+$(VENV)/.installed-models: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[models]" "$(TORCH)"
+	touch $@
+
+install-models: $(VENV)/.installed-models
 
 install-test: $(VENV)/.installed-test
 

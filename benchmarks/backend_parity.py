@@ -22,7 +22,9 @@ from pathlib import Path
 import privaudit  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything loads TensorFlow)
 from privaudit.config import AuditConfig, DPConfig, TrainConfig
 from privaudit.predictions import read_predictions
-from privaudit.workflow import DataSpec, audit_run_dirs, synthesize, train
+from privaudit.study import DataSpec, RunDir
+from privaudit.study.data import synthesize
+from privaudit.study.runs import audit_runs, train
 
 
 def main() -> None:
@@ -45,11 +47,11 @@ def main() -> None:
         for backend in ("opacus", "tf"):
             info = train(dataclasses.replace(base, backend=backend), DataSpec(path=manifest, preset="manifest",
                                                                              seed=args.seed),
-                         root / backend, force=True, quiet=True)
+                         root / backend, force=True).train_info()
             read_predictions(root / backend / "predictions.csv")  # the same schema validation for both
-            runs[backend] = root / backend
+            runs[backend] = RunDir(root / backend)
             print(f"{backend:<7} trained: {info['steps']} steps in {info['train_seconds']:.1f} s", flush=True)
-        doc = audit_run_dirs(runs, config=AuditConfig(n_boot=args.n_boot, seed=args.seed), reference="opacus").data
+        doc = audit_runs(runs, config=AuditConfig(n_boot=args.n_boot, seed=args.seed), reference="opacus").data
     m = {b: doc["models"][b]["utility"]["macro_auroc"] for b in runs}
     half = {b: (v["ci_high"] - v["ci_low"]) / 2 for b, v in m.items()}
     diff = m["tf"]["estimate"] - m["opacus"]["estimate"]

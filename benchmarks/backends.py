@@ -62,11 +62,12 @@ def opacus_runners(x: np.ndarray, y: np.ndarray, args) -> tuple[dict, str]:
 def tf_runners(x: np.ndarray, y: np.ndarray, args) -> tuple[dict, str]:
     import privaudit  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
     from privaudit.backends._tf_env import import_keras, import_tf
-    from privaudit.backends.tf_backend import DPStep, PlainStep, make_optimizer, pick_device, to_channels_last
+    from privaudit.backends._device import pick_device
+    from privaudit.backends.tf_backend import DPStep, PlainStep, make_optimizer, to_channels_last
     from privaudit.backends.tf_models import create_model
 
     tf, keras = import_tf(), import_keras()
-    device = pick_device("auto")
+    device = pick_device("auto", framework="tf")
     xt, yt = tf.constant(to_channels_last(x)), tf.constant(y)
     out = {}
     for mode in ("non-dp", "dp"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import math
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -15,9 +15,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit.config import AuditConfig, DPConfig, TrainConfig
 from privaudit.errors import PrivauditError
 
@@ -48,6 +49,32 @@ class Clipping(str, Enum):
     fast = "fast"
 
 
+def _command() -> str:
+    """The command line as typed, for provenance (the library never reads sys.argv itself)."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["privaudit", *sys.argv[1:]]) if sys.argv else "privaudit"
+
+
+# Library messages speak of parameters (batch_size, dp=False); on the command line they are flags.
+_PARAM_FLAGS = {"dp=False": "--no-dp", "shadows=K": "--shadows K", "references=K": "--references K",
+                "ray_address": "--ray-address", "jobs": "--jobs"}
+
+
+def flag_text(message: str, params) -> str:
+    """``message`` with the command's parameter names written as its flags: names with an underscore anywhere
+    (unambiguous), one-word names where the message starts with them ("epochs must be at least 1")."""
+    for param, flag in _PARAM_FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w=])", flag, message)
+    for name in sorted(params, key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}(?!\w)", flag, message)
+        elif message.startswith(name + " "):
+            message = message.replace(name, flag, 1)
+    return message
+
+
 def handle_errors(fn):
     """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
 
@@ -56,7 +83,11 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PrivauditError as e:
-            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            import inspect
+
+            params = [n for n in inspect.signature(fn).parameters if n not in ("task", "source", "run_dir", "attack")]
+            err_console.print(f"[bold red]error:[/] {escape(flag_text(str(e), params))}", markup=True,
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; nothing was written")
@@ -154,40 +185,28 @@ def _labels(text: str | None):
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
 
 
-def _n_samples(task: str, n: int | None) -> int:
-    """The synthetic cohort size: as given, else the task's default."""
-    from privaudit.tasks import create_task
-
-    return int(create_task(task).default("n_samples")) if n is None else int(n)
-
-
 def _default_out(task: str, backend: str) -> Path:
-    return Path("runs") / f"{task}-{backend}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    from privaudit.study.api import _default_out as default
+
+    return default(task, backend)
 
 
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
                   init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0,
                   clipping=Clipping.hooks) -> TrainConfig:
-    from privaudit.tasks import create_task
+    """The options as a TrainConfig; what is left out takes the task's defaults (TrainConfig.for_task)."""
+    return TrainConfig.for_task(task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
+                                batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, seed=seed,
+                                device=device, init=init, canaries=canaries, clipping=Clipping(clipping).value,
+                                dp=not no_dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier,
+                                max_grad_norm=max_grad_norm, accountant=Accountant(accountant).value)
 
-    spec = create_task(task)
-    # Options left out take the task's defaults (a 3D task trains a smaller network for more epochs).
-    epochs = spec.default("epochs") if epochs is None else epochs
-    batch_size = spec.default("batch_size") if batch_size is None else batch_size
-    width = spec.default("width") if width is None else width
-    lr = spec.default("lr") if lr is None else lr
-    if epsilon is not None and not (epsilon > 0 and math.isfinite(epsilon)):
-        from privaudit.errors import ConfigError
 
-        raise ConfigError(f"--epsilon must be a positive, finite number, got {epsilon}; use --no-dp for no privacy")
-    if epsilon is None and noise_multiplier is None:
-        epsilon = 8.0
-    dp = DPConfig(enabled=not no_dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier,
-                  max_grad_norm=max_grad_norm, accountant=accountant.value)
-    return TrainConfig(task=task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
-                       batch_size=batch_size, physical_batch_size=physical_batch_size or batch_size, lr=lr, seed=seed,
-                       device=device, init=str(init) if init else None, canaries=canaries,
-                       clipping=Clipping(clipping).value, dp=dp)
+def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from):
+    from privaudit.study.data import DataSpec
+
+    return DataSpec(path=data, preset=preset, labels=_labels(labels), views=views, n_samples=n_samples, seed=seed,
+                    controls=controls, label_from=label_from)
 
 
 def _audit_json(source: Path) -> Path:
@@ -201,7 +220,7 @@ def _audit_json(source: Path) -> Path:
 
 
 def _print_headline(doc: dict) -> None:
-    from privaudit.reports.render import _ci
+    from privaudit.reports.format import format_ci as _ci
 
     table = Table(title=f"privaudit: {doc['study'].get('task') or 'study'} (test AUROC, 95% CI)")
     table.add_column("label")
@@ -277,16 +296,17 @@ def train_and_audit_cmd(
 
         privaudit train-and-audit cxr --data CheXpert-v1.0-small/ --labels cardiomegaly,pleural_effusion
     """
-    from privaudit.workflow import DataSpec, train_and_audit
+    from privaudit.study.runs import train_and_audit
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
-                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
-    doc = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain, audit=AuditConfig(n_boot=n_boot, seed=seed),
-                          force=force, console=console, quiet=quiet, pdf=pdf, model_card=model_card)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    study = train_and_audit(cfg, spec, out, baseline=baseline, pretrain=pretrain,
+                            audit=AuditConfig(n_boot=n_boot, seed=seed), force=force, pdf=pdf, model_card=model_card,
+                            command=_command(), console=console, quiet=quiet)
+    doc = study.audit.data
     _print_headline(doc)
     runs = ", ".join(f"{name}/" for name in doc["models"])
     console.print(f"study written to [bold]{out}[/]: audit.json, report.html, {'report.pdf, ' if pdf else ''}{runs}")
@@ -354,8 +374,7 @@ def sweep_cmd(
         privaudit sweep cxr --epsilons 1,8,inf,clip --executor ray --ray-address 10.0.0.5:6379 --out runs/sweep
     """
     from privaudit.errors import ConfigError
-    from privaudit.sweep import parse_epsilons, run_sweep, summary_table
-    from privaudit.workflow import DataSpec
+    from privaudit.study.sweep import parse_epsilons, run_sweep, summary_table
 
     points = parse_epsilons(epsilons)
     if seeds < 1:
@@ -366,10 +385,11 @@ def sweep_cmd(
                         device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
-                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
-    doc = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
-                    jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
+    study = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
+                      jobs=jobs, audit=AuditConfig(n_boot=n_boot, seed=seed), command=_command(), console=console,
+                      quiet=quiet)
+    doc = study.audit.data
     console.print(summary_table(doc))
     macro = (doc["study"].get("trade_offs") or {}).get("macro_auroc") or {}
     if macro.get("r") is not None:
@@ -419,20 +439,20 @@ def train_cmd(
 
         privaudit train cxr --data manifest.csv --epsilon 3 --out runs/eps3
     """
-    from privaudit.workflow import DataSpec, train
+    from privaudit.study.runs import train
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
                         clipping)
     out = out or _default_out(task, backend)
-    spec = DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
-                    n_samples=_n_samples(task, n_samples), seed=seed, controls=controls, label_from=label_from)
+    spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from)
     from privaudit.backends.distributed import rank_zero_out
 
     with rank_zero_out(out) as target:   # under torchrun only rank 0 writes --out; the others use scratch
-        info = train(cfg, spec, target, force=force, console=console, quiet=quiet)
-    if info.get("written") is False:
+        run = train(cfg, spec, target, force=force, command=_command(), console=console, quiet=quiet)
+    if run is None:   # a torchrun rank other than 0
         return
+    info = run.train_info()
     eps = f"ε = {info['epsilon']:.2f} (δ = {info['delta']:.0e}, {info['accountant']})" if info["dp"] else "no DP"
     console.print(f"run written to [bold]{out}[/]: {info['steps']} steps, {eps}")
 
@@ -492,8 +512,7 @@ def audit_cmd(
         privaudit audit --checkpoint model.keras --data manifest.csv --out audit/
     """
     from privaudit.errors import ConfigError
-    from privaudit.workflow import DataSpec, audit_checkpoint, audit_predictions, audit_run
-
+    from privaudit.study import runs
     from privaudit.tasks import AGE_EDGES, parse_age_edges
 
     config = AuditConfig(n_boot=n_boot, ci=ci, seed=seed, cluster=cluster, ci_method=ci_method,
@@ -505,22 +524,31 @@ def audit_cmd(
     if run_dir is not None:
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: not a directory; give a run directory, or a file with --predictions")
-        path = audit_run(run_dir, config=config)
+        report = runs.audit_dir(run_dir, config=config, command=_command())
+        path = run_dir / "audit.json"
     elif predictions:
         if out is None:
             raise ConfigError("--predictions needs --out DIR for audit.json")
-        path = audit_predictions(predictions, name, out, config=config, reference=reference, force=force)
+        names = list(name or [])
+        if names and len(names) != len(predictions):
+            raise ConfigError(f"{len(names)} --name value(s) for {len(predictions)} --predictions file(s); give one "
+                              "per file")
+        names = names or [Path(f).stem for f in predictions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model names {names} repeat; give distinct names with --name")
+        report = runs.audit_frames(dict(zip(names, predictions)), config=config, reference=reference, out=out,
+                                   force=force, command=_command())
+        path = Path(out) / "audit.json"
     else:
         if out is None:
             raise ConfigError("--checkpoint needs --out DIR for the run directory it writes")
-        spec = DataSpec(path=data, preset=preset, labels=_labels(labels), seed=seed, controls=controls,
-                        label_from=label_from)
-        path = audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend, image_size=image_size,
-                                trust=trust_checkpoint, config=config, force=force)
-    from privaudit._fs import read_json
-
-    _print_headline(read_json(path))
-    console.print(f"audit written to [bold]{path}[/]")
+        spec = _data(task, data, preset, labels, "frontal", None, seed, controls, label_from)
+        report = runs.audit_checkpoint(checkpoint, spec, out, task=task, arch=arch, backend=backend,
+                                       image_size=image_size, trust=trust_checkpoint, config=config, force=force,
+                                       command=_command())
+        path = Path(out) / "audit.json"
+    _print_headline(report.data)
+    console.print(f"audit written to [bold]{escape(str(path))}[/]")
 
 
 @app.command("report")
@@ -547,10 +575,9 @@ def report_cmd(
 
         privaudit report runs/study1/audit.json --format pdf --out signed/report.pdf
     """
-    from privaudit.reports import write_report
+    from privaudit.study.api import report
 
-    path = _audit_json(source)
-    written = write_report(path, out, template_dir=template, fmt=fmt, policy=policy, model_card=model_card)
+    written = report(_audit_json(source), fmt=fmt, out=out, policy=policy, model_card=model_card, template=template)
     console.print("report written to " + ", ".join(f"[bold]{p}[/]" for p in written))
 
 
@@ -587,11 +614,11 @@ def synth_cmd(
     """
     from privaudit._fs import staged_dir
     from privaudit.errors import ConfigError
+    from privaudit.study.data import synthesize
     from privaudit.tasks import create_task
-    from privaudit.workflow import synthesize
 
     spec = create_task(task)
-    n = _n_samples(task, n)
+    n = int(spec.default("n_samples")) if n is None else n
     image_size = spec.input_size if image_size is None else image_size
     if n < 20:
         raise ConfigError(f"--n {n} is too small for train/val/test splits; use at least 20")
@@ -642,12 +669,12 @@ def cache_cmd(
     from privaudit.data.cache import CACHE_ENV, build_cache, default_cache_dir
     from privaudit.errors import ConfigError
     from privaudit.tasks import create_task
-    from privaudit.workflow import DataSpec, load_data
+    from privaudit.study.data import DataSpec, load_manifest
 
     if create_task(task).spatial_dims != 2:
         raise ConfigError(f"task {task!r} has 3D volumes, which are cached on first use (see PRIVAUDIT_CACHE_DIR); "
                           "privaudit data cache is for 2D images")
-    manifest = load_data(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views), task)
+    manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views), task)
     with Progress(console=console, disable=quiet) as prog:
         t = prog.add_task("caching images", total=len(manifest.frame))
         folder, built = build_cache(manifest, image_size, out, force=force, jobs=jobs or os.cpu_count() or 1,
@@ -678,32 +705,16 @@ def accountant_cmd(
 
         privaudit accountant --epsilon 8 --sample-rate 0.02 --steps 500 --delta 1e-4
     """
-    from privaudit.audit.accounting import cross_checks
+    from privaudit.audit.accounting import check_accounting_arguments, cross_checks, solve_noise_multiplier
     from privaudit.errors import ConfigError
 
     if (noise_multiplier is None) == (epsilon is None):
         raise ConfigError("give exactly one of --noise-multiplier and --epsilon")
-    if not 0 < sample_rate < 1:
-        raise ConfigError(f"--sample-rate must be in (0, 1), got {sample_rate}")
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    if not 0 < delta < 1:
-        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    check_accounting_arguments(sample_rate=sample_rate, steps=steps, delta=delta, epsilon=epsilon,
+                               noise_multiplier=noise_multiplier)
     if epsilon is not None:
-        if not epsilon > 0:
-            raise ConfigError(f"--epsilon must be positive, got {epsilon}")
-        from opacus.accountants.utils import get_noise_multiplier
-
-        import warnings
-
-        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" notes, harmless here
-            warnings.simplefilter("ignore", UserWarning)
-            noise_multiplier = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                                          sample_rate=sample_rate, steps=steps,
-                                                          accountant=accountant.value))
+        noise_multiplier = solve_noise_multiplier(epsilon, sample_rate, steps, delta, accountant=accountant.value)
         console.print(f"noise multiplier for ε = {epsilon:g} ({accountant.value}): [bold]{noise_multiplier:.4f}[/]")
-    elif not noise_multiplier > 0:
-        raise ConfigError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
     checks, warns = cross_checks(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta)
     table = Table(title=f"ε at δ = {delta:g}: σ = {noise_multiplier:.4f}, q = {sample_rate:g}, {steps} steps")
     table.add_column("accountant")
@@ -742,24 +753,20 @@ def attack_cmd(
 
         privaudit attack lira runs/eps3 --shadows 64 --executor ray --ray-address 10.0.0.5:6379
     """
-    from privaudit.errors import ConfigError
-    from privaudit.shadows import run_attack
+    from privaudit.study.api import attack as run_attack
 
-    k = shadows if attack == "lira" else references
-    if k is None:
-        raise ConfigError(f"give the number of models: --shadows K for lira, --references K for rmia")
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: not a run directory")
-    path = run_attack(run_dir, attack, k, offline=offline, jobs=jobs, executor=executor.value,
-                      ray_address=ray_address, seed=seed, audit_config=AuditConfig(n_boot=n_boot, seed=seed), console=console, quiet=quiet)
-    from privaudit._fs import read_json
+    report = run_attack(attack, run_dir, shadows=shadows, references=references, offline=offline, jobs=jobs,
+                        executor=executor.value, ray_address=ray_address, seed=seed, n_boot=n_boot,
+                        command=_command(), progress=console if not quiet else False)
+    path = run_dir / "audit.json"
+    attacks = report.data["models"]
+    from privaudit.reports.format import format_number
 
-    attacks = read_json(path)["models"]
     for name, m in attacks.items():
         for key, a in ((m["privacy"]["attacks"]) or {}).items():
             if a and key.startswith(attack):
-                console.print(f"{name}: {key} AUC {a['auc']:.3f}, TPR at 1% FPR "
-                              f"{a['tpr_at_fpr']['0.01'] if a['tpr_at_fpr']['0.01'] is not None else 'n/a'}")
+                console.print(f"{escape(name)}: {key} AUC {format_number(a['auc'])}, TPR at 1% FPR "
+                              f"{format_number(a['tpr_at_fpr']['0.01'])}", highlight=False)
     console.print(f"audit written to [bold]{path}[/]")
 
 

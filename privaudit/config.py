@@ -18,6 +18,9 @@ ACCOUNTANTS = ("prv", "rdp", "gdp")
 # How per-sample gradients are clipped (opacus backend): Opacus' hooks, expanded weights (ew) and ghost
 # clipping, or privaudit's fast engine (privaudit.backends.fastdp). Same clipping, noise and accounting.
 CLIPPING_MODES = ("hooks", "ew", "ghost", "fast")
+# DPConfig fields that TrainConfig.for_task takes by their own names; options whose default is the task's.
+DP_OPTIONS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant", "poisson_sampling")
+TASK_DEFAULTS = ("epochs", "batch_size", "width", "lr")
 
 
 def default_delta(n_train: int) -> float:
@@ -51,18 +54,18 @@ class DPConfig:
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"unknown accountant {self.accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
         if self.noise_multiplier is None and self.epsilon is None:
-            raise ConfigError("give either --epsilon or --noise-multiplier for DP training (or --no-dp)")
+            raise ConfigError("give either epsilon or noise_multiplier for DP training (or dp=False)")
         if self.noise_multiplier is not None and self.epsilon is not None:
-            raise ConfigError("give --epsilon or --noise-multiplier, not both: one determines the other")
+            raise ConfigError("give epsilon or noise_multiplier, not both: one determines the other")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ConfigError(f"--epsilon must be a positive number, got {self.epsilon}; use --no-dp for no privacy")
+            raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}; use dp=False for no privacy")
         if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise ConfigError(f"--noise-multiplier must be >= 0, got {self.noise_multiplier} (0 clips without "
+            raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier} (0 clips without "
                               "noise: a clip-only baseline that earns no epsilon)")
         if self.delta is not None and not (0 < self.delta < 1):
-            raise ConfigError(f"--delta must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:
-            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not self.poisson_sampling:
             raise ConfigError(
                 "DP training without Poisson sampling is refused: the accountants' epsilon assumes each sample "
@@ -76,7 +79,7 @@ class DPConfig:
         delta = default_delta(n_train) if self.delta is None else self.delta
         if delta >= 1.0 / n_train:
             raise ConfigError(
-                f"--delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training samples); "
+                f"delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training samples); "
                 "a delta that large allows leaking whole records; use a smaller delta, e.g. the default 1/N^1.1"
             )
         return dataclasses.replace(self, delta=delta)
@@ -104,24 +107,65 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.physical_batch_size < 1:
-            raise ConfigError(f"--physical-batch-size must be at least 1, got {self.physical_batch_size}")
+            raise ConfigError(f"physical_batch_size must be at least 1, got {self.physical_batch_size}")
         if self.width < 4:
-            raise ConfigError(f"--width must be at least 4, got {self.width}")
+            raise ConfigError(f"width must be at least 4, got {self.width}")
         if self.image_size is not None and self.image_size < 16:
-            raise ConfigError(f"--image-size must be at least 16, got {self.image_size}")
+            raise ConfigError(f"image_size must be at least 16, got {self.image_size}")
         if self.canaries < 0:
-            raise ConfigError(f"--canaries must be 0 or more, got {self.canaries}")
+            raise ConfigError(f"canaries must be 0 or more, got {self.canaries}")
         if self.clipping not in CLIPPING_MODES:
-            raise ConfigError(f"unknown --clipping {self.clipping!r}; use one of {', '.join(CLIPPING_MODES)}")
+            raise ConfigError(f"unknown clipping {self.clipping!r}; use one of {', '.join(CLIPPING_MODES)}")
         if self.clipping != "hooks" and self.backend != "opacus":
-            raise ConfigError(f"--clipping {self.clipping} is an option of the opacus backend, not of "
-                              f"{self.backend!r}; leave --clipping out")
+            raise ConfigError(f"clipping {self.clipping} is an option of the opacus backend, not of "
+                              f"{self.backend!r}; leave clipping at hooks")
         if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def for_task(cls, task: str = "cxr", **options) -> "TrainConfig":
+        """A training configuration with the task's defaults for every option left out (or given as None).
+
+        ``options`` are TrainConfig's fields (``epochs``, ``batch_size``, ``width``, ``image_size``, ...) and the DP
+        settings by their own names (``epsilon``, ``delta``, ``noise_multiplier``, ``max_grad_norm``,
+        ``accountant``), with ``dp=False`` for a non-private run (or a ready DPConfig). Without ``epsilon`` and
+        ``noise_multiplier``, DP training targets epsilon 8. The CLI builds its configurations here too, so the
+        command line and the Python API get the same defaults.
+
+        >>> TrainConfig.for_task("pdac", epochs=2).batch_size
+        16
+        """
+        from privaudit.tasks import create_task
+
+        spec = create_task(task)
+        options = {k: v for k, v in options.items() if v is not None}
+        dp = options.pop("dp", True)
+        dp_options = {k: options.pop(k) for k in DP_OPTIONS if k in options}
+        if not isinstance(dp, DPConfig):
+            if "noise_multiplier" in dp_options:
+                dp_options.setdefault("epsilon", None)
+            dp = DPConfig(enabled=bool(dp), **dp_options)
+        elif dp_options:
+            dp = dataclasses.replace(dp, **dp_options)
+        for name in TASK_DEFAULTS:
+            options.setdefault(name, spec.default(name))
+        options.setdefault("physical_batch_size", options["batch_size"])
+        if "init" in options:
+            options["init"] = str(options["init"])
+        valid = {f.name for f in dataclasses.fields(cls)} - {"task", "dp"}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(valid | set(DP_OPTIONS) | {"dp"}), n=1)
+            raise ConfigError(f"unknown training option {unknown[0]!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; valid: {', '.join(sorted(valid | set(DP_OPTIONS) | {'dp'}))}")
+        return cls(task=task, dp=dp, **options)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,28 +194,31 @@ class AuditConfig:
     specificity: float = 0.9           # for sensitivity at a fixed specificity
     margin: float = 0.02               # equivalence margin of the "does DP amplify unfairness?" verdict
     alpha: float = 0.05
-    attributes: tuple[str, ...] | None = None  # None: every attribute column present; "a*b" intersects
+    attributes: tuple[str, ...] | None = None  # None: the known attribute columns and attr_*; "a*b" intersects
     age_edges: tuple[int, ...] = (0, 31, 61, 71, 81)
+    min_cell: int = 10                 # groups with fewer patients are suppressed (privaudit.audit._cells.MIN_CELL)
 
     def __post_init__(self):
         if self.n_boot < 1:
-            raise ConfigError(f"--n-boot must be at least 1, got {self.n_boot}")
+            raise ConfigError(f"n_boot must be at least 1, got {self.n_boot}")
         if not 0 < self.ci < 1:
-            raise ConfigError(f"--ci must be in (0, 1), got {self.ci}")
+            raise ConfigError(f"ci must be in (0, 1), got {self.ci}")
         if self.ci_method not in ("percentile", "bca"):
             raise ConfigError(f"unknown CI method {self.ci_method!r}; use percentile or bca")
         if self.threshold != "youden":
             try:
                 t = float(self.threshold)
             except (TypeError, ValueError):
-                raise ConfigError(f"--threshold must be 'youden' or a probability, got {self.threshold!r}") from None
+                raise ConfigError(f"threshold must be 'youden' or a probability, got {self.threshold!r}") from None
             if not 0 <= t <= 1:
-                raise ConfigError(f"--threshold must be in [0, 1], got {t}")
+                raise ConfigError(f"threshold must be in [0, 1], got {t}")
             object.__setattr__(self, "threshold", t)
         if not 0 < self.specificity < 1:
-            raise ConfigError(f"--specificity must be in (0, 1), got {self.specificity}")
+            raise ConfigError(f"specificity must be in (0, 1), got {self.specificity}")
         if not self.margin > 0:
-            raise ConfigError(f"--margin must be > 0, got {self.margin}")
+            raise ConfigError(f"margin must be > 0, got {self.margin}")
+        if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 1:
+            raise ConfigError(f"min_cell must be a whole number of patients, at least 1, got {self.min_cell!r}")
 
 
 def load_toml(path: Path) -> dict:

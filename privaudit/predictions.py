@@ -8,7 +8,6 @@ resample patients rather than images; files from elsewhere may omit it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,10 @@ def build_predictions(frame: pd.DataFrame, labels, probs: np.ndarray, losses: np
 
 
 def write_predictions(df: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    df.to_csv(path, index=False, float_format="%.8g")
-    os.chmod(path, 0o600)  # patient-level data: owner only
+    """Write the table atomically as a new owner-only file (patient-level data), never through a link."""
+    from privaudit._fs import atomic_write_csv
+
+    atomic_write_csv(Path(path), df, mode=0o600, index=False, float_format="%.8g")
 
 
 def labels_of(df: pd.DataFrame) -> list[str]:

@@ -368,7 +368,7 @@ def test_audit_finds_the_effects_planted_in_the_synthetic_cohort(tmp_path):
 
     oldest = planted["age_image_quality"]["expected_lower_auroc"]
     ages = {g: v["auroc"]["estimate"] for g, v in fair["age_group"]["macro"]["groups"].items()
-            if v["auroc"]["estimate"] is not None}
+            if not v.get("suppressed") and v["auroc"]["estimate"] is not None}
     assert min(ages, key=ages.get) == oldest
     assert fair["age_group"]["macro"]["performance_parity"][oldest]["ci_high"] < 0
 

@@ -43,7 +43,7 @@ def test_cache_round_trip_and_cli(data):
     res = invoke("data", "cache", data, "--image-size", "24", "--quiet", "--jobs", "2")
     assert res.exit_code == 0, res.output + (res.stderr or "")
     folder = data.parent / ".privaudit-cache" / "images-24px"
-    assert {p.name for p in folder.iterdir()} == {"images.npy", "index.csv", "cache.json"}
+    assert {p.name for p in folder.iterdir()} == {"images.npy", "index.csv", "cache.json", ".privaudit"}
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
     m = _manifest(data)
     x, y = load_inputs(m, create_task("cxr"), 24)

@@ -426,7 +426,7 @@ def test_clipping_option_is_validated():
     from privaudit.errors import ConfigError
 
     assert TrainConfig(clipping="fast").clipping == "fast"
-    with pytest.raises(ConfigError, match="unknown --clipping 'turbo'"):
+    with pytest.raises(ConfigError, match="unknown clipping 'turbo'"):
         TrainConfig(clipping="turbo")
     with pytest.raises(ConfigError, match="opacus backend"):
         TrainConfig(clipping="fast", backend="tf")

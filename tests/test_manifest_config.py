@@ -43,9 +43,9 @@ def test_delta_must_be_below_one_over_n():
 
 @pytest.mark.parametrize("kw,needle", [
     ({"epsilon": 0}, "positive"), ({"epsilon": -2}, "positive"), ({"accountant": "moments"}, "accountant"),
-    ({"epsilon": None, "noise_multiplier": None}, "--epsilon or --noise-multiplier"),
+    ({"epsilon": None, "noise_multiplier": None}, "epsilon or noise_multiplier"),
     ({"epsilon": 3.0, "noise_multiplier": 1.0}, "not both"), ({"poisson_sampling": False}, "Poisson"),
-    ({"max_grad_norm": 0}, "max-grad-norm"),
+    ({"max_grad_norm": 0}, "max_grad_norm"),
 ])
 def test_dp_config_refuses_bad_settings(kw, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -88,12 +88,12 @@ def test_data_values_are_escaped_and_no_patient_rows_leak(tmp_path):
 
 def test_data_section_has_composition_flags_and_split_check():
     df = make_predictions(n=400, seed=3, patients="pairs")
-    df.loc[df.index[:6], "sex"] = "X"  # a tiny group
+    df.loc[df.index[:6], "sex"] = "X"  # a tiny group: 3 patients, suppressed (schema_version 2)
     rep = run_audit({"m": df}, config=AuditConfig(n_boot=10))
     comp = rep.data["study"]["data"]["composition"]["sex"]["groups"]
-    assert comp["X"]["n"] == 6 and comp["X"]["small"] is True
+    assert comp["X"] == {"n": None, "suppressed": True}
     assert comp["F"]["n"] == int((df["sex"] == "F").sum())
-    assert sum(g["n_test"] for g in comp.values()) == int((df["split"] == "test").sum())
+    assert sum(comp[g]["n_test"] for g in ("F", "M")) == int(((df["split"] == "test") & (df["sex"] != "X")).sum())
     check = rep.data["study"]["data"]["patient_split_check"]
     # patients come in pairs with independently drawn splits, so some sit in two splits
     pairs = df.groupby("patient_id")["split"].nunique()
@@ -265,3 +265,68 @@ def test_a_soundness_violation_is_shouted():
     assert any("SOUNDNESS VIOLATION" in w for w in rep.warnings)
     html = render_html(rep)
     assert "SOUNDNESS VIOLATION" in html and "soundness violated" in html  # in the section and the summary
+
+
+def test_each_section_is_its_own_include_in_the_report_order():
+    from jinja2 import meta
+
+    from privaudit.reports.render import SECTIONS as NAMES, environment
+
+    env = environment()
+    source = env.loader.get_source(env, "report.html.j2")[0]
+    refs = [r for r in meta.find_referenced_templates(env.parse(source)) if r.startswith("sections/")]
+    assert refs == [f"sections/{n}.html.j2" for n in NAMES]
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    html = render_html(rep)
+    ctx_ids = []
+    for name in NAMES:
+        body = env.loader.get_source(env, f"sections/{name}.html.j2")[0]
+        m = re.search(r'<section id="([a-z-]+)">', body)
+        assert m and m.group(1) == name.replace("_", "-")
+        ctx_ids.append(html.index(f'<section id="{m.group(1)}">'))
+    assert ctx_ids == sorted(ctx_ids)  # shown in the contents' order
+    assert html.count("<section ") == len(NAMES)
+
+
+def test_a_custom_template_folder_includes_and_overrides_packaged_sections(tmp_path):
+    rep = run_audit({"m": make_predictions()}, config=AuditConfig(n_boot=10))
+    rep.to_json(tmp_path / "audit.json")
+    tpl = tmp_path / "tpl"
+    (tpl / "sections").mkdir(parents=True)
+    (tpl / "report.html.j2").write_text('<!DOCTYPE html><h1>Our {{ title }}</h1>\n'
+                                        '{% include "sections/privacy.html.j2" %}\n'
+                                        '{% include "sections/warnings.html.j2" %}\n')
+    (tpl / "sections" / "warnings.html.j2").write_text("<p>house warnings: {{ warnings|length }}</p>")
+    [out] = write_report(tmp_path / "audit.json", tmp_path / "r.html", template_dir=tpl)
+    html = out.read_text()
+    default = render_html(rep)
+    packaged_privacy = default[default.index('<section id="privacy">'):default.index("</section>", default.index(
+        '<section id="privacy">'))]
+    assert "<h1>Our privaudit report" in html and packaged_privacy in html  # the packaged section, as is
+    assert f"<p>house warnings: {len(rep.warnings)}</p>" in html and "Warnings and limitations" not in html
+    assert 'id="utility"' not in html  # only what the custom page includes
+    (tpl / "report.html.j2").write_text('{% include "sections/nope.html.j2" %}')
+    with pytest.raises(DataError, match="no sections/nope.html.j2 in that folder or among privaudit's templates"):
+        write_report(tmp_path / "audit.json", tmp_path / "r2.html", template_dir=tpl)
+    assert not (tmp_path / "r2.html").exists()
+
+
+def test_public_formatting_helpers_write_what_the_report_shows():
+    from privaudit.reports import format_ci, format_number, format_p_value, format_percent, format_sci
+    from privaudit.reports.render import _ci, environment
+
+    assert format_number(0.81234) == "0.812" and format_number(0.81234, 1) == "0.8"
+    assert format_number(None) == format_number(float("nan")) == "n/a"
+    assert format_number(7) == "7" and format_number("rdp") == "rdp"
+    assert format_ci({"estimate": 0.8, "ci_low": 0.7512, "ci_high": 0.84999}) == "0.800 (0.751 to 0.850)"
+    assert format_ci({"estimate": 0.8, "ci_low": 0.7512, "ci_high": 0.84999}, digits=2) == "0.80 (0.75 to 0.85)"
+    assert format_ci({"estimate": 0.8, "ci_low": None, "ci_high": None}) == "0.800"  # no interval: estimate alone
+    assert format_ci({"estimate": None, "ci_low": 0.1, "ci_high": 0.2}) == format_ci(None) == format_ci({}) == "n/a"
+    assert format_p_value(0.0004) == "<0.001" and format_p_value(0.0123) == "0.012" and format_p_value(None) == "n/a"
+    assert format_percent(0.1234) == "12.3%" and format_percent(0.5, 0) == "50%" and format_sci(1e-5) == "1.0e-05"
+    assert _ci is format_ci  # the private name stays until the CLI uses the public one
+    # the template filters are these functions, so CLI text and report text agree
+    env = environment()
+    assert env.filters["ci"] is format_ci and env.filters["fmt"] is format_number
+    block = {"estimate": 0.5, "ci_low": 0.25, "ci_high": 0.75}
+    assert env.from_string("{{ b|ci(2) }}").render(b=block) == format_ci(block, 2) == "0.50 (0.25 to 0.75)"

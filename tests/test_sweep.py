@@ -62,7 +62,7 @@ def test_help_shows_the_sweep_and_executor_options(cmd, needle):
 
 # ---- parsing and bad input -------------------------------------------------------------------------------------
 def test_parse_epsilons_orders_labels_and_kinds():
-    from privaudit.sweep import parse_epsilons, run_name
+    from privaudit.study.sweep import parse_epsilons, run_name
 
     pts = parse_epsilons(" 1, 3.0,8 ,inf,clip,0.5")
     assert [p.label for p in pts] == ["1", "3", "8", "inf", "clip", "0.5"]
@@ -91,11 +91,11 @@ def test_bad_sweep_options_are_one_line_and_write_nothing(tmp_path, args, needle
 
 def test_unknown_executor_and_jobs_with_ray():
     from privaudit.errors import ConfigError, RegistryError
-    from privaudit.executors import create_executor
+    from privaudit.study.executors import create_executor
 
     with pytest.raises(RegistryError, match="valid executors are: local, ray"):
         create_executor("dask")
-    with pytest.raises(ConfigError, match="--jobs sizes the local process pool"):
+    with pytest.raises(ConfigError, match="jobs sizes the local process pool"):
         create_executor("ray", jobs=2)
 
 
@@ -109,7 +109,7 @@ def _fail_on_odd(x: int) -> int:
 
 def test_local_executor_runs_every_job_then_raises_the_first_failure():
     from privaudit.errors import DataError
-    from privaudit.executors import LocalExecutor
+    from privaudit.study.executors import LocalExecutor
 
     seen = []
     with pytest.raises(DataError, match="odd 1"):
@@ -124,7 +124,7 @@ def _worker_env(_) -> tuple:
 
 
 def test_local_pool_pins_each_worker_to_its_own_gpu(monkeypatch):
-    import privaudit.executors as executors
+    import privaudit.study.executors as executors
 
     monkeypatch.setattr(executors, "local_gpu_count", lambda: 2)  # as on a machine with two GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")             # of which the user gave us 5 and 7
@@ -141,7 +141,7 @@ def test_sweep_study_holds_one_model_per_run_with_aggregates_and_trade_offs(swee
     from scipy.stats import pearsonr
 
     from privaudit.audit.results import AuditReport
-    from privaudit.sweep import is_complete
+    from privaudit.study.sweep import is_complete
 
     doc = _strict_json(sweep_dir / "audit.json")  # no Infinity or NaN anywhere
     AuditReport(doc).validate()

@@ -211,7 +211,7 @@ def _tf_train(cohort: Path, out: Path, **kw) -> dict:
 
 
 @needs_tf
-@pytest.mark.parametrize("batch,needle", [(500, "--batch-size 500 is larger than the training set"),
+@pytest.mark.parametrize("batch,needle", [(500, "batch_size 500 is larger than the training set"),
                                           (None, "sample rate 1 .* must be below 1")])
 def test_batch_and_sample_rate_refusals_match_opacus(tf, cohort, tmp_path, batch, needle):
     n_train = int((load_manifest(cohort, task=CXR).frame["split"] == "train").sum())

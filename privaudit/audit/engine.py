@@ -9,26 +9,28 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
-import re
 from importlib import metadata
 
 import numpy as np
 import pandas as pd
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit.audit import stats
+from privaudit.audit._cells import (count_units, identifier_like, suppress_groups, suppress_table, suppressed,
+                                    units_of)
 from privaudit.audit.fairness import (SELECTION_METRICS, gap_change_verdict, holm, macro_disparate_impact,
                                       pearson_r, pearson_r_bootstrap, selection_metrics)
+from privaudit.audit.studywide import aggregates_over_seeds, sweep_groups, trade_offs_of
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
 from privaudit.config import AuditConfig
 from privaudit.errors import DataError
-from privaudit.predictions import blank_patient_ids, blank_patient_warning, labels_of, validate_predictions
-from privaudit.tasks import age_group
+from privaudit.predictions import (ATTRIBUTE_COLUMNS, blank_patient_ids, blank_patient_warning, labels_of,
+                                   validate_predictions)
+from privaudit.tasks import age_group, create_task, list_tasks
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
                 "poisson_sampling")
-MIN_GROUP_N = 10        # below this many test samples a group's metrics are not reported
 MAX_BCA_UNITS = 5000    # BCa needs one jackknife AUROC per unit left out
 PRIVILEGED = {"sex": "M", "comorbidity": "0"}  # aif360 needs a privileged group; others: the largest group
 ROC_POINTS = 101
@@ -68,19 +70,47 @@ def _as_group(v) -> str | None:
     return str(v)
 
 
-def attribute_arrays(df: pd.DataFrame, age_edges) -> dict[str, np.ndarray]:
-    """Every sensitive attribute of a prediction table as an object array of group names (None = unknown):
-    ``sex``, ``age_group`` (from ``age``) and any other non-prediction column (comorbidity, site, ...)."""
+NOT_ATTRIBUTES = {"sample_id", "split", "member", "loss", "patient_id", "age", "sex"}
+
+
+def known_attributes() -> set[str]:
+    """The attribute columns privaudit knows: those its own prediction files carry and those its tasks name
+    (``age_group`` comes from ``age``)."""
+    names = set(ATTRIBUTE_COLUMNS)
+    for task in list_tasks():
+        names |= set(create_task(task).attributes)
+    return names - {"age"}
+
+
+def other_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of a prediction table that are not predictions, labels or bookkeeping."""
+    return [c for c in df.columns if c not in NOT_ATTRIBUTES and not c.startswith(("y_", "p_"))]
+
+
+def attribute_arrays(df: pd.DataFrame, age_edges, columns=()) -> dict[str, np.ndarray]:
+    """The sensitive attributes of a prediction table as object arrays of group names (None = unknown):
+    ``sex``, ``age_group`` (from ``age``), the other attribute columns privaudit knows (comorbidity, site,
+    ...), every ``attr_*`` column, and the other ``columns`` named. A column privaudit does not know (a record
+    number, a file path) is not an attribute unless it is named."""
     out = {}
     if "sex" in df.columns:
         out["sex"] = np.array([_as_group(v) for v in df["sex"]], dtype=object)
     if "age" in df.columns:
         out["age_group"] = age_group(df["age"].to_numpy(), age_edges).to_numpy(dtype=object)
-    skip = {"sample_id", "split", "member", "loss", "patient_id", "age", "sex"}
-    for col in df.columns:
-        if col not in skip and not col.startswith(("y_", "p_")):
+    wanted = known_attributes() | set(columns)
+    for col in other_columns(df):
+        if col in wanted or col.startswith("attr_"):
             out[col] = np.array([_as_group(v) for v in df[col]], dtype=object)
     return out
+
+
+def _spec_values(arrays: dict[str, np.ndarray], spec: str) -> np.ndarray:
+    """The groups of an attribute, or of an intersection ``a*b`` (joined with ``|``; None if a part is)."""
+    cols = [arrays[p] for p in spec.split("*")]
+    if len(cols) == 1:
+        return cols[0]
+    return np.array([None if any(c[i] is None for c in cols) else "|".join(c[i] for c in cols)
+                     for i in range(len(cols[0]))], dtype=object)
 
 
 class _Study:
@@ -130,25 +160,72 @@ class _Study:
                                    cluster=config.cluster)
         self.W = self.resampler.weights
         self.sample_major = self.resampler.sample_major()  # the counts as drawn, in the fast AUROC's layout
-        self.attributes = self._attributes(ref)
+        self.frame = frames[names[0]]   # every split: the cohort composition and the identifier check use it
+        self.attributes = self._attributes(self.frame)
+        self.cells = self._small_cells()
         self.thresholds: dict = {}
         self.boots: dict = {}
 
-    def _attributes(self, ref: pd.DataFrame) -> dict[str, np.ndarray]:
-        available = attribute_arrays(ref, self.config.age_edges)
-        wanted = self.config.attributes
-        if wanted is None:
-            return available
+    def _attributes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The attributes audited, as group arrays over the test rows (in ``ref`` order); their values over
+        every row are kept in ``attribute_values``. Identifier-like ones are left out with a warning."""
+        edges, wanted = self.config.age_edges, self.config.attributes
+        named = {p for spec in (wanted or ()) for p in spec.split("*")}
+        arrays = attribute_arrays(frame, edges, columns=named)
+        specs = list(arrays)
+        if wanted is not None:
+            for spec in wanted:
+                missing = [p for p in spec.split("*") if p not in arrays]
+                if missing and missing[0] == "age" and "age_group" in arrays:
+                    raise DataError("attribute 'age' is grouped as 'age_group' (see --age-bins); name age_group")
+                if missing and missing[0] in NOT_ATTRIBUTES and missing[0] in frame.columns:
+                    raise DataError(f"{missing[0]!r} is an identifier or bookkeeping column, not an attribute; "
+                                    "name a column of group values such as sex or site")
+                if missing:
+                    available = list(attribute_arrays(frame, edges, columns=other_columns(frame)))
+                    raise DataError(f"attribute {missing[0]!r} is not in the prediction file; available: "
+                                    f"{', '.join(available) or 'none'}")
+            specs = list(wanted)
+        units = units_of(frame)
+        test_rows = np.flatnonzero(frame["split"].to_numpy() == "test")
+        self.attribute_values: dict[str, np.ndarray] = {}
         out = {}
-        for spec in wanted:
-            parts = spec.split("*")
-            missing = [p for p in parts if p not in available]
-            if missing:
-                raise DataError(f"attribute {missing[0]!r} is not in the prediction file; available: "
-                                f"{', '.join(available) or 'none'}")
-            cols = [available[p] for p in parts]
-            out[spec] = np.array([None if any(c[i] is None for c in cols) else "|".join(c[i] for c in cols)
-                                  for i in range(self.n)], dtype=object)
+        for spec in specs:
+            values = _spec_values(arrays, spec)
+            why = identifier_like(values, units)
+            if why:  # the column's name only: never one of its values
+                self.warnings.append(f"attribute {spec!r} is not grouped: it looks like an identifier ({why}); "
+                                     "audit a coarser column instead")
+                continue
+            self.attribute_values[spec] = values
+            out[spec] = values[test_rows]
+        return out
+
+    def _small_cells(self) -> dict:
+        """Per attribute, the groups suppressed in every per-group output (see :mod:`privaudit.audit._cells`):
+        ``groups`` (all, in order), ``attr`` (fewer than min_cell test patients), ``labels`` (per label: also
+        those with fewer than min_cell patients with a known label) and ``macro`` (any label's)."""
+        k = self.config.min_cell
+        units = units_of(self.ref)
+        out = {}
+        for attr, values in self.attributes.items():
+            groups = sorted({v for v in values if v is not None})
+            sup = suppress_groups({g: count_units(units, values == g) for g in groups}, k)
+            labels = {}
+            for lab in self.labels:
+                known = self.known(lab)
+                labels[lab] = suppress_groups({g: count_units(units, (values == g) & known) for g in groups}, k,
+                                              start=sup)
+            macro = set().union(sup, *labels.values())
+            out[attr] = {"groups": groups, "attr": sup, "labels": labels, "macro": macro}
+            if sup:
+                self.warnings.append(f"{attr}: group(s) {', '.join(g for g in groups if g in sup)} suppressed: fewer "
+                                     f"than {k} patients in the test split; their counts and metrics are not shown, "
+                                     "and they are left out of the other groups' comparisons")
+            extra = [g for g in groups if g in macro and g not in sup]
+            if extra:
+                self.warnings.append(f"{attr}: group(s) {', '.join(extra)} suppressed for some labels: fewer than "
+                                     f"{k} patients with a known label")
         return out
 
     def known(self, lab: str, mask: np.ndarray | None = None) -> np.ndarray:
@@ -290,10 +367,17 @@ def _group_metrics(study: _Study, name: str, lab: str, mask: np.ndarray, ci: flo
     return out
 
 
-def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str, ci: float) -> dict:
+def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str, ci: float,
+               hidden: set = frozenset()) -> dict:
     """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels, except disparate
-    impact: the ratio of the mean selection rates, fairness.macro_disparate_impact)."""
+    impact: the ratio of the mean selection rates, fairness.macro_disparate_impact). The ``hidden``
+    (suppressed) groups are left out of every comparison, the "rest" included, and shown as suppressed."""
+    everyone = study.cells[attr]["groups"]
+    two = len(everyone) == 2
+    values = np.array([None if v in hidden else v for v in values], dtype=object)
     present = sorted({v for v in values if v is not None})
+    if len(present) < 2:
+        return {m: suppressed() if two else {g: suppressed() for g in everyone} for m in SELECTION_METRICS}
     privileged = PRIVILEGED.get(attr)
     if len(present) == 2 and privileged not in present:
         counts = {g: int((values == g).sum()) for g in present}
@@ -303,7 +387,7 @@ def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str
     for la in labs:
         thr, _ = study.threshold(name, la)
         yhat = (study.scores(name, la) >= thr).astype(int) if np.isfinite(thr) else np.zeros(study.n, int)
-        res = selection_metrics(study.y[la], yhat, values, privileged if len(present) == 2 else None, study.W)
+        res = selection_metrics(study.y[la], yhat, values, privileged if two else None, study.W)
         if not np.isfinite(thr):
             nan = {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
             res = {g: {**e, **{m: nan for m in SELECTION_METRICS},
@@ -322,7 +406,11 @@ def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str
                 point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
                 boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
             groups[g] = {**_est(point, boot, ci), "privileged": str(per[0][g]["privileged"])}
-        out[metric] = next(iter(groups.values())) if len(present) == 2 and len(groups) == 1 else groups
+        if two and len(groups) == 1:
+            out[metric] = next(iter(groups.values()))
+        else:
+            out[metric] = {g: groups[g] if g in groups else suppressed() for g in everyone
+                           if g in groups or g in hidden}
     return out
 
 
@@ -330,15 +418,22 @@ def _fairness(study: _Study, name: str) -> dict:
     ci = study.config.ci
     out = {}
     for attr, values in study.attributes.items():
-        present = sorted({v for v in values if v is not None})
-        if len(present) < 2:
-            study.warnings.append(f"{name}: attribute {attr!r} has {len(present)} group(s) in the test split; "
-                                  "its fairness metrics are skipped")
+        cells = study.cells[attr]
+        present = cells["groups"]
+        shown = [g for g in present if g not in cells["attr"]]
+        if len(shown) < 2:
+            study.warnings.append(f"{name}: attribute {attr!r} has {len(shown)} group(s) with at least "
+                                  f"{study.config.min_cell} patients in the test split; its fairness metrics are "
+                                  "skipped")
             continue
         per_label, label_boot = {}, {}  # label_boot[(label, group)]: reused by the macro rows
         for lab in list(study.labels) + ["macro"]:
+            hidden = cells["macro"] if lab == "macro" else cells["labels"][lab]
             groups, group_boot = {}, {}
             for g in present:
+                if g in hidden:  # a small cell: no count, no metric, and not in the others' reference
+                    groups[g] = suppressed()
+                    continue
                 mask = values == g
                 if lab == "macro":
                     parts = [label_boot[(la, g)] for la in study.labels]
@@ -347,18 +442,20 @@ def _fairness(study: _Study, name: str) -> dict:
                     n, n_pos = int(mask.sum()), None
                 else:
                     point, b, n, n_pos = label_boot[(lab, g)] = study.auroc_boot(name, lab, mask)
-                if n < MIN_GROUP_N or not np.isfinite(point):
-                    why = (f"only {n} test samples" if n < MIN_GROUP_N
-                           else "a label in it is null" if lab == "macro" else "one class")
+                if not np.isfinite(point):
+                    why = "a label in it is null" if lab == "macro" else "one class"
                     study.warnings.append(f"{name}: AUROC of {lab} for {attr}={g} is null ({why})")
                     point, b = float("nan"), np.full(len(b), np.nan)
                 group_boot[g] = (point, b, n)
                 groups[g] = {"n": n, "n_pos": n_pos, "auroc": _est(point, b, ci)}
-                if lab != "macro" and n >= MIN_GROUP_N:
+                if lab != "macro":
                     groups[g].update(_group_metrics(study, name, lab, mask, ci))
             parity = {}
             for g in present:
-                others = [h for h in present if h != g and np.isfinite(group_boot[h][0])]
+                if g in hidden:
+                    parity[g] = suppressed()
+                    continue
+                others = [h for h in group_boot if h != g and np.isfinite(group_boot[h][0])]
                 if not np.isfinite(group_boot[g][0]) or not others:
                     parity[g] = {"estimate": None, "ci_low": None, "ci_high": None}
                     continue
@@ -370,7 +467,7 @@ def _fairness(study: _Study, name: str) -> dict:
                 # resamples where any group is undefined drop out: say how many the interval used
                 parity[g] = {**_est(pp_point, pp_boot, ci), "n_boot_used": int(np.isfinite(pp_boot).sum())}
             per_label[lab] = {"groups": groups, "performance_parity": parity,
-                              **_selection(study, name, attr, values, lab, ci)}
+                              **_selection(study, name, attr, values, lab, ci, hidden)}
         out[attr] = per_label
     out["pearson_r"] = _pearson(study, name)
     return out
@@ -406,10 +503,32 @@ def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
                                                     "method": "percentile, the study's resamples"}}
 
 
+def _suppress_by_group(res: dict, groups: dict[str, np.ndarray], units: np.ndarray, k: int, min_cell: int,
+                       warnings: list[str], name: str, attack: str) -> None:
+    """Suppress the attack's by-group entries of small groups: a group with fewer than ``min_cell`` attacked
+    members or non-members (patients, when it has any). ``groups``/``units`` run over the attacked rows, the
+    ``k`` members first."""
+    by_group = res.get("by_group") or {}
+    member = np.r_[np.ones(k, bool), np.zeros(len(units) - k, bool)]
+    for attr, entries in by_group.items():
+        values = groups[attr]
+        counts = {g: [count_units(units, (values == g) & member), count_units(units, (values == g) & ~member)]
+                  for g in entries}
+        rows, _ = suppress_table(counts, min_cell, whole_rows=True)
+        for g in rows:
+            entries[g] = suppressed()
+        if rows and attack == "loss":
+            warnings.append(f"{name}: loss attack by {attr}: group(s) {', '.join(g for g in entries if g in rows)} "
+                            f"suppressed: fewer than {min_cell} attacked members or non-members")
+
+
 def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges,
-             extra_scores: pd.DataFrame | None = None, delta: float = 0.0) -> dict | None:
-    """Threshold membership-inference attacks on members against an equal number of non-members."""
-    from privaudit.audit.privacy import attack_metrics, loss_attack_scores
+             extra_scores: pd.DataFrame | None = None, delta: float = 0.0, attributes=(),
+             min_cell: int = 10) -> dict | None:
+    """Threshold membership-inference attacks on members against an equal number of non-members; by group
+    for the study's single ``attributes``, small groups suppressed."""
+    from privaudit.audit.attacks import create_attack
+    from privaudit.audit.privacy import attack_metrics
 
     if "member" not in df.columns:
         warnings.append(f"{name}: membership-inference attacks are null: the prediction file has no 'member' "
@@ -426,8 +545,11 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
     idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
     idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
     rows = np.r_[idx_in, idx_out]
-    groups = {attr: values[rows] for attr, values in attribute_arrays(df, age_edges).items()}
-    scores = loss_attack_scores(df, labels)
+    singles = [a for a in attributes if "*" not in a]
+    arrays = attribute_arrays(df, age_edges, columns=singles)
+    groups = {attr: arrays[attr][rows] for attr in singles if attr in arrays}
+    units = units_of(df)[rows]
+    scores = create_attack("loss").score(df, labels)
     extra_null: list[str] = []
     if extra_scores is not None:  # shadow-model attacks (LiRA, RMIA) scored by `privaudit attack`
         aligned = extra_scores.set_index("sample_id").reindex(df["sample_id"].astype(str))
@@ -458,6 +580,9 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
         ok_in, ok_out = ok[:k], ok[k:]
         res, warns = attack_metrics(sc[idx_in][ok_in], sc[idx_out][ok_out],
                                     groups={a: g[ok] for a, g in groups.items()})
+        res.setdefault("by_group", {})  # {} when no attribute is audited
+        _suppress_by_group(res, {a: g[ok] for a, g in groups.items()}, units[ok], int(ok_in.sum()), min_cell,
+                           warnings, name, attack)
         attacks[attack] = res
         if attack == "loss":
             warnings.extend(f"{name}: loss attack: {w}" for w in warns)
@@ -492,10 +617,12 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
 
 
 def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
-             age_edges, canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None) -> dict:
+             age_edges, canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None,
+             attributes=(), min_cell: int = 10) -> dict:
     delta = float(run["delta"]) if run and run.get("dp") and run.get("delta") else 0.0
     block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges,
-                                                     extra_scores=attack_scores, delta=delta),
+                                                     extra_scores=attack_scores, delta=delta,
+                                                     attributes=attributes, min_cell=min_cell),
              "empirical_epsilon": None, "soundness": None}
     _empirical(block, canaries, run, name, warnings, seed)
     if not run or not run.get("dp"):
@@ -543,8 +670,8 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
     # Does DP amplify unfairness? Change in each parity gap, paired over the same resamples (one seed each:
     # stats.seed_gap_change with arrays of length 1; the sweep module passes every seed).
     rows = []
-    for attr, values in study.attributes.items():
-        present = sorted({v for v in values if v is not None})
+    for attr in study.attributes:
+        present = [g for g in study.cells[attr]["groups"] if g not in study.cells[attr]["attr"]]
         # with two groups the two gaps are mirror images: judge one of them
         groups = present[:1] if len(present) == 2 else present
         for lab in list(study.labels) + ["macro"]:
@@ -593,214 +720,45 @@ def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, family_size: int | None) 
                               family_size=family_size, n_boot=cfg.n_boot)
 
 
-# An epsilon sweep names its models "eps=<setting>/seed=<seed>": <setting> is a target epsilon, "inf" (no
-# privacy) or "clip" (clipping without noise). The study then aggregates each setting over its seeds.
-SWEEP_NAME = re.compile(r"^eps=([^/]+)/seed=(-?\d+)$")
-SWEEP_KINDS = {"inf": "non_private", "clip": "clip_only"}
-FEW_LABELS = 10  # label-difficulty r over fewer labels than this says little (one point per label)
+SPLITS = ("train", "val", "test")
 
 
-def sweep_groups(names) -> dict[str, list[str]] | None:
-    """The models of an epsilon sweep grouped by setting, in order; None unless every one of two or more models
-    is named ``eps=<setting>/seed=<seed>``."""
-    names = list(names)
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        m = SWEEP_NAME.match(n)
-        if not m:
-            return None
-        groups.setdefault(m.group(1), []).append(n)
-    return groups if len(names) >= 2 else None
-
-
-def _spread(values, boots, ci: float) -> dict:
-    """Mean and seed-to-seed spread (sd with ddof 1, min, max) of one figure over a setting's seeds, and, when
-    ``boots`` are given, the bootstrap CI of the mean: every model is resampled with the same indices, so the
-    mean of the seeds' resamples is a resample of the mean. Seeds whose figure is null are left out."""
-    ok = [i for i, v in enumerate(values) if v is not None and np.isfinite(v)]
-    v = np.array([values[i] for i in ok], dtype=float)
-    out = {"mean": float(v.mean()) if len(v) else None, "sd": float(v.std(ddof=1)) if len(v) >= 2 else None,
-           "min": float(v.min()) if len(v) else None, "max": float(v.max()) if len(v) else None, "n_seeds": len(v)}
-    if boots is not None:
-        lo, hi, n_ok = (percentile_ci(np.mean(np.vstack([boots[i] for i in ok]), axis=0), ci) if ok
-                        else (None, None, 0))
-        out.update({"ci_low": lo, "ci_high": hi, "n_boot": n_ok})
-    return out
-
-
-def _largest_gap(study: _Study, name: str, lab: str, attr: str):
-    """The largest |performance-parity gap| over an attribute's groups (point, resamples), or None."""
-    keys = [k for k in study.boots if k[0] == name and k[1] == lab and k[2] == attr]
-    if not keys:
-        return None
-    point = max(abs(study.boots[k][0]) for k in keys)
-    boot = np.fmax.reduce(np.abs(np.vstack([study.boots[k][1] for k in keys])), axis=0)  # nan only if all are
-    return point, boot
-
-
-def _aggregates(models: dict, study: _Study, groups: dict[str, list[str]]) -> dict:
-    """Per sweep setting, over its seeds: mean and spread of epsilon, macro AUROC, each label's AUROC and the
-    largest parity gap per attribute (and label), next to the bootstrap CI of the mean."""
-    ci, out = study.config.ci, {}
-    for setting, names in groups.items():
-        kind = SWEEP_KINDS.get(setting, "dp")
-        try:
-            target = float(setting) if kind == "dp" else None
-        except ValueError:
-            target = None
-        target = target if target is not None and np.isfinite(target) else None
-
-        def fig(lab, attr=None):
-            pairs = ([study.boots.get((n, lab, None, None)) for n in names] if attr is None
-                     else [_largest_gap(study, n, lab, attr) for n in names])
-            return _spread([p[0] if p else None for p in pairs],
-                           [p[1] if p else np.full(study.config.n_boot, np.nan) for p in pairs], ci)
-
-        gaps = {}
-        for attr in study.attributes:
-            per = {lab: fig(lab, attr) for lab in list(study.labels) + ["macro"]}
-            if any(v["n_seeds"] for v in per.values()):
-                gaps[attr] = per
-        out[setting] = {
-            "kind": kind, "epsilon_target": target, "models": names, "n_seeds": len(names),
-            "epsilon": _spread([(models[n]["privacy"]["accountant"] or {}).get("epsilon") for n in names], None, ci),
-            "macro_auroc": fig("macro"), "auroc": {lab: fig(lab) for lab in study.labels},
-            "max_parity_gap": gaps,
-        }
-    if any(len(names) < 2 for names in groups.values()):
-        study.warnings.append("sweep: a setting has a single seed, so its seed-to-seed sd is null; train 2 or more "
-                              "seeds per epsilon (--seeds) to see how much training randomness moves each figure")
-    return out
-
-
-def _r_quiet(study: _Study, what: str, x, y, xname: str, yname: str, *, warn: bool = True) -> dict:
-    res = pearson_r(x, y, confidence=study.config.ci)
-    if res.get("reason") and warn:
-        study.warnings.append(f"study: Pearson's r of {what} is null: {res['reason']}")
-    return {"r": res["r"], "p_value": res["p_value"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-            "n": res["n"], "x": xname, "y": yname}
-
-
-def _label_difficulty(models: dict, study: _Study, groups: dict[str, list[str]], prevalence: dict) -> dict | None:
-    """The paper's label-difficulty analysis: per setting, Pearson's r between each label's AUROC drop
-    (non-private minus this setting, means over seeds) and (a) the label's non-private AUROC, (b) its
-    training-set prevalence. One point per label."""
-    if "inf" not in groups:
-        study.warnings.append("label difficulty is null: it compares each setting with the non-private runs, and "
-                              "the sweep has none; add inf to --epsilons")
-        return None
-    labels = list(study.labels)
-
-    def mean_auroc(names, lab):
-        v = [models[n]["utility"]["labels"][lab]["auroc"]["estimate"] for n in names]
-        v = [x for x in v if x is not None]
-        return float(np.mean(v)) if v else None
-
-    base = {lab: mean_auroc(groups["inf"], lab) for lab in labels}
-    prev = [np.nan if prevalence.get(lab) is None else prevalence[lab] for lab in labels]
-    per = {}
-    for setting, names in groups.items():
-        if setting == "inf":
-            continue
-        drop = {lab: None if base[lab] is None or mean_auroc(names, lab) is None else base[lab] - mean_auroc(names, lab)
-                for lab in labels}
-        y = [np.nan if drop[lab] is None else drop[lab] for lab in labels]
-        per[setting] = {
-            "auroc_drop": drop,
-            "vs_non_private_auroc": _r_quiet(study, f"AUROC drop ({setting}) vs non-private AUROC over labels",
-                                             [np.nan if base[lab] is None else base[lab] for lab in labels], y,
-                                             "non_private_auroc", "auroc_drop"),
-            "vs_prevalence": _r_quiet(study, f"AUROC drop ({setting}) vs training prevalence over labels", prev, y,
-                                      "train_prevalence", "auroc_drop"),
-        }
-    if not per:
-        return None
-    note = (f"one point per label: with {len(labels)} labels, r says little about label difficulty in general "
-            "(its CI spans most of -1 to 1)") if len(labels) < FEW_LABELS else None
-    if note:
-        study.warnings.append(f"label difficulty: {note}")
-    return {"reference": "inf", "labels": labels, "non_private_auroc": base, "train_prevalence": prevalence,
-            "by_setting": per, "note": note}
-
-
-def _trade_offs(models: dict, study: _Study, prevalence: dict | None = None) -> dict | None:
-    """Across the DP models of a study: Pearson's r of log(epsilon) against the macro AUROC, each label's AUROC
-    and each performance-parity gap (the paper's question: does more privacy move the gaps?), one point per
-    model. Non-private and clip-only models have no finite epsilon and stay out; with fewer than 4 points every
-    r is null, with one warning. An epsilon sweep also gets the label-difficulty analysis. None for a study that
-    is not a sweep and has fewer than two DP models."""
-    groups = sweep_groups(models)
-    eps = {n: (m["privacy"]["accountant"] or {}).get("epsilon") for n, m in models.items()}
-    dp_models = [n for n, e in eps.items() if e is not None and np.isfinite(e) and e > 0]
-    if len(dp_models) < 2 and groups is None:
-        return None
-    few = len(dp_models) < 4
-    if few:
-        study.warnings.append(f"study: Pearson's r of log(epsilon) vs macro AUROC, each label's AUROC and each "
-                              f"parity gap is null: only {len(dp_models)} model(s) have a finite epsilon "
-                              "(non-private and clip-only runs have none), and r needs at least 4")
-    x = np.log([eps[n] for n in dp_models]) if dp_models else np.zeros(0)
-
-    def r(what, y, yname, warn=True):
-        return _r_quiet(study, f"log(epsilon) vs {what}", x, [np.nan if v is None else v for v in y], "log_epsilon",
-                        yname, warn=warn and not few)
-
-    out = {"x": "log(epsilon)", "models": dp_models, "epsilons": [eps[n] for n in dp_models],
-           "macro_auroc": r("macro AUROC", [models[n]["utility"]["macro_auroc"]["estimate"] for n in dp_models],
-                            "macro_auroc"),
-           "auroc": {lab: r(f"AUROC of {lab}", [models[n]["utility"]["labels"][lab]["auroc"]["estimate"]
-                                                 for n in dp_models], "auroc") for lab in study.labels},
-           "performance_parity": {}}
-    null_gaps = []  # one warning for them all: a small group's gap is null in most models
-    for attr in study.attributes:
-        for lab in list(study.labels) + ["macro"]:
-            groups_here = list(dict.fromkeys(
-                g for m in models.values()
-                for g in ((m["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}))))
-            for g in groups_here:
-                y = [((models[n]["fairness"].get(attr, {}).get(lab) or {}).get("performance_parity", {}).get(g)
-                      or {}).get("estimate") for n in dp_models]
-                block = r(f"parity gap of {attr}={g} ({lab})", y, "performance_parity", warn=False)
-                out["performance_parity"].setdefault(attr, {}).setdefault(lab, {})[g] = block
-                if block["r"] is None:
-                    null_gaps.append(f"{attr}={g} ({lab}, {block['n']} points)")
-    if null_gaps and not few:
-        study.warnings.append(f"study: Pearson's r of log(epsilon) vs the parity gap is null for {len(null_gaps)} "
-                              f"group(s), whose gap is null (a small or one-class group) or constant in too many "
-                              f"models for 4 points: {', '.join(null_gaps[:6])}{', ...' if len(null_gaps) > 6 else ''}")
-    if groups is not None:
-        out["label_difficulty"] = _label_difficulty(models, study, groups, prevalence or {})
-    return out
-
-
-# A group is flagged as under-represented when the test split holds fewer than this many of it, or when it is
-# under this share of the cohort: its subgroup metrics then have wide intervals and say little.
-SMALL_GROUP_N, SMALL_GROUP_SHARE = 30, 0.05
-
-
-def _composition(frame: pd.DataFrame, attributes, age_edges) -> tuple[dict, dict]:
-    """Cohort size per split for each group of each (single) sensitive attribute, with representativeness
-    flags, and the patient-level split check (no patient may sit in two splits). Counts only: aggregates."""
-    arrays = attribute_arrays(frame, age_edges)
+def _composition(frame: pd.DataFrame, arrays: dict[str, np.ndarray], min_cell: int,
+                 warnings: list[str]) -> tuple[dict, dict]:
+    """Cohort size (images) per split for each group of each (single) sensitive attribute, and the
+    patient-level split check (no patient may sit in two splits). Counts only: aggregates. A group with fewer
+    than ``min_cell`` patients is suppressed, and a split count under ``min_cell`` patients is hidden with the
+    group's next-smallest ones (:func:`~privaudit.audit._cells.suppress_table`)."""
     split = frame["split"].to_numpy()
+    units = units_of(frame)
     total = len(frame)
+    rule = f"fewer than {min_cell} patients, or a split count from which one could be worked out"
     comp = {}
-    for attr in attributes:
-        if "*" in attr or attr not in arrays:
+    for attr, vals in arrays.items():
+        if "*" in attr:
             continue
-        vals = arrays[attr]
+        present = sorted({v for v in vals if v is not None}, key=str)
+        unknown = np.array([v is None for v in vals], dtype=bool)
+        counts = {g: [count_units(units, (vals == g) & (split == s)) for s in SPLITS] for g in present}
+        rows, cells = suppress_table(counts, min_cell)
         groups = {}
-        for g in sorted({v for v in vals if v is not None}, key=str):
+        for g in present:
+            if g in rows:
+                groups[str(g)] = suppressed()
+                continue
             mask = vals == g
-            counts = {s: int((mask & (split == s)).sum()) for s in ("train", "val", "test")}
-            share = float(mask.sum() / total) if total else 0.0
-            small = counts["test"] < SMALL_GROUP_N or share < SMALL_GROUP_SHARE
-            groups[str(g)] = {"n": int(mask.sum()), **{f"n_{s}": c for s, c in counts.items()},
-                              "share": share, "small": bool(small)}
-        n_unknown = int(sum(v is None for v in vals))
-        comp[attr] = {"groups": groups, "n_unknown": n_unknown,
-                      "rule": f"small: fewer than {SMALL_GROUP_N} in the test split or under "
-                              f"{SMALL_GROUP_SHARE:.0%} of the cohort"}
+            images = {s: int((mask & (split == s)).sum()) for s in SPLITS}
+            groups[str(g)] = {"n": int(mask.sum()),
+                              **{f"n_{s}": None if (g, j) in cells else images[s] for j, s in enumerate(SPLITS)},
+                              "share": float(mask.sum() / total) if total else 0.0}
+            hidden_splits = [s for j, s in enumerate(SPLITS) if (g, j) in cells]
+            if hidden_splits:
+                groups[str(g)]["suppressed_splits"] = hidden_splits
+        comp[attr] = {"groups": groups, "n_unknown": int(unknown.sum()), "rule": rule, "min_cell": min_cell}
+        if rows or cells:
+            what = [f"group(s) {', '.join(str(g) for g in present if g in rows)}"] if rows else []
+            what += [f"{len(cells)} split count(s)"] if cells else []
+            warnings.append(f"{attr}: the cohort composition suppresses {' and '.join(what)} ({rule})")
     check = {"checked": False, "patients_in_several_splits": None, "n_patients": None}
     if "patient_id" in frame.columns:
         per = frame.groupby("patient_id")["split"].nunique()
@@ -818,6 +776,9 @@ def run_audit(
     data: dict | None = None,
     canaries: dict[str, pd.DataFrame] | None = None,
     attack_scores: dict[str, pd.DataFrame] | None = None,
+    provenance: dict | None = None,
+    warnings: list[str] | None = None,
+    is_sweep: bool = False,
 ) -> AuditReport:
     """Audit one or more models scored on the same test samples.
 
@@ -826,6 +787,10 @@ def run_audit(
     ``non_private`` when present); ``canaries`` maps model name to its canary table (``included``, ``loss``)
     for the one-run empirical epsilon; ``attack_scores`` maps model name to a table of ``sample_id`` plus one
     score column per shadow-model attack (higher = member), as ``privaudit attack`` writes it.
+    ``provenance`` (the command, each run's configuration, a model card, a sweep's settings) goes into the
+    study block as given, and ``warnings`` (e.g. the data loader's) lead the document's warnings. ``is_sweep``:
+    the models are the runs of an epsilon sweep, aggregated per privacy setting over seeds (the setting and seed
+    read from each run's train.json).
     """
     if not predictions:
         raise DataError("no prediction tables to audit")
@@ -833,6 +798,7 @@ def run_audit(
     runs = runs or {}
     frames = {name: validate_predictions(df, f"predictions of {name!r}") for name, df in predictions.items()}
     study = _Study(frames, config)
+    study.warnings.extend(warnings or [])
     for name, df in frames.items():
         blank = blank_patient_warning(blank_patient_ids(df), len(df), f"predictions of {name!r}")
         if blank:
@@ -849,6 +815,8 @@ def run_audit(
         if run:
             run_block = {"backend": run.get("backend"), "model": run.get("architecture"), "seed": run.get("seed"),
                          **{k: run.get(k) for k in PRIVACY_KEYS}, "dp": bool(run.get("dp"))}
+            # what training warned about (e.g. a zoo network changed for DP) belongs in the audit too
+            study.warnings.extend(f"{name}: {w}" for w in run.get("warnings") or [])
         utility, curves = _utility(study, name)
         models[name] = {
             "run": run_block,
@@ -857,7 +825,8 @@ def run_audit(
             "fairness": _fairness(study, name),
             "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed,
                                 age_edges=config.age_edges, canaries=(canaries or {}).get(name),
-                                attack_scores=(attack_scores or {}).get(name)),
+                                attack_scores=(attack_scores or {}).get(name), attributes=list(study.attributes),
+                                min_cell=config.min_cell),
         }
     comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
                    for name in frames if reference is not None and name != reference}
@@ -872,20 +841,15 @@ def run_audit(
         y = train[f"y_{lab}"].dropna()
         prevalence[lab] = float(y.mean()) if len(y) else None
     data_block.setdefault("prevalence", prevalence)
-    sweep = sweep_groups(models)
-    aggregates = _aggregates(models, study, sweep) if sweep else None
-    trade_offs = _trade_offs(models, study, prevalence)
-    composition, split_check = _composition(ref_frame, study.attributes, config.age_edges)
+    sweep = sweep_groups({name: runs.get(name) for name in models}) if is_sweep else None
+    aggregates = aggregates_over_seeds(models, study, sweep) if sweep else None
+    trade_offs = trade_offs_of(models, study, prevalence, sweep)
+    composition, split_check = _composition(ref_frame, study.attribute_values, config.min_cell, study.warnings)
     data_block.setdefault("composition", composition)
     data_block.setdefault("patient_split_check", split_check)
     if split_check["checked"] and split_check["patients_in_several_splits"]:
         study.warnings.append(f"{split_check['patients_in_several_splits']} patients have images in more than one "
                               "split: test metrics are optimistic and membership labels are blurred; split by patient")
-    for attr, c in composition.items():
-        small = [g for g, v in c["groups"].items() if v["small"]]
-        if small:
-            study.warnings.append(f"{attr}: groups {', '.join(small)} are small ({c['rule']}); their subgroup "
-                                  "metrics have wide intervals")
     doc = {
         "schema_version": SCHEMA_VERSION,
         "study": {
@@ -898,6 +862,8 @@ def run_audit(
             "bootstrap": {**study.resampler.describe(), "ci": config.ci, "method": config.ci_method},
             "threshold": config.threshold if config.threshold != "youden" else "youden (val split)",
             "margin": config.margin,
+            **{k: v for k, v in (provenance or {}).items() if v is not None},
+            "min_cell": config.min_cell,
             **({"aggregates": aggregates} if aggregates is not None else {}),
             **({"trade_offs": trade_offs} if trade_offs is not None else {}),
         },

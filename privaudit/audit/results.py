@@ -12,7 +12,10 @@ import pandas as pd
 from privaudit._fs import to_jsonable, write_json
 from privaudit.errors import DataError
 
-SCHEMA_VERSION = 1
+# 2: small groups are suppressed ({"n": null, "suppressed": true}) wherever groups appear, counted in patients
+# (study.min_cell); composition split counts may be null; the composition's "small" flag is gone.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def load_schema() -> dict:
@@ -64,6 +67,9 @@ class AuditReport:
         if version > SCHEMA_VERSION:
             raise DataError(f"{name}: schema_version {version} is newer than this privaudit understands "
                             f"({SCHEMA_VERSION}); upgrade privaudit")
+        if version not in READABLE_VERSIONS:
+            raise DataError(f"{name}: schema_version {version} is not one privaudit writes "
+                            f"({', '.join(map(str, READABLE_VERSIONS))}); this is not an audit.json")
         return cls(data)
 
     def validate(self) -> None:
@@ -73,47 +79,175 @@ class AuditReport:
         jsonschema.validate(to_jsonable(self.data), load_schema())
 
     def to_frame(self) -> pd.DataFrame:
-        """One tidy row per model x metric x label x group: estimate and CI (nested metrics get dotted names,
-        e.g. ``youden.sensitivity``)."""
-        rows = []
+        """Every estimate in the document, one tidy row each: utility, fairness, privacy (the accountant's
+        epsilon and its cross-checks, each attack's AUC and TPRs, overall and by group, the empirical epsilon and
+        its soundness check), comparisons with their verdicts, and a sweep's aggregates and trade-offs; also
+        whatever later versions add, since the walk is generic.
 
-        def add(model, section, metric, label, attribute, group, est):
-            if not isinstance(est, dict):
-                return
-            if "estimate" in est:
-                rows.append({"model": model, "section": section, "metric": metric, "label": label,
-                             "attribute": attribute, "group": group, "estimate": est.get("estimate"),
-                             "ci_low": est.get("ci_low"), "ci_high": est.get("ci_high"), "n": est.get("n")})
-                return
-            for key, sub in est.items():  # e.g. youden.{sensitivity,...}, or a metric per group
-                if isinstance(sub, dict):
-                    if attribute is not None and group is None and "estimate" in sub:
-                        add(model, section, metric, label, attribute, key, sub)
-                    else:
-                        add(model, section, f"{metric}.{key}", label, attribute, group, sub)
-
+        Columns: ``model`` (a model, a comparison ``"a vs b"``, or ``study``), ``section`` (utility, fairness,
+        privacy, comparison, aggregates, trade_offs), ``metric`` (dotted, e.g. ``youden.sensitivity`` or
+        ``attacks.loss.tpr_at_fpr.0.01``), ``label``, ``attribute``, ``group``, ``estimate``, ``ci_low``,
+        ``ci_high``, ``n``, ``p_value``, ``answer`` (a verdict's yes / no / inconclusive) and ``path`` (where the
+        value sits in audit.json). Figure data (ROC points, calibration bins) and settings are left out.
+        """
+        rows: list[dict] = []
         for name, m in self.models.items():
-            util = m.get("utility") or {}
-            for lab, res in (util.get("labels") or {}).items():
-                for metric, est in res.items():
-                    add(name, "utility", metric, lab, None, None, est)
-            add(name, "utility", "auroc", "macro", None, None, util.get("macro_auroc"))
-            for attr, per_label in (m.get("fairness") or {}).items():
-                if attr == "pearson_r" or not isinstance(per_label, dict):
-                    continue
-                for lab, res in per_label.items():
-                    for grp, g in (res.get("groups") or {}).items():
-                        for metric, est in g.items():
-                            add(name, "fairness", metric, lab, attr, grp, est)
-                    for metric, est in res.items():
-                        if metric != "groups":
-                            add(name, "fairness", metric, lab, attr, None, est)
+            for section in ("utility", "fairness", "privacy"):
+                _walk(rows, m.get(section), ["models", name, section], model=name, section=section)
         for cname, c in (self.data.get("comparisons") or {}).items():
-            for lab, res in (c.get("labels") or {}).items():
-                add(cname, "comparison", "auroc_difference", lab, None, None, res.get("auroc_difference"))
-            add(cname, "comparison", "auroc_difference", "macro", None, None, c.get("macro_auroc_difference"))
-            for attr, per_label in (c.get("fairness") or {}).items():
-                for lab, res in per_label.items():
-                    add(cname, "comparison", "parity_gap_change", lab, attr, None, res.get("parity_gap_change"))
-        return pd.DataFrame(rows, columns=["model", "section", "metric", "label", "attribute", "group",
-                                           "estimate", "ci_low", "ci_high", "n"])
+            _walk(rows, c, ["comparisons", cname], model=cname, section="comparison")
+        study = self.data.get("study") or {}
+        for section in ("aggregates", "trade_offs"):
+            _walk(rows, study.get(section), ["study", section], model="study", section=section)
+        return pd.DataFrame(rows, columns=FRAME_COLUMNS)
+
+
+FRAME_COLUMNS = ["model", "section", "metric", "label", "attribute", "group", "estimate", "ci_low", "ci_high", "n",
+                 "p_value", "answer", "path"]
+# keys that describe an estimate rather than being one; lists (figure data) are never rows
+_SIDE_KEYS = {"ci_low", "ci_high", "n", "n_boot", "ci_method", "n_pos", "p_value", "p_value_adjusted", "n_seeds",
+              "sd", "min", "max", "privileged", "reason", "method", "confidence", "x", "y", "n_members",
+              "n_nonmembers", "n_boot_used", "delta", "alpha", "margin", "threshold", "noise_multiplier",
+              "max_grad_norm", "sample_rate", "steps", "m", "r", "v", "share", "n_unknown"}
+_SKIP = {"curves", "run", "flags", "note", "models", "epsilons", "reference", "kind", "answer"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _locate(path: list[str], section: str) -> dict:
+    """label / attribute / group from a value's path, by the contract's layout of each section."""
+    keys = path[3:] if path[0] in ("models",) else path[2:]
+    out = {"label": None, "attribute": None, "group": None}
+    if section == "utility":
+        if keys[:1] == ["labels"] and len(keys) > 1:
+            out["label"] = keys[1]
+        elif keys[:1] == ["macro_auroc"]:
+            out["label"] = "macro"
+    elif section == "fairness" and keys:
+        if keys[0] == "pearson_r":
+            out.update(attribute=keys[1] if len(keys) > 1 else None, label=keys[2] if len(keys) > 2 else None)
+        else:
+            out.update(attribute=keys[0], label=keys[1] if len(keys) > 1 else None)
+            rest = keys[2:]
+            if rest[:1] == ["groups"] and len(rest) > 1:
+                out["group"] = rest[1]
+            elif rest[:1] == ["performance_parity"] and len(rest) > 1:
+                out["group"] = rest[1]
+            elif len(rest) > 1 and rest[1] not in ("estimate",):
+                out["group"] = rest[1]
+    elif section == "privacy" and "by_group" in keys:
+        i = keys.index("by_group")
+        out.update(attribute=keys[i + 1] if len(keys) > i + 1 else None, group=keys[i + 2] if len(keys) > i + 2 else None)
+    elif section == "comparison" and keys:
+        if keys[0] == "labels" and len(keys) > 1:
+            out["label"] = keys[1]
+        elif keys[0] == "fairness" and len(keys) > 2:
+            out.update(attribute=keys[1], label=keys[2])
+            if len(keys) > 4 and keys[3] == "parity_gap_change":
+                out["group"] = keys[4]
+    return out
+
+
+def _metric(path: list[str], section: str, loc: dict) -> str:
+    keys = path[3:] if path[0] == "models" else path[2:]
+    drop = {v for v in loc.values() if v is not None} | {"labels", "groups", "by_group", "macro_auroc"}
+    parts = [k for k in keys if k not in drop]
+    if section == "utility" and keys[:1] == ["macro_auroc"]:
+        parts = ["auroc", *parts]
+    return ".".join(parts) or section
+
+
+def _scalar(v):
+    return v if _is_number(v) else None
+
+
+def _walk(rows: list[dict], node, path: list[str], *, model: str, section: str, n=None, p=None) -> None:
+    if not isinstance(node, dict):
+        return
+    n = node.get("n", n) if _is_number(node.get("n")) else n
+    p = _scalar(node.get("p_value")) if _is_number(node.get("p_value")) else p  # a comparison's paired p
+    loc = _locate(path, section)
+    if "estimate" in node or ("r" in node and "p_value" in node) or ("mean" in node and "n_seeds" in node):
+        est = node.get("estimate", node.get("r", node.get("mean")))
+        rows.append({"model": model, "section": section, "metric": _metric(path, section, loc), **loc,
+                     "estimate": est, "ci_low": node.get("ci_low"), "ci_high": node.get("ci_high"),
+                     "n": node.get("n_seeds", n), "p_value": p, "answer": None,
+                     "path": ".".join(path)})
+    elif "answer" in node:  # a verdict
+        rows.append({"model": model, "section": section, "metric": _metric(path, section, loc), **loc,
+                     "estimate": None, "ci_low": None, "ci_high": None, "n": None,
+                     "p_value": _scalar(node.get("p_value_adjusted", node.get("p_value"))),
+                     "answer": node.get("answer"),
+                     "path": ".".join(path)})
+    for key, value in node.items():
+        if key in _SKIP or (key in _SIDE_KEYS and ("estimate" in node or "r" in node or "mean" in node)):
+            continue
+        if isinstance(value, dict):
+            _walk(rows, value, [*path, str(key)], model=model, section=section, n=n,
+                  p=p if section == "comparison" else None)
+        elif _is_number(value) and key not in _SIDE_KEYS and not ("estimate" in node or "mean" in node
+                                                                 or ("r" in node and "p_value" in node)):
+            sub = [*path, str(key)]
+            loc2 = _locate(sub, section)
+            rows.append({"model": model, "section": section, "metric": _metric(sub, section, loc2), **loc2,
+                         "estimate": float(value), "ci_low": None, "ci_high": None,
+                         "n": n, "p_value": None, "answer": None,
+                         "path": ".".join(sub)})
+
+
+def suppress_v1(doc: dict, min_cell: int) -> dict:
+    """A copy of a schema_version 1 document with its small groups suppressed, for rendering: version 1 kept
+    no patient counts, so a group whose published count (images) is under ``min_cell`` is replaced by
+    ``{"n": null, "suppressed": true}`` in the fairness groups, parity, selection metrics, the composition and
+    the attacks by group. A version 2 document is returned as it is (the audit suppressed it already)."""
+    import copy
+
+    from privaudit.audit._cells import suppressed
+
+    if doc.get("schema_version") != 1:
+        return doc
+    doc = copy.deepcopy(doc)
+
+    def small(entry) -> bool:
+        n = entry.get("n") if isinstance(entry, dict) else None
+        return isinstance(n, int) and n < min_cell
+
+    hidden_any = False
+    for m in (doc.get("models") or {}).values():
+        for attr, per_label in (m.get("fairness") or {}).items():
+            if attr == "pearson_r" or not isinstance(per_label, dict):
+                continue
+            for res in per_label.values():
+                groups = res.get("groups") or {}
+                hide = {g for g, v in groups.items() if small(v)}
+                hidden_any |= bool(hide)
+                for g in hide:
+                    groups[g] = suppressed()
+                    if g in (res.get("performance_parity") or {}):
+                        res["performance_parity"][g] = suppressed()
+                for key, val in res.items():
+                    if key in ("groups", "performance_parity") or not isinstance(val, dict) or not hide:
+                        continue
+                    if "estimate" in val:  # a two-group comparison involving a hidden group
+                        res[key] = suppressed()
+                    else:
+                        for g in hide & set(val):
+                            val[g] = suppressed()
+        for attack in ((m.get("privacy") or {}).get("attacks") or {}).values():
+            for entries in ((attack or {}).get("by_group") or {}).values():
+                for g in [g for g, v in entries.items() if small(v)]:
+                    entries[g] = suppressed()
+                    hidden_any = True
+    for c in (((doc.get("study") or {}).get("data") or {}).get("composition") or {}).values():
+        groups = c.get("groups") or {}
+        for g in [g for g, v in groups.items() if small(v)]:
+            groups[g] = suppressed()
+            hidden_any = True
+        c["rule"] = f"suppressed: fewer than {min_cell} images (a schema_version 1 audit has no patient counts)"
+    if hidden_any:
+        doc.setdefault("warnings", []).append(
+            f"this report was rendered from a schema_version 1 audit.json: groups with fewer than {min_cell} images "
+            "were suppressed at rendering; run the audit again for suppression by patients")
+    return doc

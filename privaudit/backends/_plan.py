@@ -34,20 +34,20 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
         from privaudit.data.canaries import make_canaries
 
         if task.spatial_dims != 2:
-            raise ConfigError(f"--canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
-                              "without --canaries (the loss and LiRA/RMIA attacks still audit membership)")
+            raise ConfigError(f"canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
+                              "without canaries (the loss and LiRA/RMIA attacks still audit membership)")
         canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
                                  seed=config.seed + CANARY_SEED_OFFSET)
     # Included canaries are training samples: the sample rate and delta account for them.
     n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
     if config.batch_size > n_train:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({n_train} samples); "
                           "use a smaller batch size")
     dp = config.dp.resolve_delta(n_train) if config.dp.enabled else config.dp
     sample_rate = config.batch_size / n_train
     if dp.enabled and sample_rate >= 1:
         raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
-                          "below 1 for DP amplification by sampling; use a smaller --batch-size")
+                          "below 1 for DP amplification by sampling; use a smaller batch_size")
     return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate)
 
 
@@ -83,3 +83,13 @@ def non_private_block(steps: int) -> dict:
     """train.json's privacy block for a run that claims no epsilon (the DP and clip-only blocks extend it)."""
     return {"dp": False, "epsilon": None, "delta": None, "accountant": None, "noise_multiplier": None,
             "max_grad_norm": None, "sample_rate": None, "steps": steps, "poisson_sampling": False}
+
+
+def recorded_path(path: Path, out: Path) -> str:
+    """How train.json records a file the run started from: relative to the folder that holds the run directory
+    when it lies inside it (a study's own pretraining weights, which move with the study), else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path(out).absolute().parent))
+    except ValueError:
+        return str(path)

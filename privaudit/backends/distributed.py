@@ -119,7 +119,7 @@ def setup(device: str = "auto") -> DistContext:
     """Join torchrun's process group when there is one; otherwise a single-process context on ``device``."""
     import torch
 
-    from privaudit.backends.opacus_backend import pick_device
+    from privaudit.backends._device import pick_device
 
     env = launch_env()
     if env is None:

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
+from privaudit.backends._device import pick_device
 from privaudit.backends.torch_models import create_model
-from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
+from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -35,14 +36,6 @@ BATCHNORM_WHY = (
     "clipping no longer bounds its influence: the DP guarantee would not hold. Use GroupNorm "
     "(--arch resnet9-gn) instead"
 )
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def versions() -> dict:
@@ -99,6 +92,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":   # tensors only by design
+        from privaudit.backends.zoo import load_weights
+
+        return load_weights(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -175,13 +172,23 @@ class OpacusBackend:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         quiet = quiet or not ddp.is_main
-        model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
-                             width=config.width, spatial_dims=task.spatial_dims)
-        init_info = None
-        if config.init:
-            init_path = Path(config.init)
-            _load_into(model, load_state_dict(init_path), init_path)
-            init_info = {"path": str(init_path), "sha256": sha256(init_path)}
+        zoo, clipping = None, config.clipping
+        if ":" in arch:   # torchvision:/timm:/monai: names; init loaded before any BatchNorm replacement
+            from privaudit.backends.zoo import build_zoo_model, zoo_clipping
+
+            zoo = build_zoo_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
+                                  spatial_dims=task.spatial_dims, init=config.init, dp=dp.enabled)
+            model, init_info = zoo.model, zoo.init
+            if dp.enabled:
+                clipping = zoo_clipping(model, config.clipping)
+        else:
+            model = create_model(arch, in_channels=task.in_channels, num_classes=len(manifest.labels),
+                                 width=config.width, spatial_dims=task.spatial_dims)
+            init_info = None
+            if config.init:
+                init_path = Path(config.init)
+                _load_into(model, load_state_dict(init_path), init_path)
+                init_info = {"path": recorded_path(init_path, out), "sha256": sha256(init_path)}
         if dp.enabled:
             check_dp_compatible(model)
         model.to(device)
@@ -210,7 +217,7 @@ class OpacusBackend:
             from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss
 
             common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=dp.max_grad_norm,
-                          poisson_sampling=True, grad_sample_mode=config.clipping,
+                          poisson_sampling=True, grad_sample_mode=clipping,
                           criterion=PerSampleLoss(masked_bce))
             with warnings.catch_warnings():
                 # secure_mode (a cryptographic RNG for the noise) is off, as in Opacus' default; train.json says so.
@@ -285,6 +292,9 @@ class OpacusBackend:
             "init": init_info, "canaries": canary_info, "versions": versions(), "distributed": ddp.describe(),
             "peak_memory": peak_memory(device),
         }
+        if zoo is not None:   # every change made to the library's network, and a warning that it changed
+            train_json["model_changes"] = zoo.record()
+            train_json["warnings"] = [w for w in [zoo.warning()] if w]
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
         return train_json
@@ -342,8 +352,18 @@ class OpacusBackend:
         return history, steps, train_seconds
 
     def predict_checkpoint(self, checkpoint: Path, manifest: Manifest, *, task: str, arch: str,
-                           image_size: int | None = None, trust: bool = False, width: int | None = None):
-        """Predict with weights trained elsewhere: a state_dict, or TorchScript when trusted."""
+                           image_size: int | None = None, trust: bool = False, width: int | None = None,
+                           preprocess=None):
+        """Predict with weights trained elsewhere: a state_dict, TorchScript when trusted, an ONNX file or the
+        weights of a zoo architecture (these two with an optional preprocessing card, see privaudit.byom)."""
+        if Path(checkpoint).suffix == ".onnx" or ":" in (arch or ""):
+            from privaudit.byom import predict_checkpoint_file
+
+            return predict_checkpoint_file(checkpoint, manifest, task=task, arch=arch, image_size=image_size,
+                                           preprocess=preprocess)
+        if preprocess is not None:
+            raise ConfigError("a preprocessing card (--preprocess) applies to ONNX files and zoo architectures "
+                              "(torchvision:, timm:, monai:); privaudit's own architectures use its preprocessing")
         task = create_task(task)
         size = image_size or task.input_size
         checkpoint = Path(checkpoint)

@@ -23,7 +23,6 @@ field. What is TensorFlow-specific:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
@@ -33,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from privaudit import __version__
+from privaudit._version import __version__
 from privaudit._fs import private_mkdir, write_json
+from privaudit.backends._device import pick_device
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
-from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, sha256,
+from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -52,8 +52,8 @@ PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 # torch's: mu_t = beta1 (1 - 0.5 * 0.96 ** t) in Keras, 0.96 ** (0.004 t) in torch (momentum_decay=4e-3).
 NADAM_EPS = 1e-8
 # --accountant -> the dp_accounting accountant that runs it, recorded in train.json under "accountant".
+# Both are registered in privaudit.audit.accounting, whose PLD resolution (1e-3) the cross-check uses too.
 ACCOUNTANTS = {"prv": "dp_accounting_pld", "rdp": "dp_accounting_rdp"}
-PLD_DISCRETIZATION = 1e-3  # as privaudit.audit.accounting's cross-check
 UNSAFE_CLASSES = {
     "Lambda": "a Lambda layer, which runs Python code stored in the file",
     "__lambda__": "a serialised Python lambda, which is code stored in the file",
@@ -104,97 +104,28 @@ def make_optimizer(lr: float):
     return import_keras().optimizers.Nadam(learning_rate=lr, epsilon=NADAM_EPS, jit_compile=False)
 
 
-def pick_device(name: str = "auto") -> str:
-    tf = import_tf()
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "auto":
-        return "/GPU:0" if gpus else "/CPU:0"
-    if name == "cpu":
-        return "/CPU:0"
-    if name.startswith("cuda"):
-        if not gpus:
-            raise ConfigError(f"--device {name} was asked for but TensorFlow sees no GPU here; use --device cpu")
-        return f"/GPU:{name.partition(':')[2] or 0}"
-    raise ConfigError(f"unknown --device {name!r}; use auto, cpu or cuda")
-
-
 # ---- accounting ----------------------------------------------------------------------------------------------
-def dp_event(noise_multiplier: float, sample_rate: float, steps: int):
-    import dp_accounting
+def _accountant(accountant: str):
+    """The registered dp_accounting accountant that runs ``--accountant accountant`` here (see ACCOUNTANTS)."""
+    from privaudit.audit.accounting import create_accountant
 
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
-
-
-def _fresh_accountant(accountant: str, *, discretization: float = PLD_DISCRETIZATION):
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    if accountant == "rdp":
-        return rdp_privacy_accountant.RdpAccountant()
-    if accountant == "prv":
-        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
-    raise ConfigError(f"accountant {accountant!r} is not available in the tf backend (dp_accounting has no GDP "
-                      "accountant); use --accountant prv (dp_accounting's PLD, tight) or rdp")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"accountant {accountant!r} is not available in the tf backend (dp_accounting has no GDP "
+                          "accountant); use --accountant prv (dp_accounting's PLD, tight) or rdp")
+    return create_accountant(ACCOUNTANTS[accountant])
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-    """dp_accounting logs (absl) each RDP order that fails to converge; those orders are dropped from the minimum,
-    which stays a valid bound, so the lines are noise on the user's console."""
-    from absl import logging as absl_logging
-
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(verbosity)
-
-
-def compute_epsilon(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                    discretization: float = PLD_DISCRETIZATION) -> float:
+def compute_epsilon(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps with the dp_accounting accountant for ``accountant``."""
-    if steps == 0:
-        return 0.0
-    with _quiet_absl():
-        acc = _fresh_accountant(accountant, discretization=discretization)
-        return float(acc.compose(dp_event(noise_multiplier, sample_rate, steps)).get_epsilon(delta))
+    return _accountant(accountant).epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                                           delta=delta)
 
 
 def noise_for_epsilon(accountant: str, *, epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
-    """The noise multiplier whose epsilon is at most ``epsilon`` and within 1e-3 (in sigma) of it, found with
-    dp_accounting's calibration (Brent's method).
-
-    PLD at the accounting resolution (1e-3) costs seconds per evaluation, so the search runs first at a coarse
-    resolution (1e-2), whose epsilon is pessimistic (an upper bound), and then refines at full resolution between
-    that sigma and the first sigma below it (in steps of 5%, then 10%) that misses the target. The final check steps sigma up until the full-resolution epsilon meets the target.
-    """
-    import dp_accounting
-
-    _fresh_accountant(accountant)  # refuse an unknown accountant first
-    tol = 1e-3
-
-    def calibrate(discretization, bracket):
-        with _quiet_absl():
-            return float(dp_accounting.calibrate_dp_mechanism(
-                lambda: _fresh_accountant(accountant, discretization=discretization),
-                lambda s: dp_event(s, sample_rate, steps), epsilon, delta, bracket_interval=bracket, tol=tol))
-
-    def eps(sigma):
-        return compute_epsilon(accountant, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
-
-    sigma = calibrate(1e-2 if accountant == "prv" else None,
-                      dp_accounting.LowerEndpointAndGuess(0.05, 1.0))
-    if accountant == "prv":
-        lo = 0.95 * sigma
-        while eps(lo) <= epsilon:  # the coarse epsilon can overstate by 10% and more at small epsilon
-            sigma, lo = lo, 0.9 * lo
-        sigma = calibrate(PLD_DISCRETIZATION, dp_accounting.ExplicitBracketInterval(lo, sigma))
-    # Brent's method stops within tol of the root on either side: step up until the target is really met.
-    while eps(sigma) > epsilon:
-        sigma += tol
-    return sigma
+    """The noise multiplier whose epsilon is at most ``epsilon`` and within 1e-3 (in sigma) of it, with the
+    dp_accounting accountant for ``accountant`` (its calibration, see ``privaudit.audit.accounting``)."""
+    return _accountant(accountant).noise_multiplier(epsilon=epsilon, sample_rate=sample_rate, steps=steps,
+                                                    delta=delta)
 
 
 # ---- data pipelines ------------------------------------------------------------------------------------------
@@ -428,10 +359,10 @@ class TfBackend:
         train_mask, canaries, n_train, dp, sample_rate = (plan.train_mask, plan.canaries, plan.n_train, plan.dp,
                                                           plan.sample_rate)
         if dp.enabled:
-            _fresh_accountant(dp.accountant)  # refuse gdp before any work
+            _accountant(dp.accountant)  # refuse gdp before any work
         steps_per_epoch = math.ceil(n_train / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
-        device = pick_device(config.device)
+        device = pick_device(config.device, framework="tf")
 
         keras.utils.set_random_seed(config.seed)
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
@@ -448,6 +379,7 @@ class TfBackend:
             init_info = None
             if config.init:
                 init_info = self._load_init(model, Path(config.init))
+                init_info["path"] = recorded_path(Path(config.init), out)
             optimizer = make_optimizer(config.lr)
             if dp.enabled:
                 noise_multiplier = dp.noise_multiplier

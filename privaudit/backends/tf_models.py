@@ -19,8 +19,8 @@ to copy weights across.
 
 from __future__ import annotations
 
+from privaudit.backends._arch import gn_groups
 from privaudit.backends._tf_env import import_keras
-from privaudit.backends.torch_models import gn_groups
 from privaudit.errors import ConfigError, unknown_name
 
 GN_EPS = 1e-5  # torch.nn.GroupNorm's default (Keras' default is 1e-3)

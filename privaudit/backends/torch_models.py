@@ -11,15 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from privaudit.backends._arch import gn_groups
 from privaudit.errors import unknown_name
-
-
-def gn_groups(channels: int) -> int:
-    """GroupNorm groups with at least 4 channels per group and at most 32 groups."""
-    for g in (32, 16, 8, 4, 2, 1):
-        if channels % g == 0 and channels // g >= 4:
-            return g
-    return 1
 
 
 def _conv(dims: int):

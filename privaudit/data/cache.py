@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from privaudit._fs import is_privaudit_dir
 from privaudit.errors import ConfigError, DataError, OutputExistsError
 
 CACHE_FORMAT = 1
@@ -128,9 +129,9 @@ def build_cache(manifest, size: int, out: Path | None = None, *, force: bool = F
                 progress(len(frame))
             return out, False
         force = True   # an outdated privaudit cache: replace it
-    elif out.is_dir() and any(out.iterdir()) and not force:
+    elif out.is_dir() and any(out.iterdir()) and not (force and is_privaudit_dir(out)):
         raise OutputExistsError(f"--out {out} already holds files that are not a privaudit image cache; choose "
-                                "another folder or pass --force to replace it")
+                                "another folder (--force replaces only a folder privaudit wrote)")
     paths = [str(p) for p in manifest.image_paths()]
     sizes, mtimes = _file_stats(paths)
     n = len(paths)
@@ -149,7 +150,8 @@ def _write(out, manifest, size, paths, sizes, mtimes, *, force, jobs, progress) 
     from privaudit._fs import staged_dir
 
     frame, n = manifest.frame, len(paths)
-    with staged_dir(out, force=force) as tmp:
+    # the cache may sit inside the dataset folder, but never hold it (nor the manifest)
+    with staged_dir(out, force=force, kind="cache", inputs=(manifest.root, manifest.source)) as tmp:
         arr = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.float32, shape=(n, 1, size, size))
         step = max(1, min(_CHUNK, -(-n // (4 * jobs))))   # enough chunks to keep every process busy
         chunks = [(paths[i:i + step], size) for i in range(0, n, step)]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +46,8 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from privaudit import __version__ as PRIVAUDIT_VERSION
-from privaudit._fs import write_json
+from privaudit._version import __version__ as PRIVAUDIT_VERSION
+from privaudit._fs import atomic_write_bytes, atomic_write_csv, write_json
 from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group
@@ -406,10 +405,8 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, dtype) -> N
         img.header.set_slope_inter(1.0, 0.0)
     raw = img.to_bytes()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(gzip.compress(raw, compresslevel=6, mtime=0) if path.name.endswith(".gz") else raw)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, gzip.compress(raw, compresslevel=6, mtime=0) if path.name.endswith(".gz") else raw,
+                       mode=None)
 
 
 def _scan(row: dict, seed: int, i: int, size: int):
@@ -549,9 +546,7 @@ def synthesize_ct(
     params = {"n": int(n), "image_size": int(image_size), "seed": int(seed), "layout": layout}
     if not msd:
         manifest = out / "manifest.csv"
-        tmp = manifest.with_name(manifest.name + ".tmp")
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-        os.replace(tmp, manifest)
+        atomic_write_csv(manifest, frame, mode=None, index=False, lineterminator="\n")
         files = {"manifest": "manifest.csv", "volumes": "images/<sample_id>.nii.gz (int16 HU)"}
         write_json(out / "cohort.json", _record(frame, truths, params, files))
         return manifest

@@ -38,7 +38,6 @@ and a younger, sex-balanced, less comorbid population; image physics and the lab
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -49,8 +48,8 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from privaudit import __version__ as PRIVAUDIT_VERSION
-from privaudit._fs import write_json
+from privaudit._version import __version__ as PRIVAUDIT_VERSION
+from privaudit._fs import atomic_write_csv, write_json
 from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group, create_task
@@ -636,9 +635,7 @@ def synthesize_cxr(
             progress(i + 1)
 
     manifest = out / "manifest.csv"
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, manifest)
+    atomic_write_csv(manifest, frame, mode=None, index=False, lineterminator="\n")
     params = {"n": int(n), "image_size": int(image_size), "seed": int(seed), "public": bool(public)}
     write_json(out / "cohort.json", _cohort_record(frame, design, params, strengths))
     return manifest

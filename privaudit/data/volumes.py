@@ -21,7 +21,8 @@ the cache folder, keyed by the SHA-256 of the file's bytes and by every preproce
 cache format and MONAI versions). A second load only hashes the file (skipped too when its path, size and
 modification time are unchanged) and reads the array back. The folder is ``$PRIVAUDIT_CACHE_DIR`` if set,
 else ``$XDG_CACHE_HOME/privaudit`` (by default ``~/.cache/privaudit``), with ``volumes/`` and ``files/``
-inside; it is created readable by its owner only, since it holds patient images. Deleting it is always safe.
+inside; the folders privaudit creates there are readable by their owner only, since they hold patient images
+(a folder that exists already keeps its mode). Deleting it is always safe.
 ``PRIVAUDIT_CACHE_DIR=off`` (or ``cache=False``) turns the cache off.
 
 Every unreadable input raises :class:`~privaudit.errors.DataError` with one line naming the file.
@@ -139,10 +140,12 @@ def cache_dir() -> Path | None:
 
 
 def _private_dir(path: Path) -> Path | None:
+    """``path``, created owner-only when it is new; an existing folder keeps its mode (``PRIVAUDIT_CACHE_DIR``
+    may name a team's shared folder, or /tmp)."""
+    from privaudit._fs import private_mkdir
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
-        return path
+        return private_mkdir(path)
     except OSError:
         return None  # a read-only or foreign cache folder: work without the cache
 

@@ -58,8 +58,8 @@ def forest_figure(doc: dict, attribute: str, label: str = "macro") -> str | None
     for k, (name, m) in enumerate(doc["models"].items()):
         groups = ((m.get("fairness") or {}).get(attribute) or {}).get(label, {}).get("groups", {})
         for g, v in groups.items():
-            a = v["auroc"]
-            if a["estimate"] is not None:
+            a = v.get("auroc") or {}  # a suppressed group has none: it is not drawn
+            if a.get("estimate") is not None:
                 rows.append((g, k, name, a["estimate"], a["ci_low"], a["ci_high"], v["n"]))
     if not rows:
         return None
@@ -112,14 +112,18 @@ def composition_figure(doc: dict, attribute: str) -> str | None:
     comp = ((doc["study"].get("data") or {}).get("composition") or {}).get(attribute)
     if not comp or not comp.get("groups"):
         return None
-    groups = list(comp["groups"])
+    # suppressed groups are not drawn; a suppressed split count draws as 0, and its group is starred
+    groups = [g for g, v in comp["groups"].items() if not v.get("suppressed")]
+    if not groups:
+        return None
     fig, ax = _figure(4.6, 0.32 * len(groups) + 0.9)
     left = np.zeros(len(groups))
     for split, colour in SPLIT_COLOURS.items():
-        vals = np.array([comp["groups"][g][f"n_{split}"] for g in groups], dtype=float)
+        vals = np.array([comp["groups"][g][f"n_{split}"] or 0 for g in groups], dtype=float)
         ax.barh(range(len(groups)), vals, left=left, color=colour, label=split, height=0.7)
         left += vals
-    ax.set_yticks(range(len(groups)), [f"{g} *" if comp["groups"][g].get("small") else g for g in groups])
+    ax.set_yticks(range(len(groups)), [f"{g} *" if comp["groups"][g].get("small") or
+                                       comp["groups"][g].get("suppressed_splits") else g for g in groups])
     ax.invert_yaxis()
     ax.set(xlabel="images", title=attribute)
     ax.set_axisbelow(True)

@@ -8,15 +8,18 @@ the figure data that the audit keeps. Every value taken from data is autoescaped
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, PackageLoader, StrictUndefined, TemplateNotFound, select_autoescape
+from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
 
+from privaudit._fs import atomic_write_bytes
 from privaudit.audit.results import AuditReport
-from privaudit.errors import ConfigError, DataError, MissingDependencyError
+from privaudit.errors import ConfigError, DataError, MissingDependencyError, OutputExistsError
+from privaudit.reports.format import format_ci, format_number, format_p_value, format_percent, format_sci
 
 FORMATS = ("html", "pdf", "both")
 
@@ -28,41 +31,115 @@ MODEL_CARD_FIELDS: dict[str, type | tuple] = {
 }
 
 
-def _fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+class Suppressed(dict):
+    """A suppressed group as a template sees it: every field of it reads "suppressed", and nothing else."""
+
+    def __init__(self):
+        super().__init__(suppressed=True)
+
+    def __missing__(self, key):
+        return Suppressed()
+
+    def get(self, key, default=None):
+        return self[key]
+
+    def __bool__(self):
+        return True
+
+    def __str__(self):
+        return "suppressed"
+
+    def __html__(self):
+        return "suppressed"
 
 
-def _ci(est: dict | None, digits: int = 3) -> str:
-    if not est or est.get("estimate") is None:
-        return "n/a"
-    s = _fmt(est["estimate"], digits)
-    if est.get("ci_low") is not None and est.get("ci_high") is not None:
-        s += f" ({_fmt(est['ci_low'], digits)} to {_fmt(est['ci_high'], digits)})"
-    return s
+class _LazyFigures(Mapping):
+    """The report's figures, drawn only when a template first reads one (a custom template may use none)."""
+
+    def __init__(self, doc: dict):
+        self._doc, self._figures = doc, None
+
+    def _all(self) -> dict:
+        if self._figures is None:
+            from privaudit.reports.figures import figures
+
+            self._figures = figures(self._doc)
+        return self._figures
+
+    def __getitem__(self, key):
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
 
 
-def _pval(p) -> str:
-    if p is None:
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+def _view(obj):
+    """The document as the template reads it: each ``{"n": null, "suppressed": true}`` becomes a
+    :class:`Suppressed`, and a count the audit hid (null in a composition row) reads "suppressed" too."""
+    from privaudit.audit._cells import is_suppressed
+
+    if is_suppressed(obj):
+        return Suppressed()
+    if isinstance(obj, dict):
+        out = {k: _view(v) for k, v in obj.items()}
+        for split in out.get("suppressed_splits") or ():
+            out[f"n_{split}"] = Suppressed()
+        return out
+    if isinstance(obj, list):
+        return [_view(v) for v in obj]
+    return obj
 
 
-def _pct(x, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+def _suppressed_aware(fn):
+    """A report filter: the public formatter (privaudit.reports.format), or "suppressed" for a hidden cell."""
+
+    def filt(x, *args):
+        return "suppressed" if isinstance(x, Suppressed) else fn(x, *args)
+
+    filt.__name__ = fn.__name__
+    return filt
 
 
-def _sci(x) -> str:
-    return "n/a" if x is None else f"{x:.1e}"
+_fmt, _ci, _pval, _pct, _sci = (_suppressed_aware(f) for f in (format_number, format_ci, format_p_value,
+                                                                 format_percent, format_sci))
 
 
-def environment(template_dir: Path | None = None) -> Environment:
-    loader = FileSystemLoader(str(template_dir)) if template_dir else PackageLoader("privaudit.reports", "templates")
-    env = Environment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+# The top-level template, and the one include per report section (``templates/sections/<name>.html.j2``), in
+# the order the report shows them.
+MAIN_TEMPLATE = "report.html.j2"
+SECTIONS = ("summary", "model", "data", "privacy", "utility", "fairness", "empirical_privacy", "trade_offs",
+            "warnings", "provenance")
+
+
+PACKAGE_TEMPLATES = Path(__file__).parent / "templates"
+
+
+class _FolderLoader(FileSystemLoader):
+    """Templates from one folder, and only from it: a file that is a link to somewhere else is refused."""
+
+    def get_source(self, environment, template):
+        source, filename, uptodate = super().get_source(environment, template)
+        root = os.path.realpath(self.searchpath[0])
+        real = os.path.realpath(filename)
+        if os.path.commonpath([root, real]) != root:
+            raise DataError(f"--template {self.searchpath[0]}: {template} is a link to {real}, outside the "
+                            "template folder; a template may use the folder's own files only")
+        return source, filename, uptodate
+
+
+def environment(template_dir: Path | None = None) -> SandboxedEnvironment:
+    """A sandboxed, autoescaping Jinja environment: a template (perhaps one somebody sent) may format the data
+    it is given, but cannot reach Python's internals, run commands, or read files outside its folder. With
+    ``template_dir``, a name (``report.html.j2``, ``report.css``, ``sections/privacy.html.j2``) is looked up in
+    that folder first and among privaudit's templates second, so a custom page can include the packaged
+    sections and a custom section can replace one of them."""
+    packaged = _FolderLoader(str(PACKAGE_TEMPLATES))
+    loader = ChoiceLoader([_FolderLoader(str(template_dir)), packaged]) if template_dir else packaged
+    env = SandboxedEnvironment(loader=loader, autoescape=select_autoescape(default=True, default_for_string=True),
+                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update({"fmt": _fmt, "ci": _ci, "pval": _pval, "pct": _pct, "sci": _sci})
     return env
 
@@ -134,10 +211,18 @@ def headline_rows(doc: dict) -> list[dict]:
 
 
 def _composition_rows(study: dict) -> list[dict]:
+    """Per attribute: its groups (suppressed ones and hidden split counts read "suppressed"), the unknown
+    count, the suppression rule and the groups it touched ("small")."""
     out = []
     for attr, c in ((study.get("data") or {}).get("composition") or {}).items():
-        out.append({"attribute": attr, "groups": c["groups"], "n_unknown": c.get("n_unknown", 0),
-                    "rule": c.get("rule", ""), "flagged": [g for g, v in c["groups"].items() if v.get("small")]})
+        groups = {}
+        for g, v in _view(c["groups"]).items():
+            if not isinstance(v, Suppressed):
+                v = {**v, "small": bool(v.get("small") or v.get("suppressed_splits"))}
+            groups[g] = v
+        n_unknown = c.get("n_unknown", 0)
+        out.append({"attribute": attr, "groups": groups, "n_unknown": Suppressed() if n_unknown is None else n_unknown,
+                    "rule": c.get("rule", ""), "flagged": [g for g, v in groups.items() if v.get("small")]})
     return out
 
 
@@ -192,8 +277,10 @@ def _config_rows(study: dict) -> tuple[list[str], list[dict]]:
 def build_context(doc: dict, *, checks=None, policy_name: str | None = None, model_card: dict | None = None,
                   title: str | None = None) -> dict:
     """Everything the template shows, as plain data (no objects with behaviour)."""
-    from privaudit.reports.figures import figures
+    from privaudit.audit._cells import MIN_CELL
+    from privaudit.audit.results import suppress_v1
 
+    doc = suppress_v1(doc, MIN_CELL)  # a version 2 document is suppressed already, by patients
     study = doc["study"]
     config_keys, config_rows = _config_rows(study)
     card = model_card if model_card is not None else study.get("model_card")
@@ -205,33 +292,75 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
                    "policy": policy_name,
                    "checks": [{"model": c.model, "check": c.check, "threshold": c.threshold, "value": c.value,
                                "ci": c.ci, "status": c.status, "reason": c.reason} for c in checks]}
+    view = _view(doc)
     return {
-        "doc": doc, "study": study, "models": doc["models"], "comparisons": doc.get("comparisons") or {},
-        "figures": figures(doc), "warnings": doc.get("warnings") or [], "headline": headline_rows(doc),
+        "doc": view, "study": view["study"], "models": view["models"], "comparisons": view.get("comparisons") or {},
+        "figures": _LazyFigures(doc), "warnings": doc.get("warnings") or [], "headline": headline_rows(doc),
         "labels": study.get("labels") or [], "composition": _composition_rows(study),
         "several_epsilons": len(set(round(e, 6) for e in eps)) > 1, "verdict": verdict, "card": card,
         "provenance": _provenance(study), "config_keys": config_keys, "config_rows": config_rows,
-        "trade_offs": study.get("trade_offs"), "aggregates": study.get("aggregates"),
-        "attack_rows": {name: _attack_rows(m) for name, m in doc["models"].items()},
+        "trade_offs": view["study"].get("trade_offs"), "aggregates": view["study"].get("aggregates"),
+        "attack_rows": {name: _attack_rows(m) for name, m in view["models"].items()},
         "title": title or f"privaudit report: {study.get('task') or 'study'}",
     }
 
 
 def render_html(report: AuditReport, *, template_dir: Path | None = None, title: str | None = None,
                 checks=None, policy_name: str | None = None, model_card: dict | None = None) -> str:
-    if template_dir is not None and not Path(template_dir).is_dir():
-        raise DataError(f"--template {template_dir}: folder not found; give a folder holding report.html.j2")
+    if template_dir is not None:
+        if not Path(template_dir).is_dir():
+            raise DataError(f"--template {template_dir}: folder not found; give a folder holding {MAIN_TEMPLATE}")
+        if not (Path(template_dir) / MAIN_TEMPLATE).is_file():
+            raise DataError(f"--template {template_dir}: no {MAIN_TEMPLATE} in that folder; copy privaudit's "
+                            f"{MAIN_TEMPLATE} there as a starting point (it may include privaudit's sections/*.html.j2)")
     ctx = build_context(report.data, checks=checks, policy_name=policy_name, model_card=model_card, title=title)
     try:
-        template = environment(template_dir).get_template("report.html.j2")
-    except TemplateNotFound as e:
-        raise DataError(f"--template {template_dir}: no {e.name} in that folder; copy privaudit's "
-                        "report.html.j2 (and report.css) there as a starting point") from None
-    return template.render(**ctx)
+        return environment(template_dir).get_template(MAIN_TEMPLATE).render(**ctx)
+    except TemplateNotFound as e:  # an include that neither the folder nor privaudit's templates hold
+        if template_dir is None:
+            raise
+        raise DataError(f"--template {template_dir}: no {e.name} in that folder or among privaudit's templates; "
+                        f"the packaged sections are {', '.join(f'sections/{s}.html.j2' for s in SECTIONS)}") from None
+    except TemplateError as e:  # SecurityError (the sandbox refused), a syntax error, an undefined name
+        if template_dir is None:
+            raise
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise DataError(f"--template {template_dir}: {type(e).__name__}{line}: {str(e).splitlines()[0]}") from None
 
 
-def html_to_pdf(html: str) -> bytes:
-    """The PDF of the report's HTML (WeasyPrint; the print stylesheet adds page numbers and the contents)."""
+def _fetcher(weasyprint, folder: Path):
+    """WeasyPrint's URL fetcher, restricted to ``data:`` URLs and the files inside ``folder`` (the template's
+    folder, links resolved): a template cannot embed ``file:///etc/passwd`` or fetch from the network.
+    Refused URLs are kept in ``refused``."""
+    from urllib.parse import unquote, urlsplit
+
+    root = os.path.realpath(folder)
+
+    class Fetcher(weasyprint.URLFetcher):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.refused: list[str] = []
+
+        def fetch(self, url, headers=None):
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme == "file" and parts.netloc in ("", "localhost"):
+                real = os.path.realpath(unquote(parts.path))
+                if os.path.commonpath([root, real]) == root and os.path.isfile(real):
+                    return super().fetch(url, headers)
+            elif scheme == "data":
+                return super().fetch(url, headers)
+            self.refused.append(url)
+            raise ValueError(f"privaudit refuses {url}: a report may embed data: URLs and its template folder's files only")
+
+    return Fetcher(allowed_protocols=("data", "file"), allow_redirects=False)
+
+
+def html_to_pdf(html: str, *, template_dir: Path | None = None) -> bytes:
+    """The PDF of the report's HTML (WeasyPrint; the print stylesheet adds page numbers and the contents).
+
+    Resources load from ``data:`` URLs and the template folder only (relative URLs start there); the PDF is
+    refused, with one line naming the URL, when the HTML asks for anything else."""
     try:
         import weasyprint
     except (ImportError, OSError) as e:  # OSError: WeasyPrint is installed but the Pango libraries are not
@@ -243,22 +372,39 @@ def html_to_pdf(html: str) -> bytes:
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)  # font-matching chatter is not the user's business
     logging.getLogger("fontTools").setLevel(logging.ERROR)
-    return weasyprint.HTML(string=html, base_url=None).write_pdf()
+    folder = Path(template_dir or PACKAGE_TEMPLATES).absolute()
+    fetcher = _fetcher(weasyprint, folder)
+    pdf = weasyprint.HTML(string=html, base_url=str(folder) + os.sep, url_fetcher=fetcher).write_pdf()
+    if fetcher.refused:
+        raise DataError(f"the report refers to {fetcher.refused[0]}, which privaudit does not embed: a PDF may use "
+                        f"data: URLs and the files of its template folder ({folder}) only")
+    return pdf
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+def _check_target(path: Path, audit_json: Path, *, beside: bool, force: bool) -> None:
+    """An output file may replace: report.html / report.pdf beside its own audit.json; with ``force``, any other
+    regular file (never the audit.json it is rendered from). Everything else that exists is refused."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise ConfigError(f"--out {path} is a folder; give a file name")
+    if os.path.realpath(path) == os.path.realpath(audit_json):
+        raise ConfigError(f"--out {path} is the audit.json the report is rendered from; give another file name")
+    own = path.parent.absolute() == audit_json.parent.absolute() and path.name in ("report.html", "report.pdf")
+    if not (beside or own or force):
+        raise OutputExistsError(f"--out {path} already exists; choose a new file name or pass --force to replace it")
 
 
 def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Path | None = None,
-                 fmt: str = "html", policy: Path | None = None, model_card: Path | None = None) -> list[Path]:
+                 fmt: str = "html", policy: Path | None = None, model_card: Path | None = None,
+                 force: bool = False) -> list[Path]:
     """Render ``audit_json`` as HTML and/or PDF; return the files written.
 
-    Without ``out`` the files go beside ``audit.json`` as ``report.html`` / ``report.pdf``. With ``out`` and
-    ``fmt="both"``, ``out`` names the HTML file and the PDF takes the same stem. Everything is rendered in
-    memory first, so a failure leaves no half-written report.
+    Without ``out`` the files go beside ``audit.json`` as ``report.html`` / ``report.pdf``, replacing earlier
+    ones. With ``out`` and ``fmt="both"``, ``out`` names the HTML file and the PDF takes the same stem; a file
+    that exists there is replaced only with ``force`` (or when it is the report.html / report.pdf beside this
+    audit.json), and keeps its mode. Everything is rendered in memory first, so a failure leaves no
+    half-written report.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -271,7 +417,6 @@ def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Pat
         checks = evaluate(report.data, Policy.load(Path(policy)))
         policy_name = Path(policy).name
     card = load_model_card(model_card)
-    html = render_html(report, template_dir=template_dir, checks=checks, policy_name=policy_name, model_card=card)
     targets: dict[str, Path] = {}
     if out is not None:
         out = Path(out)
@@ -285,9 +430,11 @@ def write_report(audit_json: Path, out: Path | None = None, *, template_dir: Pat
     for path in targets.values():
         if not path.parent.is_dir():
             raise ConfigError(f"--out {path}: folder {path.parent} does not exist")
+        _check_target(path, audit_json, beside=out is None, force=force)
+    html = render_html(report, template_dir=template_dir, checks=checks, policy_name=policy_name, model_card=card)
     payloads = {"html": html.encode("utf-8")}
     if "pdf" in targets:
-        payloads["pdf"] = html_to_pdf(html)
+        payloads["pdf"] = html_to_pdf(html, template_dir=template_dir)
     for kind, path in targets.items():
-        _write_atomic(path, payloads[kind])
+        atomic_write_bytes(path, payloads[kind], mode=None)  # mkstemp + replace; an existing file keeps its mode
     return list(targets.values())

@@ -3,8 +3,10 @@
 Each shadow model is one job described by a small JSON spec (``shadows/shadow_<k>/spec.json``: its seed, its
 inclusion mask over the pool, and the run's training configuration). A finished job leaves ``stats.csv`` (one
 row per pool sample: ``in``, the logit-scaled confidence and the true-label probability) and nothing else, so
-an interrupted attack resumes with the shadows it already has. The pool is every sample of the run's data;
-inclusion is drawn per patient, so a patient's images are in or out together.
+an interrupted attack resumes with the shadows it already has. The pool is every sample of the run's data,
+reloaded through the run's recorded data block (and checked against its manifest hash); inclusion is drawn per
+patient, so a patient's images are in or out together. The scoring is the attack registry's
+(:mod:`privaudit.audit.attacks`).
 """
 
 from __future__ import annotations
@@ -21,33 +23,19 @@ import pandas as pd
 from privaudit._fs import private_mkdir, read_json, write_json
 from privaudit.config import TrainConfig
 from privaudit.errors import ConfigError, DataError
-
-ATTACKS = ("lira", "rmia")
-
-
-def _find_manifest(run_dir: Path, cfg: dict) -> Path:
-    rel = Path((cfg.get("data") or {}).get("manifest") or "")
-    places = [rel] if rel.is_absolute() else [run_dir / rel, run_dir.parent / rel]
-    for cand in places:
-        if str(rel) and cand.exists():  # a manifest.csv, or a dataset folder read through a preset
-            return cand
-    raise DataError(f"{run_dir}: cannot find the run's data ({rel}); shadow models train on the run's own data pool")
+from privaudit.study.dirs import ATTACK_SCORES, SHADOWS, RunDir
 
 
 def _load_run(run_dir: Path):
-    from privaudit.predictions import read_predictions
-
-    run_dir = Path(run_dir)
-    for f in ("predictions.csv", "train.json", "config.json"):
-        if not (run_dir / f).is_file():
-            raise DataError(f"{run_dir}: no {f}; give a run directory written by 'privaudit train'")
-    preds = read_predictions(run_dir / "predictions.csv")
+    run = RunDir(run_dir)
+    preds = run.predictions()
+    cfg = run.config()
+    run.train_info()
     if "loss" not in preds.columns or preds["loss"].isna().any():
-        raise DataError(f"{run_dir / 'predictions.csv'}: no per-sample 'loss' for every sample; attacks need the "
+        raise DataError(f"{run.file('predictions.csv')}: no per-sample 'loss' for every sample; attacks need the "
                         "run's own per-sample statistics")
     if "member" not in preds.columns or not ((preds["member"] == 1).any() and (preds["member"] == 0).any()):
-        raise DataError(f"{run_dir / 'predictions.csv'}: the attack needs both members and non-members")
-    cfg = read_json(run_dir / "config.json")
+        raise DataError(f"{run.file('predictions.csv')}: the attack needs both members and non-members")
     if "train" not in cfg:
         raise DataError(f"{run_dir}: config.json has no training configuration; was this run trained by privaudit?")
     return preds, cfg
@@ -59,9 +47,8 @@ def _train_shadow(spec_path: str) -> str:
 
     from privaudit.audit.privacy import logit_confidence, true_label_probability
     from privaudit.backends import create_backend
-    from privaudit.data.manifest import Manifest
     from privaudit.predictions import read_predictions
-    from privaudit.workflow import DataSpec, load_data
+    from privaudit.study.data import reload_data
 
     spec_path = Path(spec_path)
     spec = read_json(spec_path)
@@ -69,12 +56,8 @@ def _train_shadow(spec_path: str) -> str:
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.from_dict(spec["config"])
-    data = spec.get("data") or {}  # the run's own preset and its options, so that sample ids match the run's
-    manifest = load_data(DataSpec(path=Path(spec["manifest"]), preset=data.get("preset"),  # None: detect it
-                                  labels=tuple(spec["labels"]), views=data.get("views") or "frontal",
-                                  controls=Path(data["controls"]) if data.get("controls") else None,
-                                  label_from=data.get("label_from")),
-                         config.task)
+    # exactly the run's data: its preset and every loader option, checked against the recorded manifest hash
+    manifest = reload_data(spec["data"], Path(spec["run_dir"]), config.task).manifest
     frame = manifest.frame.copy()
     inside = set(spec["included"])
     frame["split"] = np.where(frame["sample_id"].isin(inside), "train", "test")
@@ -85,8 +68,9 @@ def _train_shadow(spec_path: str) -> str:
     stats = pd.DataFrame({"sample_id": preds["sample_id"], "in": preds["sample_id"].isin(inside).astype(int),
                           "logit_confidence": logit_confidence(preds, manifest.labels),
                           "true_prob": true_label_probability(preds, manifest.labels)})
-    tmp_out = spec_path.with_name("stats.csv.tmp")
-    stats.to_csv(tmp_out, index=False)
+    fd, tmp_out = tempfile.mkstemp(prefix=".stats-", suffix=".csv", dir=spec_path.parent)
+    with os.fdopen(fd, "w") as f:
+        stats.to_csv(f, index=False)
     os.replace(tmp_out, spec_path.with_name("stats.csv"))  # its presence marks the job done
     return str(spec_path.parent)
 
@@ -95,11 +79,11 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
                   ray_address: str | None = None, seed: int = 0, console=None, quiet: bool = False) -> list[Path]:
     """Make sure ``k`` shadow models exist for the run (training only the missing ones); return their folders.
 
-    The missing ones are independent jobs on an executor (:mod:`privaudit.executors`): ``local`` runs ``jobs``
+    The missing ones are independent jobs on an executor (:mod:`privaudit.study.executors`): ``local`` runs ``jobs``
     processes (default: one per GPU, else one per core), ``ray`` one Ray task per shadow model."""
     from rich.progress import Progress
 
-    from privaudit.executors import create_executor
+    from privaudit.study.executors import create_executor
 
     if k < 1:
         raise ConfigError(f"--shadows/--references must be at least 1, got {k}")
@@ -107,7 +91,6 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     run_dir = Path(run_dir)
     preds, cfg = _load_run(run_dir)
-    manifest = _find_manifest(run_dir, cfg)
     config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), canaries=0)
     init = (read_json(run_dir / "train.json").get("init") or {}).get("path")
     if init:  # shadows start where the target started; a study records the path relative to itself
@@ -118,7 +101,7 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
                             "must start from the same weights")
         config = dataclasses.replace(config, init=str(found[0].absolute()))
     patients = np.array(sorted(preds["patient_id"].astype(str).unique())) if "patient_id" in preds else None
-    root = private_mkdir(run_dir / "shadows")
+    root = private_mkdir(run_dir / SHADOWS)
     todo, folders = [], []
     for i in range(k):
         folder = private_mkdir(root / f"shadow_{i}")
@@ -131,8 +114,7 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
             included = preds.loc[preds["patient_id"].astype(str).isin(chosen), "sample_id"].tolist()
         else:
             included = preds.loc[rng.random(len(preds)) < 0.5, "sample_id"].tolist()
-        spec = {"index": i, "seed": config.seed + 1 + i, "manifest": str(manifest.absolute()),
-                "data": {k: (cfg.get("data") or {}).get(k) for k in ("preset", "views", "controls", "label_from")},
+        spec = {"index": i, "seed": config.seed + 1 + i, "run_dir": str(run_dir.absolute()), "data": cfg["data"],
                 "labels": [c[2:] for c in preds.columns if c.startswith("p_")], "included": included,
                 "config": dataclasses.replace(config, seed=config.seed + 1 + i).to_dict()}
         todo.append((folder, spec))
@@ -153,59 +135,42 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
 
 
 def score_attack(run_dir: Path, attack: str, folders: list[Path], *, offline: bool = False) -> pd.DataFrame:
-    """Per-sample scores of ``attack`` for the run's target model, from the shadow statistics."""
-    from privaudit.audit.privacy import lira_scores, logit_confidence, rmia_scores, true_label_probability
+    """Per-sample scores of ``attack`` (a registered attack) for the run's target model, from the shadow
+    statistics."""
+    from privaudit.audit.attacks import create_attack
     from privaudit.predictions import labels_of
 
     preds, _ = _load_run(run_dir)
-    labels = labels_of(preds)
     ids = preds["sample_id"].astype(str)
     stats = [pd.read_csv(f / "stats.csv", dtype={"sample_id": str}).set_index("sample_id").reindex(ids)
              for f in folders]
-    inn = np.vstack([s["in"].to_numpy() == 1 for s in stats])
-    if attack == "lira":
-        shadow = np.vstack([s["logit_confidence"].to_numpy(dtype=float) for s in stats])
-        # With few shadows the paper fixes one global variance; one in and one out model then suffice per sample.
-        fixed = len(folders) < 16
-        score = lira_scores(logit_confidence(preds, labels), shadow, inn, online=not offline, fixed_variance=fixed,
-                            min_models=1 if fixed else 2)
-        name = "lira_offline" if offline else "lira"
-    elif attack == "rmia":
-        probs = np.vstack([s["true_prob"].to_numpy(dtype=float) for s in stats])
-        out = ~inn
-        ref_mean = np.where(out, probs, 0.0).sum(axis=0) / np.maximum(out.sum(axis=0), 1)
-        ref_mean = np.where(out.any(axis=0), ref_mean, np.nan)
-        target = true_label_probability(preds, labels)
-        pop = (preds["member"] == 0).to_numpy() & np.isfinite(ref_mean)
-        # population z: the target's non-members (never in its training set); each x is compared with them
-        score = rmia_scores(target, ref_mean[None, :], target[pop], ref_mean[pop][None, :])
-        score = np.where(np.isfinite(ref_mean), score, np.nan)
-        name = "rmia"
-    else:
-        raise ConfigError(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
-    return pd.DataFrame({"sample_id": ids, name: score})
+    scorer = create_attack(attack, **({"offline": offline} if attack == "lira" else {}))
+    return pd.DataFrame({"sample_id": ids, **scorer.score(preds, labels_of(preds), stats)})
 
 
 def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, jobs: int | None = None,
                executor: str = "local", ray_address: str | None = None, seed: int = 0, audit_config=None,
-               console=None, quiet: bool = False) -> Path:
-    """Train (or reuse) shadow models, score the attack, and re-audit the run with it."""
+               command: str | None = None, console=None, quiet: bool = True):
+    """Train (or reuse) shadow models, score the attack, and re-audit the run with it. Returns the audit."""
+    from privaudit.audit.attacks import create_attack, list_attacks
     from privaudit.config import AuditConfig
-    from privaudit.workflow import audit_run
+    from privaudit.study.runs import audit_dir
 
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {attack!r}; use one of {', '.join(ATTACKS)}")
+    if create_attack(attack, **({"offline": offline} if attack == "lira" else {})).models is None:
+        raise ConfigError(f"attack {attack!r} needs no shadow models: every audit already runs it; the attacks "
+                          f"that train models are: {', '.join(list_attacks(trained=True))}")
     run_dir = Path(run_dir)
     folders = train_shadows(run_dir, k, jobs=jobs, executor=executor, ray_address=ray_address, seed=seed,
                             console=console, quiet=quiet)
     scores = score_attack(run_dir, attack, folders, offline=offline)
-    path = run_dir / "attack_scores.csv"
+    path = run_dir / ATTACK_SCORES
     if path.is_file():  # keep the other attacks' scores
         old = pd.read_csv(path, dtype={"sample_id": str})
         scores = old.drop(columns=[c for c in scores.columns if c != "sample_id" and c in old.columns]).merge(
             scores, on="sample_id", how="outer")
-    tmp = path.with_name(path.name + ".tmp")
-    scores.to_csv(tmp, index=False)
+    fd, tmp = tempfile.mkstemp(prefix=".attack_scores-", suffix=".csv", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        scores.to_csv(f, index=False)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-    return audit_run(run_dir, config=audit_config or AuditConfig())
+    return audit_dir(run_dir, config=audit_config or AuditConfig(), command=command)

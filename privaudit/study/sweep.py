@@ -10,7 +10,7 @@ A sweep directory holds::
 
 ``<e>`` is a number (DP-SGD at that target epsilon), ``inf`` (no privacy) or ``clip`` (per-sample clipping and
 Poisson sampling with noise multiplier 0: the cost of clipping without the cost of noise; it earns no epsilon).
-The runs are independent jobs on an :mod:`executor <privaudit.executors>`. A run directory is written only when
+The runs are independent jobs on an :mod:`executor <privaudit.study.executors>`. A run directory is written only when
 its run has finished, so a failed or interrupted sweep resumes by training only the runs that are missing.
 """
 
@@ -26,11 +26,13 @@ from pathlib import Path
 from privaudit._fs import holds_run, private_mkdir, read_json, staged_dir, write_json
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError, OutputExistsError
+from privaudit.study.data import DataSpec, PreparedData, prepare_data
+from privaudit.study.dirs import NON_PRIVATE, SWEEP, RunDir, StudyDir
+from privaudit.study.runs import _console_of, audit_runs, audit_sweep, say, train_run
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = SWEEP
 SWEEP_KIND = "privaudit epsilon sweep"
-RUN_FILES = ("config.json", "train.json", "predictions.csv", "audit.json", "model/model.json")
-NON_PRIVATE, CLIP_ONLY = "inf", "clip"
+CLIP_ONLY = "clip"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def _identity(base: TrainConfig, data) -> dict:
     dp = train.pop("dp")
     train.update({f"dp.{k}": dp[k] for k in ("delta", "max_grad_norm", "accountant", "poisson_sampling")})
     spec = {"path": str(Path(data.path).absolute()) if data.path else None, "preset": data.preset,
-            "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed}
+            "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed,
+            "controls": str(Path(data.controls).absolute()) if data.controls else None, "label_from": data.label_from}
     if data.path is None:
         spec["n_samples"] = data.cohort_size(base.task)
     return {"task": base.task, "train": train, "data": spec}
@@ -145,132 +148,89 @@ def check_sweep_dir(out: Path, base: TrainConfig, data) -> dict | None:
 
 def is_complete(run_dir: Path) -> bool:
     """A run directory that a finished run wrote (the run is not redone on resume)."""
-    return all((Path(run_dir) / f).is_file() for f in RUN_FILES)
+    return RunDir(run_dir).is_complete()
 
 
-def _manifest_for_runs(data_info: dict) -> dict:
-    """config.json's data block as seen from a run directory, two levels below the sweep directory."""
-    info = dict(data_info)
-    if info.get("synthetic"):
-        info["manifest"] = "../../data/manifest.csv"
-    return info
-
-
-def train_run(spec: dict) -> dict:
+def train_job(spec: dict) -> dict:
     """One run of a sweep (a job: module level, so that a process pool or Ray can run it).
 
-    Trains into a staged folder, audits it alone, and only then moves it to its run directory."""
-    from privaudit.workflow import _train_into, audit_run_dirs, load_data
+    Reloads the sweep's data from its recorded block (checked against its hash), trains into a staged folder,
+    audits the run alone, and only then moves it to its run directory."""
+    from privaudit.study.data import reload_data
 
     t0 = time.perf_counter()
     config: TrainConfig = spec["config"]
-    manifest = load_data(spec["data"], config.task)
-    run_dir = Path(spec["run_dir"])
+    sweep_dir = Path(spec["sweep_dir"])
+    data = reload_data(spec["data_info"], sweep_dir, config.task)
+    data = PreparedData(data.manifest, data.spec, spec["data_info"])
+    run_dir = sweep_dir / spec["name"]
     private_mkdir(run_dir.parent)
     with staged_dir(run_dir, force=True) as tmp:  # force: a leftover incomplete folder is not a finished run
-        info = _train_into(manifest, config, tmp, data_info=spec["data_info"], console=None, quiet=True)
-        cfg_json = read_json(tmp / "config.json")
-        cfg_json.update({"command": spec["command"], "sweep": {"run": spec["name"], "epsilon": spec["label"]}})
-        write_json(tmp / "config.json", cfg_json)
-        audit_run_dirs({spec["name"]: tmp}, config=spec["audit"]).to_json(tmp / "audit.json")
+        info = train_run(data, config, tmp, command=spec["command"], root=sweep_dir,
+                         sweep={"run": spec["name"], "epsilon": spec["label"]})
+        report = audit_runs({spec["name"]: RunDir(tmp)}, config=spec["audit"])
+        report.to_json(tmp / "audit.json")
     return {"name": spec["name"], "dp": bool(info.get("dp")), "epsilon": info.get("epsilon"),
             "steps": info.get("steps"), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_sweep(base: TrainConfig, data, out: Path, *, points: list[SweepPoint], seeds: int,
+def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[SweepPoint], seeds: int,
               executor: str = "local", ray_address: str | None = None, jobs: int | None = None,
-              audit: AuditConfig | None = None, console=None, quiet: bool = False) -> dict:
-    """Train every (epsilon, seed) run that ``out`` does not hold yet, then audit all of them as one study.
-
-    Returns the study's audit document (also written to ``out/audit.json`` with ``out/report.html``)."""
+              audit: AuditConfig | None = None, command: str | None = None, console=None,
+              quiet: bool = True) -> StudyDir:
+    """Train every (epsilon, seed) run that ``out`` does not hold yet, then audit all of them as one study
+    (``out/audit.json`` with ``out/report.html``)."""
     from privaudit.backends import create_backend
-    from privaudit.executors import create_executor
+    from privaudit.study.executors import create_executor
     from privaudit.tasks import create_task
-    from privaudit.workflow import _command, load_data, synthesize
 
     if not points:
-        raise ConfigError("--epsilons is empty; give a comma-separated list such as 1,3,8,inf")
+        raise ConfigError("epsilons is empty; give a comma-separated list such as 1,3,8,inf")
     if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    task = create_task(base.task)
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    create_task(base.task)
     create_backend(base.backend)
     audit = audit or AuditConfig(seed=base.seed)
     out = Path(out).absolute()
     old = check_sweep_dir(out, base, data)
     if data.path is not None:
-        load_data(data, base.task)  # bad data fails here, before anything is written
+        prepare_data(base.task, data, None)  # bad data fails here, before anything is written
     seed_list = [base.seed + k for k in range(seeds)]
     runs = {run_name(p, s): (p, s) for p in points for s in seed_list}
     todo = [name for name in runs if not is_complete(out / name)]
 
     with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
         private_mkdir(out)
+        # sweep.json is the sweep's plan: a resumed sweep may add settings or seeds, so it lists every run asked for
         write_json(out / SWEEP_FILE, {
             "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
             "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
-            "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command()})
-        if data.path is None:
-            manifest_path = out / "data" / "manifest.csv"
-            if not manifest_path.is_file():
-                with staged_dir(out / "data", force=True) as tmp:
-                    synthesize(base.task, tmp, n=data.cohort_size(base.task), image_size=base.image_size or task.input_size,
-                               seed=data.seed, console=console, quiet=quiet)
-            run_data = dataclasses.replace(data, path=manifest_path, preset="manifest")
-            data_info = {"manifest": "data/manifest.csv", "synthetic": True, "n_samples": data.cohort_size(base.task),
-                         "seed": data.seed}
-        else:
-            run_data = dataclasses.replace(data, path=Path(data.path).absolute())
-            data_info = {"manifest": str(Path(data.path).absolute()), "synthetic": False, "preset": data.preset}
+            "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
+        # one data-preparation path: a synthetic cohort is written once into out/data (kept on resume)
+        prepared = prepare_data(base.task, data, out, image_size=base.image_size, console=_console_of(console),
+                                quiet=quiet)
         for name in todo:  # folders left by a run that was killed mid-way
             for partial in (out / name).parent.glob(f".{Path(name).name}.partial-*"):
                 shutil.rmtree(partial, ignore_errors=True)
-        specs = [{"name": name, "label": runs[name][0].label, "run_dir": str(out / name),
-                  "config": point_config(base, *runs[name]), "data": run_data,
-                  "data_info": _manifest_for_runs(data_info), "audit": audit, "command": _command()}
+        specs = [{"name": name, "label": runs[name][0].label, "sweep_dir": str(out),
+                  "config": point_config(base, *runs[name]), "data_info": prepared.info, "audit": audit,
+                  "command": command}
                  for name in todo]
-        if console is not None and not quiet:
-            reused = len(runs) - len(todo)
-            console.print(f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
-                          f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
-                          f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
+        reused = len(runs) - len(todo)
+        say(console, quiet, f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
+                            f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
+                            f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
 
         def done(i, res):
-            if console is not None and not quiet:
-                eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
-                console.print(f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
+            eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
+            say(console, quiet, f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
 
         t0 = time.perf_counter()
-        ex.run(train_run, specs, labels=todo, on_done=done)
-        train_seconds = time.perf_counter() - t0
-        executor_info = {**ex.describe(), "trained": len(todo), "reused": len(runs) - len(todo),
-                         "train_seconds": round(train_seconds, 2)}
-    return audit_sweep(out, config=audit, executor_info=executor_info)
-
-
-def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = None) -> dict:
-    """Audit the runs of the sweep at ``out`` as one study: writes ``audit.json`` and ``report.html``."""
-    from privaudit.reports import write_report
-    from privaudit.workflow import _command, audit_run_dirs
-
-    out = Path(out)
-    sweep = read_json(out / SWEEP_FILE)
-    missing = [name for name in sweep["runs"] if not is_complete(out / name)]
-    if missing:
-        raise DataError(f"{out}: run {missing[0]} is not finished ({len(missing)} missing); run the same "
-                        "'privaudit sweep' command again to train the missing runs")
-    names = list(sweep["runs"])
-    reference = next((n for n in names if n.startswith(f"eps={NON_PRIVATE}/")), None)
-    report = audit_run_dirs({name: out / name for name in names}, config=config, reference=reference)
-    study = report.data["study"]
-    study["task"] = sweep["identity"]["task"]
-    data_info = {"manifest": "data/manifest.csv"} if (out / "data" / "manifest.csv").is_file() else {}
-    study["data"].update(data_info)
-    study["command"] = _command()
-    study["sweep"] = {"epsilons": sweep["epsilons"], "seeds": sweep["seeds"], "runs": names,
-                      **({"executor": executor_info} if executor_info else {})}
-    report.to_json(out / "audit.json")
-    write_report(out / "audit.json")
-    return report.data
+        ex.run(train_job, specs, labels=todo, on_done=done)
+        executor_info = {**ex.describe(), "trained": len(todo), "reused": reused,
+                         "train_seconds": round(time.perf_counter() - t0, 2)}
+    audit_sweep(out, config=audit, executor_info=executor_info, command=command)
+    return StudyDir(out)
 
 
 def summary_table(doc: dict):

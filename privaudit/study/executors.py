@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 from privaudit.errors import ConfigError, MissingDependencyError, PrivauditError, unknown_name
 
-EXECUTORS = ("local", "ray")
 RAY_HINT = "pip install 'privaudit[ray]' (or pip install ray)"
 PROBE_SECONDS = 5.0  # how long a --ray-address may take to accept a connection
 
@@ -258,16 +257,41 @@ class RayExecutor(Executor):
             self._owned = False
 
 
+# name -> factory(jobs=, address=, use_gpus=); register more with register_executor
+_EXECUTORS: dict[str, Callable[..., Executor]] = {}
+
+
+def register_executor(name: str, factory: Callable[..., Executor]) -> None:
+    """Register an executor factory, called as ``factory(jobs=..., address=..., use_gpus=...)``."""
+    _EXECUTORS[name] = factory
+
+
+def _local(*, jobs=None, address=None, use_gpus=True) -> Executor:
+    if address:
+        raise ConfigError("ray_address needs the ray executor")
+    return LocalExecutor(jobs, use_gpus=use_gpus)
+
+
+def _ray(*, jobs=None, address=None, use_gpus=True) -> Executor:
+    if jobs is not None:
+        raise ConfigError("jobs sizes the local process pool; with the ray executor the cluster's CPUs and GPUs "
+                          "decide how many jobs run at once")
+    return RayExecutor(address, use_gpus=use_gpus)
+
+
+register_executor("local", _local)
+register_executor("ray", _ray)
+
+
+def list_executors() -> list[str]:
+    return sorted(_EXECUTORS)
+
+
 def create_executor(name: str, *, jobs: int | None = None, address: str | None = None,
                     use_gpus: bool = True) -> Executor:
-    """``local`` (``jobs`` processes) or ``ray`` (at ``address``, or a Ray started here)."""
-    if name == "local":
-        if address:
-            raise ConfigError("--ray-address needs --executor ray")
-        return LocalExecutor(jobs, use_gpus=use_gpus)
-    if name == "ray":
-        if jobs is not None:
-            raise ConfigError("--jobs sizes the local process pool; with --executor ray the cluster's CPUs and GPUs "
-                              "decide how many jobs run at once")
-        return RayExecutor(address, use_gpus=use_gpus)
-    raise unknown_name("executor", name, EXECUTORS)
+    """``local`` (``jobs`` processes) or ``ray`` (at ``address``, or a Ray started here), or a registered one."""
+    try:
+        factory = _EXECUTORS[name]
+    except KeyError:
+        raise unknown_name("executor", name, _EXECUTORS) from None
+    return factory(jobs=jobs, address=address, use_gpus=use_gpus)
