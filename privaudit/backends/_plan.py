@@ -129,7 +129,8 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
 def unit_record(plan: TrainingPlan, config: TrainConfig, privacy: dict) -> tuple[dict, dict, list[str]]:
     """train.json's privacy-unit fields: (fields of the privacy block, top-level fields, warnings).
 
-    The privacy block gains ``privacy_unit``, ``n_units`` and, for an image-level run that earned an epsilon,
+    The privacy block gains ``privacy_unit``, ``n_units``, ``unit_gradient`` (what is clipped, for the patient
+    unit) and, for an image-level run that earned an epsilon,
     ``group_privacy``: what the guarantee says about a patient with k images at k = the median (rounded up) and
     the maximum number of training images per patient, by :func:`privaudit.audit.accounting.group_privacy`;
     an entry whose delta reaches 1 holds nulls and ``guarantee: false``, with a warning.
@@ -138,7 +139,8 @@ def unit_record(plan: TrainingPlan, config: TrainConfig, privacy: dict) -> tuple
 
     warns = list(plan.warnings)
     block = {"privacy_unit": plan.privacy_unit, "n_units": plan.n_units if plan.privacy_unit else None,
-             "group_privacy": None}
+             "unit_gradient": "sum of the patient's image loss gradients, clipped as one"
+             if plan.privacy_unit == "patient" else None, "group_privacy": None}
     eps, delta = privacy.get("epsilon"), privacy.get("delta")
     if plan.privacy_unit == "image" and privacy.get("dp") and eps is not None and plan.images_per_patient:
         block["group_privacy"] = {}

@@ -331,8 +331,6 @@ class OpacusBackend:
                 "target_epsilon": dp.epsilon, "accountant_history": [list(h) for h in history_acc],
                 "clipping": "flat", "grad_sample_mode": engine.grad_sample_mode, "secure_mode": False,
             }
-        if patient:
-            privacy["patient_gradient"] = "sum of the patient's image loss gradients, clipped as one"
         unit_block, unit_top, unit_warnings = unit_record(plan, config, privacy)
         privacy.update(unit_block)
         if console is not None and not quiet:
