@@ -227,6 +227,27 @@ def test_hooks_sum_rows_by_patient_and_refuse_a_mismatch():
                          engine=types.SimpleNamespace(grad_sample_mode="ghost"), units=Units(torch.tensor([0]), 1))
 
 
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_an_empty_patient_draw_steps_with_noise_only(mode):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    model = create_model("resnet9-gn", in_channels=1, num_classes=3, width=4, spatial_dims=2)
+    gsm = GradSampleModule(model) if mode == "hooks" else FastGradSampleModule(model)
+    kw = dict(noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=8)
+    sgd = torch.optim.SGD(gsm.parameters(), lr=1.0)
+    opt = DPOptimizer(sgd, **kw) if mode == "hooks" else FastDPOptimizer(sgd, grad_sample_module=gsm, **kw)
+    before = [p.detach().clone() for p in gsm.parameters()]
+    empty = Units(torch.zeros(0, dtype=torch.long), 0)
+    assert forward_backward(gsm, torch.zeros(0, 1, 16, 16), torch.zeros(0, 3), per_sample_loss,
+                            engine=types.SimpleNamespace(grad_sample_mode=mode), units=empty) is None
+    opt.step()
+    assert not opt._is_last_step_skipped
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, gsm.parameters())])
+    assert 0.9 * 0.5 / 8 < update.std().item() < 1.1 * 0.5 / 8     # sigma C / expected patients, noise alone
+
+
 # ---- sampling ----------------------------------------------------------------------------------------------------
 def test_poisson_sampling_of_patients_includes_each_with_probability_q_and_all_its_images():
     from scipy import stats
@@ -406,9 +427,13 @@ def test_audit_copies_the_unit_into_the_accountant_block(multi, tmp_path):
 
 # ---- where patient-level DP does not run, and bad input -------------------------------------------------------
 def test_auto_unit_falls_back_to_image_with_a_warning_where_patient_level_cannot_run(multi, tmp_path):
+    from privaudit.backends._plan import plan_training
+
     tj, _ = _train(multi, tmp_path, clipping="ghost")
     assert tj["privacy_unit"] == "image" and tj["group_privacy"] is not None
     assert any("patient-level DP needs a patient's image gradients summed" in w for w in tj["warnings"])
+    plan = plan_training(load_manifest(multi, task=CXR), TrainConfig(backend="tf", batch_size=6), CXR, 16)
+    assert plan.privacy_unit == "image" and "not available on the tf backend yet" in plan.warnings[0]
 
 
 def test_one_image_per_patient_is_image_level(cohort, tmp_path):

@@ -144,6 +144,7 @@ class FastGradSampleModule(AbstractGradSampleModule):
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled() and self.hooks_enabled):
+            self._next_units = None        # units label a training forward pass only
             return self._module(*args, **kwargs)
         self._batches = [b for b in self._batches if b.backward_seen]   # forward passes never backpropagated
         if self._batches and not self.grad_accumulation_allowed:
