@@ -90,16 +90,20 @@ class Units:
         """A per-unit vector as per-sample: each sample takes its unit's value."""
         return coef[self.index]
 
-    def by_size(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(units (u_k,), their samples (u_k, k))] for each unit size k present."""
+    def by_size(self) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+        """The samples ordered by (unit size, unit), and for each unit size k present: (k, where its units'
+        samples start in that order, the units (u_k,)). The samples of the units of size k are then one
+        contiguous (u_k, k) block of the order."""
         if self._by_size is None:
-            order = torch.argsort(self.index, stable=True)
-            offsets = torch.cumsum(self.sizes, 0) - self.sizes
-            self._by_size = []
+            # sort key: unit size first, then unit, then the sample's position (a stable sort keeps it)
+            key = self.sizes[self.index] * (self.count + 1) + self.index
+            order = torch.argsort(key, stable=True)
+            blocks, start = [], 0
             for k in torch.unique(self.sizes).tolist():
                 ids = torch.nonzero(self.sizes == k).flatten()
-                items = order[offsets[ids].unsqueeze(1) + torch.arange(k, device=ids.device)]
-                self._by_size.append((ids, items))
+                blocks.append((k, start, ids))
+                start += k * len(ids)
+            self._by_size = (order, blocks)
         return self._by_size
 
 
@@ -129,10 +133,14 @@ def _unit_ghost_sq(a: torch.Tensor, b: torch.Tensor, units: Units, dtype) -> tor
     positions side by side (all the cross-image Gram blocks), units of one size k at a time."""
     sq = torch.zeros(units.count, dtype=dtype, device=b.device)
     _, g, t, _ = b.shape
-    for ids, items in units.by_size():
-        k = items.shape[1]
-        ak = a[items].transpose(1, 2).reshape(len(ids), g, k * t, a.shape[-1])   # (u_k, G, k T, d)
-        bk = b[items].transpose(1, 2).reshape(len(ids), g, k * t, b.shape[-1])
+    order, blocks = units.by_size()
+    a, b = a[order], b[order]        # one gather: each unit size's samples are then one contiguous block
+    for k, start, ids in blocks:
+        u = len(ids)
+        ak, bk = a[start:start + u * k], b[start:start + u * k]
+        if k > 1:   # (u_k, G, k T, .): a unit's positions side by side (a view when G = 1)
+            ak = ak.view(u, k, g, t, -1).transpose(1, 2).reshape(u, g, k * t, a.shape[-1])
+            bk = bk.view(u, k, g, t, -1).transpose(1, 2).reshape(u, g, k * t, b.shape[-1])
         sq[ids] = _ghost_sq(ak, bk).to(dtype)
     return sq
 
