@@ -22,6 +22,22 @@ CLIPPING_MODES = ("hooks", "ew", "ghost", "fast")
 # DPConfig fields that TrainConfig.for_task takes by their own names; options whose default is the task's.
 DP_OPTIONS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant", "poisson_sampling")
 TASK_DEFAULTS = ("epochs", "batch_size", "width", "lr")
+# What DP protects (privaudit.backends._plan.resolve_unit): a patient with all its images, or one image.
+PRIVACY_UNITS = ("patient", "image")
+
+
+def patient_unit_refusal(backend: str, clipping: str, *, torchrun: bool = False) -> str | None:
+    """Why patient-level DP cannot run with these settings (one line with the fix), or None when it can."""
+    if backend != "opacus":
+        return (f"privacy_unit 'patient' is not available on the {backend} backend yet (its DP optimizer clips "
+                "each image on its own); use the opacus backend, or privacy_unit 'image'")
+    if clipping in ("ew", "ghost"):
+        return (f"privacy_unit 'patient' needs a patient's image gradients summed before clipping, which clipping "
+                f"{clipping!r} cannot do; use clipping 'fast' or 'hooks', or privacy_unit 'image'")
+    if torchrun:
+        return ("privacy_unit 'patient' is not available under torchrun yet (the distributed Poisson sampler draws "
+                "images, not patients); train in one process, or use privacy_unit 'image'")
+    return None
 
 
 def default_delta(n_train: int) -> float:
@@ -74,14 +90,15 @@ class DPConfig:
                 "joins each batch independently, so the reported epsilon would not be earned"
             )
 
-    def resolve_delta(self, n_train: int) -> "DPConfig":
-        """Fix delta for a training set of ``n_train`` samples and check delta < 1/N."""
+    def resolve_delta(self, n_train: int, unit: str = "samples") -> "DPConfig":
+        """Fix delta for a training set of ``n_train`` privacy units (``unit``: "samples" or "patients") and
+        check delta < 1/N."""
         if not self.enabled:
             return self
         delta = default_delta(n_train) if self.delta is None else self.delta
         if delta >= 1.0 / n_train:
             raise ConfigError(
-                f"delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training samples); "
+                f"delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training {unit}); "
                 "a delta that large allows leaking whole records; use a smaller delta, e.g. the default 1/N^1.1"
             )
         return dataclasses.replace(self, delta=delta)
@@ -109,7 +126,7 @@ class TrainConfig:
     width: int = 32                    # channels of the first stage
     image_size: int | None = None      # None: the task's input size
     epochs: int = 5
-    batch_size: int = 64               # logical (expected) batch size
+    batch_size: int = 64               # logical (expected) batch size, in privacy units (patients or images)
     physical_batch_size: int = 64      # memory limit per forward/backward
     lr: float = 2e-3
     seed: int = 0
@@ -118,6 +135,8 @@ class TrainConfig:
     canaries: int = 0                  # canaries for the one-run empirical epsilon (each included w.p. 1/2)
     clipping: str = "hooks"            # per-sample clipping engine: one of CLIPPING_MODES
     dp: DPConfig = field(default_factory=DPConfig)
+    privacy_unit: str | None = None    # None: "patient" when a patient has several training images, else "image"
+    max_images_per_patient: int | None = None  # keep at most this many training images per patient (seeded)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -143,6 +162,15 @@ class TrainConfig:
             check_limit(name, getattr(self, name))
         if self.image_size is not None:
             check_limit("image_size", self.image_size, const=_size_limit(self.task))
+        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(f"unknown privacy_unit {self.privacy_unit!r}; use patient or image (or leave it out: "
+                              "patient whenever a patient has several training images)")
+        if self.max_images_per_patient is not None and self.max_images_per_patient < 1:
+            raise ConfigError(f"max_images_per_patient must be at least 1, got {self.max_images_per_patient}; "
+                              "leave it out to keep every image")
+        why = patient_unit_refusal(self.backend, self.clipping) if self.privacy_unit == "patient" else None
+        if why:
+            raise ConfigError(why)
 
     @classmethod
     def for_task(cls, task: str = "cxr", **options) -> "TrainConfig":

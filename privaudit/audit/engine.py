@@ -647,9 +647,14 @@ def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame,
                                                      attributes=attributes, min_cell=min_cell),
              "empirical_epsilon": None, "soundness": None}
     _empirical(block, canaries, run, name, warnings, seed)
+    if run:   # what training warned about (a fallback to image-level DP, patient ids a preset derived, ...)
+        warnings.extend(f"{name}: {w}" for w in run.get("warnings") or [])
     if not run or not run.get("dp"):
         return block
     acc = {k: run.get(k) for k in PRIVACY_KEYS}
+    # the privacy unit (patient or image; null: not recorded, an image-level run from before units) and, for an
+    # image-level run, what it guarantees a patient with k images
+    acc.update({k: run.get(k) for k in ("privacy_unit", "n_units", "group_privacy")})
     from privaudit.audit.accounting import cross_checks
 
     checks, warns = cross_checks(noise_multiplier=acc["noise_multiplier"], sample_rate=acc["sample_rate"],

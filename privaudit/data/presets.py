@@ -93,6 +93,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -957,6 +958,7 @@ def _load_msd(
         case = Path(image).name.split(".")[0]
         rows.append({"sample_id": f"msd/{case}", "path": image, "patient_id": case, "pdac": 1.0, "site": MSD_SITE})
     frame = pd.DataFrame(rows)
+    invented = [frame["patient_id"]]   # a case id is no patient id: demographics.csv may give the real ones
     frame = _demographics(folder, frame, frame["path"])
 
     parts = [frame]
@@ -979,6 +981,7 @@ def _load_msd(
         if check_files:
             for f in files:
                 volume_shape(f)  # each control must be a 3D NIfTI volume
+        invented.append(ctrl["patient_id"])
         parts.append(_demographics(controls, ctrl, rel_to_controls))
     out = pd.concat(parts, ignore_index=True)
     if out["pdac"].nunique() < 2:
@@ -992,8 +995,12 @@ def _load_msd(
                       "absent or partly unknown and the audit cannot compare them; put one (image, sex, age) in "
                       "each source folder to add them", UserWarning, stacklevel=3)
     warnings.warn(SOURCE_SHORTCUT_WARNING, UserWarning, stacklevel=3)
-    return validate_manifest(out, task=task, source=source, root=folder, labels=labels, seed=seed,
-                             check_files=check_files)
+    manifest = validate_manifest(out, task=task, source=source, root=folder, labels=labels, seed=seed,
+                                 check_files=check_files)
+    # MSD has no patient ids: a case (a control file) is its own patient unless demographics.csv gives its
+    # patient_id. Training records "derived" and warns that one person's scans may count as several patients.
+    derived = any((part["patient_id"].to_numpy() == ids.to_numpy()).any() for part, ids in zip(parts, invented))
+    return dataclasses.replace(manifest, patient_ids="derived") if derived else manifest
 
 
 register_preset(
