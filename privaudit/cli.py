@@ -163,11 +163,19 @@ Clipping_ = Annotated[Clipping, typer.Option("--clipping", help="Per-sample clip
                       "clipped, noised gradient and epsilon at close to non-private speed; models with other "
                       "layers than Linear, Conv, GroupNorm and Embedding fall back to hooks). Library networks "
                       "(--arch torchvision:...) use fast under hooks where it covers them.")]
+Unit_ = Annotated[Optional[str], typer.Option("--privacy-unit", metavar="patient|image", help="What differential privacy "
+                  "protects: patient (every image of a patient, sampled, clipped and counted together) or image. "
+                  "Default: patient whenever a patient has more than one training image (else the two are the same). "
+                  "--batch-size counts this unit.")]
+MaxImages_ = Annotated[Optional[int], typer.Option("--max-images-per-patient", help="Train on at most K "
+                       "images per patient, chosen at random (seeded) before training; bounds a patient's share of "
+                       "the data (MIMIC has patients with 100+ images). Default: all images.")]
 NoDP_ = Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy.")]
 Epochs_ = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the task's; cxr 5, "
                                                 "pdac 15).")]
-Batch_ = Annotated[Optional[int], typer.Option("--batch-size", help="Logical (expected) batch size (default: the "
-                                               "task's; cxr 64, pdac 16).")]
+Batch_ = Annotated[Optional[int], typer.Option("--batch-size", help="Logical (expected) batch size, in privacy "
+                                               "units (patients under patient-level DP) (default: the task's; cxr "
+                                               "64, pdac 16).")]
 PBatch_ = Annotated[Optional[int], typer.Option("--physical-batch-size", help="Largest batch held in memory at "
                                                 "once (default: the batch size).")]
 Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels or voxels (default: the "
@@ -251,14 +259,16 @@ def _print_train_warnings(infos) -> None:
 
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
                   init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries=0,
-                  clipping=Clipping.hooks) -> TrainConfig:
+                  clipping=Clipping.hooks, privacy_unit=None, max_images_per_patient=None) -> TrainConfig:
     """The options as a TrainConfig; what is left out takes the task's defaults (TrainConfig.for_task)."""
     _check_arch(task, backend, arch)
     return TrainConfig.for_task(task, backend=backend, arch=arch, width=width, image_size=image_size, epochs=epochs,
                                 batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, seed=seed,
                                 device=device, init=init, canaries=canaries, clipping=Clipping(clipping).value,
                                 dp=not no_dp, epsilon=epsilon, delta=delta, noise_multiplier=noise_multiplier,
-                                max_grad_norm=max_grad_norm, accountant=Accountant(accountant).value)
+                                max_grad_norm=max_grad_norm, accountant=Accountant(accountant).value,
+                                privacy_unit=privacy_unit,
+                                max_images_per_patient=max_images_per_patient)
 
 
 def _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain=None, blank=None,
@@ -325,6 +335,8 @@ def train_and_audit_cmd(
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
     clipping: Clipping_ = Clipping.hooks,
+    privacy_unit: Unit_ = None,
+    max_images_per_patient: MaxImages_ = None,
     no_dp: NoDP_ = False,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also train the non-private model "
                                            "for comparison.")] = True,
@@ -364,7 +376,7 @@ def train_and_audit_cmd(
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
-                        clipping)
+                        clipping, privacy_unit, max_images_per_patient)
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     with _model_changes(cfg.arch):
@@ -411,6 +423,8 @@ def sweep_cmd(
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
     clipping: Clipping_ = Clipping.hooks,
+    privacy_unit: Unit_ = None,
+    max_images_per_patient: MaxImages_ = None,
     epochs: Epochs_ = None,
     batch_size: Batch_ = None,
     physical_batch_size: PBatch_ = None,
@@ -453,7 +467,7 @@ def sweep_cmd(
         raise ConfigError("--ray-address needs --executor ray")
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
                         device, init, False, None, delta, None, max_grad_norm, accountant, canaries,
-                        clipping)
+                        clipping, privacy_unit, max_images_per_patient)
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     study = run_sweep(cfg, spec, out, points=points, seeds=seeds, executor=executor.value, ray_address=ray_address,
@@ -488,6 +502,8 @@ def train_cmd(
     max_grad_norm: Clip_ = 1.0,
     accountant: Acc_ = Accountant.prv,
     clipping: Clipping_ = Clipping.hooks,
+    privacy_unit: Unit_ = None,
+    max_images_per_patient: MaxImages_ = None,
     no_dp: NoDP_ = False,
     epochs: Epochs_ = None,
     batch_size: Batch_ = None,
@@ -516,7 +532,7 @@ def train_cmd(
 
     cfg = _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed,
                         device, init, no_dp, epsilon, delta, noise_multiplier, max_grad_norm, accountant, canaries,
-                        clipping)
+                        clipping, privacy_unit, max_images_per_patient)
     out = out or _default_out(task, backend)
     spec = _data(task, data, preset, labels, views, n_samples, seed, controls, label_from, uncertain, blank, no_finding)
     from privaudit.backends.distributed import rank_zero_out

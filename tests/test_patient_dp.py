@@ -497,3 +497,40 @@ def test_msd_case_ids_are_recorded_as_derived(tmp_path):
         demo.assign(patient_id=[f"person{i}" for i in range(len(demo))]).to_csv(sub / "demographics.csv", index=False)
     given = load()
     assert given.patient_ids == "given" and given.frame["patient_id"].str.startswith("person").all()
+
+
+# ---- from the command line ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--privacy-unit", "person"], "unknown --privacy-unit 'person'"),
+    (["--max-images-per-patient", "0"], "--max-images-per-patient must be at least 1"),
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
+])
+def test_cli_bad_unit_options_are_one_line_and_write_nothing(multi, tmp_path, args, needle):
+    from conftest import invoke
+
+    out = tmp_path / "run"
+    res = invoke("train", "cxr", "--data", multi, "--image-size", "16", "--width", "4", "--epochs", "1", *args,
+                 "--quiet", "--out", out)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert needle in res.stderr and not out.exists()
+
+
+def test_cli_patient_run_epsilon_is_the_accountant_at_the_patient_rate(multi, tmp_path):
+    import json
+
+    from opacus.accountants import RDPAccountant
+
+    from conftest import invoke
+
+    out = tmp_path / "run"
+    res = invoke("train", "cxr", "--data", multi, "--image-size", "16", "--width", "4", "--epochs", "1",
+                 "--batch-size", "6", "--physical-batch-size", "8", "--noise-multiplier", "1.0", "--accountant", "rdp",
+                 "--privacy-unit", "patient", "--quiet", "--out", out)
+    assert res.exit_code == 0, res.stderr
+    tj = json.loads((out / "train.json").read_text())
+    n_patients = _train_patients(multi).nunique()
+    assert tj["privacy_unit"] == "patient" and tj["n_units"] == n_patients
+    assert tj["sample_rate"] == pytest.approx(6 / n_patients)
+    acc = RDPAccountant()
+    acc.history = [(1.0, 6 / n_patients, tj["steps"])]
+    assert tj["epsilon"] == pytest.approx(acc.get_epsilon(tj["delta"]), rel=1e-6)
