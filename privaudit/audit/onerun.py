@@ -239,8 +239,8 @@ def _steinke_best(m: int, g: np.ndarray, c: np.ndarray, significance: float, del
 
     Tests are tried in decreasing order of their delta = 0 bound, an upper limit of the delta > 0 one, until
     that limit cannot beat the best so far. A test whose p-value stays at or above the level on the whole grid
-    that ``one_run_lower_bound`` scans, even with only the first term of the delta correction
-    (2 m delta P[B = v - 1]), gives 0 there and is skipped without the full computation.
+    that ``one_run_lower_bound`` scans, even with only two of the terms the delta correction maximises over
+    (2 m delta max(P[B = v - 1], P[B <= v - 1] / v)), gives 0 there and is skipped without the full computation.
     """
     from privaudit.audit.empirical import SCAN_POINTS
 
@@ -251,7 +251,9 @@ def _steinke_best(m: int, g: np.ndarray, c: np.ndarray, significance: float, del
         grid = np.linspace(0.0, 1.0, SCAN_POINTS)[None, :] * pure[idx][:, None]
         q = expit(grid)
         gi, ci = g[idx][:, None], c[idx][:, None]
-        lower = binom.sf(ci - 1, gi, q) + 2 * m * delta * binom.pmf(ci - 1, gi, q)
+        tail = binom.sf(ci - 1, gi, q)
+        # two of the terms the delta correction maximises over: i = 1 and i = v
+        lower = tail + 2 * m * delta * np.maximum(binom.pmf(ci - 1, gi, q), (1 - tail) / ci)
         order = [i for i, alive in zip(order, (lower < significance).any(axis=1)) if alive]
     best, arg = 0.0, -1
     for i in order:

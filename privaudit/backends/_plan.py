@@ -24,10 +24,14 @@ class TrainingPlan:
     n_train: int                # training samples, included canaries counted
     dp: DPConfig                # with delta resolved for n_train when DP is on
     sample_rate: float          # expected batch / n_train
+    extra_rows: tuple | None = None   # (images, labels) appended to the training set: verify-dp's gradient canaries
 
 
-def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPlan:
-    """Make the canaries and check the batch against the training set; raise ConfigError with the fix."""
+def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows: tuple | None = None) -> TrainingPlan:
+    """Make the canaries and check the batch against the training set; raise ConfigError with the fix.
+
+    ``extra_rows`` = (images, labels) join the training set as ordinary units, counted in n_train (so in delta
+    and the sample rate): ``privaudit verify-dp`` adds its gradient canaries this way."""
     train_mask = (manifest.frame["split"] == "train").to_numpy()
     canaries = None
     if config.canaries:
@@ -40,6 +44,7 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
                                  seed=config.seed + CANARY_SEED_OFFSET)
     # Included canaries are training samples: the sample rate and delta account for them.
     n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
+    n_train += len(extra_rows[0]) if extra_rows is not None else 0
     if config.batch_size > n_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({n_train} samples); "
                           "use a smaller batch size")
@@ -48,7 +53,7 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
     if dp.enabled and sample_rate >= 1:
         raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
                           "below 1 for DP amplification by sampling; use a smaller --batch-size")
-    return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate)
+    return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate, extra_rows)
 
 
 def sha256(path: Path) -> str:
