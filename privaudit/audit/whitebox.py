@@ -14,6 +14,13 @@ The score is turned into an empirical epsilon with ``onerun`` (both analyses), w
 fixed in advance to a short geometric list (``top_k_grid``) with a Bonferroni correction over it: a valid
 test whatever the scores, and nearly as strong as searching every threshold with JAX-Privacy's correction.
 
+Two checks of the mechanism against its accounted parameters come with it (``noise_check``,
+``sampling_check``): the excluded canaries' projections are the noise along their directions, so their spread
+tests "at least the accounted noise"; the included canaries' mean projection tests "sampled at most at the
+accounted rate, and clipped". A one-run epsilon bound needs about 10^5 canaries to see a sample rate twice the
+accounted one (it doubles the Gaussian-DP mu); these checks see it with 10^3. The verdict fires on any of the
+three (``evaluate``).
+
 The *ideal* mechanism is what a perfect implementation would show: the same canaries, steps, q and sigma, each
 x_t drawn exactly as above with nothing else in the gradient (``simulate_scores``). Its bounds tell how close
 the real harness came to what the statistic can reach (``ideal_bounds``); its faulty variants (less noise, a
@@ -63,22 +70,71 @@ def canary_scores(projections, *, q: float, sigma: float) -> np.ndarray:
     return out
 
 
-def simulate_scores(m: int, *, sigma: float, q: float, steps: int, seed: int = 0, noise_scale: float = 1.0,
-                    rate_scale: float = 1.0, clip_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of the ideal mechanism: ``(scores, included)`` for m canaries over ``steps`` steps.
+def simulate_projections(m: int, *, sigma: float, q: float, steps: int, seed: int = 0, noise_scale: float = 1.0,
+                         rate_scale: float = 1.0, clip_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Projections of the ideal mechanism: ``(projections (steps, m), included)``, in units of C.
 
-    Scoring always uses the accounted ``q`` and ``sigma``; the mechanism itself can be faulty: noise
-    ``noise_scale * sigma``, sample rate ``rate_scale * q``, and a sampled canary contributing ``clip_scale``
-    (in units of C: 1 when clipped, the canary's full norm when clipping is skipped).
+    The mechanism can be made faulty: noise ``noise_scale * sigma``, sample rate ``rate_scale * q``, and a
+    sampled canary contributing ``clip_scale`` (1 when clipped; the canary's full norm when clipping is skipped).
     """
     rng = np.random.default_rng(seed)
     included = rng.random(m) < 0.5
-    scores = np.zeros(m)
     q_true = min(1.0, q * rate_scale)
-    for _ in range(steps):
-        x = included * (rng.random(m) < q_true) * clip_scale + noise_scale * sigma * rng.standard_normal(m)
-        scores += step_llr(x, q=q, sigma=sigma)
-    return scores, included
+    proj = np.empty((steps, m))
+    for t in range(steps):
+        proj[t] = included * (rng.random(m) < q_true) * clip_scale + noise_scale * sigma * rng.standard_normal(m)
+    return proj, included
+
+
+def simulate_scores(m: int, *, sigma: float, q: float, steps: int, seed: int = 0, **fault) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the ideal mechanism (``simulate_projections``), always scored with the accounted q and sigma."""
+    proj, included = simulate_projections(m, sigma=sigma, q=q, steps=steps, seed=seed, **fault)
+    return canary_scores(proj, q=q, sigma=sigma), included
+
+
+def noise_check(projections, included, *, sigma: float, level: float) -> dict:
+    """Does every step add at least the accounted noise? A one-sided chi-square test on the excluded canaries.
+
+    An excluded canary's projection is the noise's component along its direction, N(0, sigma^2) independently
+    across canaries (orthogonal directions) and steps, plus the other units' gradients projected on it, which
+    only add to its spread. So S = sum x^2 / sigma^2 over the n projections is at least chi-square(n) under the
+    accounted noise; ``p_value`` = P[chi2(n) <= S], and ``violated`` when it is below ``level``.
+    ``std_ratio`` = sqrt(S / n) estimates (observed noise) / (accounted noise).
+    """
+    from scipy.stats import chi2
+
+    x = np.asarray(projections, dtype=float)[:, ~np.asarray(included, dtype=bool)]
+    n = x.size
+    if n == 0:
+        return {"violated": False, "p_value": None, "std_ratio": None, "n": 0, "level": level}
+    stat = float((x**2).sum() / sigma**2)
+    p = float(chi2.cdf(stat, n))
+    return {"violated": bool(p < level), "p_value": p, "std_ratio": float(np.sqrt(stat / n)), "n": int(n),
+            "level": level}
+
+
+def sampling_check(projections, included, *, q: float, level: float) -> dict:
+    """Are the canaries sampled at most at the accounted rate, and clipped? A one-sided test on the signal.
+
+    A clipped canary sampled at a step adds C along its direction (1 in units of C), so an included canary's mean
+    projection over the steps is q + noise + the other units' share, an excluded one's noise + that share. The
+    difference of the two groups' means (one value per canary: canaries are independent) estimates q_true times
+    the clipped contribution; ``z`` = (difference - q) / its standard error, ``p_value`` = P[N(0, 1) >= z],
+    ``violated`` when below ``level``. ``rate_ratio`` = difference / q: about 1 for a correct pipeline, 2 for a
+    sampler drawing at twice the rate, about 100 q_true / q when clipping is skipped (canary norm 100 C).
+    """
+    from scipy.stats import norm
+
+    x = np.asarray(projections, dtype=float)
+    inc = np.asarray(included, dtype=bool)
+    a, b = x[:, inc].mean(axis=0), x[:, ~inc].mean(axis=0)
+    if len(a) < 2 or len(b) < 2:
+        return {"violated": False, "p_value": None, "rate_ratio": None, "z": None, "level": level}
+    diff = float(a.mean() - b.mean())
+    se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+    z = (diff - q) / se
+    p = float(norm.sf(z))
+    return {"violated": bool(p < level), "p_value": p, "rate_ratio": diff / q, "z": float(z), "level": level}
 
 
 def bounds(scores, included, *, delta: float, confidence: float = 0.99) -> dict:
@@ -102,26 +158,57 @@ def bounds(scores, included, *, delta: float, confidence: float = 0.99) -> dict:
     return out
 
 
-def verdict(empirical: float, eps_accountant: float) -> str:
-    """"violation" when the empirical epsilon exceeds the accountant's, else "no violation detected"."""
-    return VIOLATION if empirical > eps_accountant else NO_VIOLATION
+CHECK_SHARE = 0.1   # each mechanism check runs at this share of the significance (1 - confidence)
+
+
+def evaluate(projections, included, *, sigma: float, q: float, delta: float, eps_accountant: float,
+             confidence: float = 0.99) -> dict:
+    """Everything a white-box run concludes from its projections ((steps, m), in units of C).
+
+    ``tests``: the epsilon test (the f-DP empirical epsilon at ``confidence`` exceeds the accountant's), and two
+    checks of the mechanism against its accounted parameters, each at level (1 - confidence) * CHECK_SHARE:
+    ``noise_check`` and ``sampling_check``. ``verdict``: "violation" when any test fires, so a correct pipeline is
+    called a violation with probability at most (1 - confidence) * (1 + 2 * CHECK_SHARE).
+    """
+    proj = np.asarray(projections, dtype=float)
+    included = np.asarray(included, dtype=bool)
+    scores = canary_scores(proj, q=q, sigma=sigma)
+    found = bounds(scores, included, delta=delta, confidence=confidence)
+    level = (1 - confidence) * CHECK_SHARE
+    tests = {"epsilon": {"violated": bool(found["fdp"]["estimate"] > eps_accountant),
+                         "empirical": found["fdp"]["estimate"], "accountant": eps_accountant,
+                         "confidence": confidence},
+             "noise": noise_check(proj, included, sigma=sigma, level=level),
+             "sampling": sampling_check(proj, included, q=q, level=level)}
+    fired = [k for k, t in tests.items() if t["violated"]]
+    return {"verdict": VIOLATION if fired else NO_VIOLATION, "fired": fired, "tests": tests,
+            "empirical_epsilon": found, "scores": scores}
 
 
 def ideal_bounds(m: int, *, sigma: float, q: float, steps: int, delta: float, eps_accountant: float | None = None,
                  confidence: float = 0.99, reps: int = 20, seed: int = 0, **fault) -> dict:
-    """Bounds of ``reps`` simulated runs of the ideal mechanism (``fault``: ``simulate_scores``' scales).
+    """``reps`` simulated runs of the ideal mechanism (``fault``: ``simulate_projections``' scales).
 
-    Returns, per analysis, the median and the 5% and 95% quantiles of the bound over the repetitions and, given
-    the accountant's epsilon, the share of runs in which the bound exceeds it (the detection rate; for the
-    correct mechanism the false-alarm rate, which the confidence level caps at 1 - confidence).
+    Per analysis, the median and the 5% and 95% quantiles of the bound over the runs; given the accountant's
+    epsilon, the share of runs in which the bound exceeds it (``detection_rate``) and, for each test of
+    ``evaluate`` and its verdict, the share of runs in which it fires (for the correct mechanism: false alarms).
     """
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
     seeds = np.random.default_rng(seed).integers(0, 2**32, size=reps)
     runs = {"fdp": [], "steinke": []}
+    fired = {"epsilon": 0, "noise": 0, "sampling": 0, "verdict": 0}
     for s in seeds:
-        scores, included = simulate_scores(m, sigma=sigma, q=q, steps=steps, seed=int(s), **fault)
-        b = bounds(scores, included, delta=delta, confidence=confidence)
+        proj, included = simulate_projections(m, sigma=sigma, q=q, steps=steps, seed=int(s), **fault)
+        if eps_accountant is None:
+            b = bounds(canary_scores(proj, q=q, sigma=sigma), included, delta=delta, confidence=confidence)
+        else:
+            res = evaluate(proj, included, sigma=sigma, q=q, delta=delta, eps_accountant=eps_accountant,
+                           confidence=confidence)
+            b = res["empirical_epsilon"]
+            for k in res["fired"]:
+                fired[k] += 1
+            fired["verdict"] += res["verdict"] == VIOLATION
         for key in runs:
             runs[key].append(b[key]["estimate"])
     out = {"m": m, "sigma": sigma, "q": q, "steps": steps, "delta": delta, "confidence": confidence,
@@ -131,4 +218,5 @@ def ideal_bounds(m: int, *, sigma: float, q: float, steps: int, delta: float, ep
         out[key] = {"median": float(np.median(v)), "q05": float(np.quantile(v, 0.05)),
                     "q95": float(np.quantile(v, 0.95)), "mean": float(v.mean()),
                     "detection_rate": None if eps_accountant is None else float((v > eps_accountant).mean())}
+    out["firing_rate"] = None if eps_accountant is None else {k: n / reps for k, n in fired.items()}
     return out
