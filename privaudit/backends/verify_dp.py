@@ -33,7 +33,7 @@ sum without it, so verify-dp refuses them (a canary injected after their clippin
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
 ``no-clipping`` (per-sample gradients are not clipped), ``low-noise:F`` (noise multiplied by F < 1 while the
 accountant counts the full noise), ``double-rate`` (the sampler draws with twice the accounted sample rate)
-and ``rank-noise`` (under torchrun every process adds noise with sigma / world_size, as a naive
+and ``rank-noise`` (under torchrun every process adds its own noise with sigma / world_size, as a naive
 data-parallel port would; the all-reduced sum then holds sigma / sqrt(world_size)). ``verify.json`` names the
 fault, so a faulted result is never mistaken for a real one.
 """
@@ -203,13 +203,19 @@ class GradientCanaries:
             if self.world_size < 2:
                 raise ConfigError("fault rank-noise needs torchrun with 2 or more processes")
 
+            import torch
+
+            # each process draws its own noise, as a port seeding by rank would (with one shared seed the ranks'
+            # noises would coincide and add up to the full sigma)
+            own = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.rank + 1)
+
             def every_rank():
-                nm = optimizer.noise_multiplier
-                optimizer.noise_multiplier = nm / self.world_size
+                nm, gen = optimizer.noise_multiplier, optimizer.generator
+                optimizer.noise_multiplier, optimizer.generator = nm / self.world_size, own
                 try:
                     return DPOptimizer.add_noise(optimizer)   # every rank, not only rank 0
                 finally:
-                    optimizer.noise_multiplier = nm
+                    optimizer.noise_multiplier, optimizer.generator = nm, gen
 
             optimizer.add_noise = every_rank
         elif fault == "double-rate":
