@@ -39,9 +39,13 @@ $(VENV)/.installed-tf: $(VENV)/.installed
 	$(PIP) install --quiet --no-deps $(TF_NODEPS)
 	touch $@
 
-# The tests cover the tf backend too, so the test set-up installs it.
+# The tests cover the tf backend too, so the test set-up installs it. JAX-Privacy is the reference for the
+# one-run bounds; without its declared requirements (JAX), which that comparison does not use.
+JAX_PRIVACY ?= jax-privacy==2.0.0
+
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-tf
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps $(JAX_PRIVACY)
 	touch $@
 
 install: $(VENV)/.installed

@@ -139,3 +139,34 @@ def test_soundness_uses_the_infimum_over_larger_epsilons_and_agrees_with_the_bou
             assert soundness(eps, r, v, delta, m, confidence=0.99)["violated"] == (eps < bound), (r, v, delta, m, eps)
     # with delta = 0 the p-value grows with epsilon: the infimum is the p-value at epsilon itself
     assert p_value_at_least(50, 45, 1.0) == one_run_p_value(50, 45, 1.0)
+
+
+def test_input_space_canaries_report_the_fdp_bound_beside_steinkes():
+    """The audit engine's canary block (``engine._empirical``, what ``privacy.empirical_epsilon`` holds)."""
+    import pandas as pd
+
+    from privaudit.audit.engine import _empirical
+    from privaudit.config import default_delta
+
+    rng = np.random.default_rng(0)
+    included = rng.random(400) < 0.5
+    loss = np.where(included, 0.5, 1.0) + rng.normal(0, 0.3, 400)
+    canaries = pd.DataFrame({"included": included.astype(int), "loss": loss})
+    dp_run = {"dp": True, "epsilon": 0.5, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 5.0,
+              "sample_rate": 0.01, "steps": 10, "max_grad_norm": 1.0, "poisson_sampling": True, "n_train": 2000}
+    for run, delta in ((dp_run, 1e-5), ({"dp": False, "n_train": 2000}, default_delta(2000))):
+        block, warnings = {}, []
+        _empirical(block, canaries, run, "m", warnings, seed=0)
+        e = block["empirical_epsilon"]
+        assert e["method"] == onerun.STEINKE and e["fdp"]["method"] == onerun.FDP
+        expected = onerun.one_run_epsilon(-loss, included, delta=delta, confidence=0.95, method=onerun.FDP,
+                                          thresholds="all")
+        assert e["fdp"]["estimate"] == pytest.approx(expected["estimate"]) and e["fdp"]["delta"] == delta
+        assert e["fdp"]["estimate"] > 0.5   # this attack separates the canaries well
+    assert block.get("soundness") is None   # no epsilon claimed, nothing to check
+    block = {}
+    _empirical(block, canaries, dp_run, "m", [], seed=0)
+    assert block["soundness"]["violated"] and "infimum" in block["soundness"]["p_value_over"]
+    block = {}
+    _empirical(block, canaries, {"dp": False}, "m", [], seed=0)   # no N known: no delta for the f-DP bound
+    assert block["empirical_epsilon"]["fdp"] is None

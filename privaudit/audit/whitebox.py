@@ -217,6 +217,7 @@ def ideal_bounds(m: int, *, sigma: float, q: float, steps: int, delta: float, ep
         v = np.asarray(vals)
         out[key] = {"median": float(np.median(v)), "q05": float(np.quantile(v, 0.05)),
                     "q95": float(np.quantile(v, 0.95)), "mean": float(v.mean()),
-                    "detection_rate": None if eps_accountant is None else float((v > eps_accountant).mean())}
+                    "detection_rate": None if eps_accountant is None else float((v > eps_accountant).mean()),
+                    "runs": [float(x) for x in v]}
     out["firing_rate"] = None if eps_accountant is None else {k: n / reps for k, n in fired.items()}
     return out
