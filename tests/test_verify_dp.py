@@ -103,10 +103,29 @@ def test_each_fault_is_a_violation(manifest, tmp_path, monkeypatch, fault, fires
         assert 1.5 < tests["sampling"]["rate_ratio"] < 2.5
 
 
+def test_the_fast_engine_takes_the_canaries_in_its_book_keeping(manifest, tmp_path):
+    """--clipping fast has no p.grad_sample: the canaries join its per-layer book-keeping. With the same seeds
+    it must see what Opacus' hooks see (same sampling and noise, the same clipping), and catch the same fault."""
+    from privaudit.backends.verify_dp import verify_dp
+
+    runs = {}
+    for clipping in ("hooks", "fast"):
+        runs[clipping] = verify_dp(manifest, _config(clipping=clipping), tmp_path / clipping, gradient_canaries=M,
+                                   ideal_reps=1)
+        assert runs[clipping]["run"]["clipping"] == clipping
+    hooks, fast = (pd.read_csv(tmp_path / c / "verify_scores.csv")["score"].to_numpy() for c in ("hooks", "fast"))
+    assert np.abs(hooks - fast).max() < 1e-3 * max(1.0, np.abs(hooks).max())
+    assert runs["fast"]["tests"]["noise"]["std_ratio"] == pytest.approx(runs["hooks"]["tests"]["noise"]["std_ratio"],
+                                                                        rel=1e-4)
+    bad = verify_dp(manifest, _config(clipping="fast"), tmp_path / "bad", gradient_canaries=M, ideal_reps=1,
+                    fault="no-clipping")
+    assert bad["verdict"] == whitebox.VIOLATION and {"epsilon", "sampling"} <= set(bad["fired"])
+
+
 def test_refusals_are_config_errors(manifest, tmp_path):
     from privaudit.backends.verify_dp import parse_fault, verify_dp
 
-    for cfg, words in [(_config(clipping="fast"), "--clipping fast"), (_config(clipping="ghost"), "--clipping ghost"),
+    for cfg, words in [(_config(clipping="ghost"), "--clipping ghost"),
                        (_config(dp=DPConfig(enabled=False)), "needs DP"), (_config(canaries=10), "--canaries"),
                        (_config(dp=DPConfig(epsilon=None, noise_multiplier=0.0)), "clip-only")]:
         with pytest.raises(ConfigError, match=words):

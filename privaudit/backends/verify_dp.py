@@ -26,8 +26,11 @@ noise, optimizer and, under torchrun, all-reduce) with ``m`` *gradient canaries*
   and clipping). Verdict: "violation" when the f-DP empirical epsilon at the given confidence exceeds the
   accountant's epsilon or a check fails (``whitebox.evaluate``), else "no violation detected".
 
-Only the hooks and ew clipping modes materialise ``p.grad_sample``; the fast and ghost modes compute the clipped
-sum without it, so verify-dp refuses them (a canary injected after their clipping would bypass it).
+The hooks and ew clipping modes materialise ``p.grad_sample``, where the canaries are injected. The fast engine
+(``privaudit.backends.fastdp``) keeps per-layer book-keeping instead; there the canary rows' share joins the
+batch's book-keeping before the engine computes norms and clip factors (``_fast_terms``), so the engine's own
+clipping handles them. Ghost clipping keeps no per-sample state that could take them, so verify-dp refuses it
+(a canary injected after its clipping would bypass it).
 
 **Faults, for tests only.** ``fault=`` (or the environment variable ``PRIVAUDIT_TEST_FAULT`` when ``fault`` is
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
@@ -61,7 +64,13 @@ MARK = -1000.0          # first pixel of a canary row (raw scale; images hold [0
 MIN_CANARIES = 20
 IDEAL_REPS = 20
 SEED_OFFSET = 104729    # the canaries' generator is seeded with seed + SEED_OFFSET (inclusion, directions)
-SUPPORTED_CLIPPING = ("hooks", "ew")
+SUPPORTED_CLIPPING = ("hooks", "ew", "fast")
+
+
+class _CanaryRows:
+    """The key of the canaries' share in a fast-engine batch's book-keeping (``batch.terms``)."""
+
+    __name__ = "gradient canaries"
 
 
 def parse_fault(spec: str | None) -> tuple[str, float] | None:
@@ -116,10 +125,11 @@ class GradientCanaries:
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
         self.grad_sample_mode = engine.grad_sample_mode
         if self.grad_sample_mode not in SUPPORTED_CLIPPING:
-            raise ConfigError(f"verify-dp injects its canaries into Opacus' per-sample gradients, which --clipping "
-                              f"{self.grad_sample_mode} never materialises; use --clipping hooks or ew")
+            raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
+                              f"{self.grad_sample_mode} never keeps; use --clipping hooks, ew or fast")
         self.rank, self.world_size, self.device = ddp.rank, ddp.world_size, ddp.device
         self.optimizer = optimizer
+        self.clip_norm = float(optimizer.max_grad_norm)   # the accounted C (a fault may change the optimizer's)
         self.params = list(optimizer.params)
         sizes = [p.numel() for p in self.params]
         d = int(sum(sizes))
@@ -170,11 +180,13 @@ class GradientCanaries:
         model.register_forward_pre_hook(record)
 
         clip = optimizer.clip_and_accumulate
+        fast = self.grad_sample_mode == "fast"
 
         def clip_and_accumulate():
-            rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
-            if len(rows):
-                self._inject(rows, ids)
+            if not fast:   # the fast engine has no p.grad_sample: its book-keeping takes the canaries (below)
+                rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
+                if len(rows):
+                    self._inject(rows, ids)
             if fault == "no-clipping":
                 c = optimizer.max_grad_norm
                 optimizer.max_grad_norm = float("inf")
@@ -185,6 +197,21 @@ class GradientCanaries:
             return clip()
 
         optimizer.clip_and_accumulate = clip_and_accumulate
+        if fast:
+            module = optimizer.grad_sample_module
+            clipped_sum = module.clipped_grad_sum
+            key = _CanaryRows()
+
+            def clipped_grad_sum(max_grad_norm):
+                for batch in module._batches:
+                    if not (batch.backward_seen or batch.n == 0):
+                        continue
+                    rows, ids = self._pending.pop(0) if self._pending else (np.zeros(0, np.int64), None)
+                    if len(rows) and batch.n:
+                        batch.terms[key] = self._fast_terms(rows, ids, batch.n, module.loss_reduction)
+                return clipped_sum(max_grad_norm)
+
+            module.clipped_grad_sum = clipped_grad_sum
 
         add_noise = optimizer.add_noise
         if fault == "low-noise":
@@ -255,12 +282,8 @@ class GradientCanaries:
         """Replace the per-sample gradients of the canary rows by CANARY_NORM * C * their directions."""
         import torch
 
-        c = float(self.optimizer.max_grad_norm)
         with torch.no_grad():
-            vec = torch.zeros((len(rows), self.n_params), dtype=torch.float32, device=self.device)
-            for r, j in enumerate(ids):
-                a, b = self._starts[j], self._starts[j + 1]
-                vec[r, self._order[a:b]] = self._sorted_vals[a:b] * (CANARY_NORM * c)
+            vec = self._canary_vectors(ids, self.clip_norm)
             rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
             for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
                 gs = p.grad_sample
@@ -268,13 +291,47 @@ class GradientCanaries:
                     raise RuntimeError("verify-dp expects one per-sample gradient tensor per parameter and step")
                 gs[rows_t.to(gs.device)] = vec[:, a:b].reshape(len(rows), *p.shape).to(gs.device, gs.dtype)
 
+    def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str):
+        """The canary rows' share of a fast-engine batch: their squared per-sample norms and their clipped sum.
+
+        The fast engine keeps per-sample gradients of the batch's loss (the mean over n rows, so each 1/n of the
+        row's own gradient) and multiplies norms and clip factors by n; the canary share is kept in those units,
+        so that the engine's own clipping sees a gradient of norm CANARY_NORM * C on each canary row.
+        """
+        import torch
+
+        from privaudit.backends.fastdp._layers import LayerTerms
+
+        scale = float(n) if loss_reduction == "mean" else 1.0
+        vec = self._canary_vectors(ids, self.clip_norm) / scale
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+        sq[rows_t] = vec.square().sum(dim=1)
+
+        def clipped_sum(coef):
+            weighted = coef.to(self.device, torch.float32)[rows_t][:, None] * vec
+            total = weighted.sum(dim=0)
+            return {p: total[a:b].reshape(p.shape) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])}
+
+        return LayerTerms(sq, clipped_sum, "canary")
+
+    def _canary_vectors(self, ids: np.ndarray, c: float):
+        """(len(ids), n_params): CANARY_NORM * C times each canary's direction, flat over the parameters."""
+        import torch
+
+        vec = torch.zeros((len(ids), self.n_params), dtype=torch.float32, device=self.device)
+        for r, j in enumerate(ids):
+            a, b = self._starts[j], self._starts[j + 1]
+            vec[r, self._order[a:b]] = self._sorted_vals[a:b] * (CANARY_NORM * c)
+        return vec
+
     def _observe(self) -> None:
         """Project the step's noised gradient sum on every canary direction (units of C)."""
         import torch
 
         if self._scale is None:
             raise RuntimeError("verify-dp could not see the optimizer's scaling of the noised gradient")
-        factor = self._scale * (self._world or 1) / float(self.optimizer.max_grad_norm)
+        factor = self._scale * (self._world or 1) / self.clip_norm
         with torch.no_grad():
             g = torch.cat([p.grad.reshape(-1).float() for p in self.params]).to(self.device) * factor
             proj = torch.zeros(self.m, dtype=torch.float32, device=self.device).index_add_(0, self._owner, self._vals * g)
@@ -292,8 +349,8 @@ def _check(config, gradient_canaries: int, confidence: float) -> None:
     if config.canaries:
         raise ConfigError("verify-dp brings its own gradient canaries; leave out --canaries")
     if config.clipping not in SUPPORTED_CLIPPING:
-        raise ConfigError(f"verify-dp injects its canaries into Opacus' per-sample gradients, which --clipping "
-                          f"{config.clipping} never materialises; use --clipping hooks or ew")
+        raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
+                          f"{config.clipping} never keeps; use --clipping hooks, ew or fast")
     if int(gradient_canaries) < MIN_CANARIES:
         raise ConfigError(f"gradient_canaries must be at least {MIN_CANARIES}, got {gradient_canaries}; "
                           "1000 or more give a useful bound")
