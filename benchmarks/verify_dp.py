@@ -108,6 +108,41 @@ def simulate(run: dict, reps: int, seed: int) -> list[dict]:
     return rows
 
 
+def simulate_only(args) -> None:
+    """The detection table from simulation alone: the default run's sigma, q and steps (as Opacus would set them
+    for this cohort), for each epsilon and canary count, without training."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from privaudit.config import default_delta
+
+    report = {}
+    for m in args.sim_canaries:
+        n_train = int(round(0.7 * args.n_samples)) + m // 2   # the train split, and the included canaries
+        q = 1 / np.ceil(n_train / args.batch_size)           # Opacus: 1 / len(data loader)
+        steps = int(args.epochs * round(1 / q))
+        delta = default_delta(n_train)
+        for eps in args.epsilons:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
+                                             accountant="prv")
+            run = {"accountant": {"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "delta": delta,
+                                  "epsilon": eps}, "canaries": {"m": m}, "confidence": 0.99}
+            rows = simulate(run, args.ideal_reps, args.seed)
+            report[f"M={m} eps={eps:g}"] = {"sigma": sigma, "q": q, "steps": steps, "delta": delta, "rows": rows}
+            print(f"\n== M = {m}, epsilon {eps:g} (sigma {sigma:.3f}, q {q:.4f}, {steps} steps, delta {delta:g}); "
+                  f"share of {args.ideal_reps} simulated runs that fire")
+            print(f"  {'fault':<16} {'f-DP median':>11} {'Steinke med':>11} {'eps test':>9} {'verdict':>8}")
+            for row in rows:
+                print(f"  {row['fault']:<16} {row['fdp_median']:>11.3f} {row['steinke_median']:>11.3f} "
+                      f"{row['epsilon_test']:>9.2f} {row['verdict']:>8.2f}", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "verify_dp_simulation.json").write_text(json.dumps(report, indent=1, default=float))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 8.0])
@@ -124,6 +159,8 @@ def main() -> None:
     p.add_argument("--faults", nargs="*", default=["no-clipping", "low-noise:0.9", "double-rate", "rank-noise"])
     p.add_argument("--input-space", action="store_true", help="also audit M input-space canaries (one more run)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--simulate-only", action="store_true", help="only the detection table from simulation")
+    p.add_argument("--sim-canaries", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--worker-manifest", help=argparse.SUPPRESS)
     p.add_argument("--worker-eps", type=float, help=argparse.SUPPRESS)
     p.add_argument("--worker-fault", help=argparse.SUPPRESS)
@@ -131,6 +168,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker_manifest:
         worker(args)
+        return
+    if args.simulate_only:
+        simulate_only(args)
         return
 
     import torch

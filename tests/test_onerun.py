@@ -164,6 +164,26 @@ def test_input_space_canaries_report_the_fdp_bound_beside_steinkes():
         assert e["fdp"]["estimate"] == pytest.approx(expected["estimate"]) and e["fdp"]["delta"] == delta
         assert e["fdp"]["estimate"] > 0.5   # this attack separates the canaries well
     assert block.get("soundness") is None   # no epsilon claimed, nothing to check
+    # what the audit writes still meets the shipped audit.json schema
+    import jsonschema
+
+    from privaudit._fs import to_jsonable
+    from privaudit.audit.results import load_schema
+
+    def find(node):
+        if isinstance(node, dict):
+            if "empirical_epsilon" in node.get("properties", {}):
+                return node["properties"]["empirical_epsilon"]
+            for v in node.values():
+                hit = find(v)
+                if hit is not None:
+                    return hit
+        return None
+
+    sub = find(load_schema())
+    jsonschema.validate(to_jsonable(block["empirical_epsilon"]), sub)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**to_jsonable(block["empirical_epsilon"]), "fdp": {"estimate": 1.0}}, sub)
     block = {}
     _empirical(block, canaries, dp_run, "m", [], seed=0)
     assert block["soundness"]["violated"] and "infimum" in block["soundness"]["p_value_over"]
