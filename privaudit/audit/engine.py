@@ -626,8 +626,16 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
         raise DataError(f"model {name!r}: the canary table needs 'included' and a 'loss' for every canary")
     dp = bool(run and run.get("dp"))
     delta = float(run["delta"]) if dp else 0.0
-    res = one_run_audit(-canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool),
-                        delta=delta, confidence=0.95, seed=seed)
+    scores, included = -canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool)
+    res = one_run_audit(scores, included, delta=delta, confidence=0.95, seed=seed)
+    # Beside Steinke et al.'s bound, the f-DP one (Mahloujifar et al.), one-sided over every threshold with a
+    # Bonferroni correction. It needs delta > 0: a non-private run is read at the delta DP would use for its N.
+    from privaudit.audit.onerun import FDP, one_run_epsilon
+    from privaudit.config import default_delta
+
+    fdp_delta = delta if dp else (default_delta(int(run["n_train"])) if run and run.get("n_train") else None)
+    res["fdp"] = (None if not fdp_delta else
+                  one_run_epsilon(scores, included, delta=fdp_delta, confidence=0.95, method=FDP, thresholds="all"))
     block["empirical_epsilon"] = res
     if dp:
         check = soundness(float(run["epsilon"]), res["r"], res["v"], delta, res["m"], confidence=0.99)

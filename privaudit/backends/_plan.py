@@ -36,6 +36,7 @@ class TrainingPlan:
     patient_ids: str = "given"  # "derived" when the preset invented them (one per file or case)
     images_left_out: int = 0    # training images that max_images_per_patient left out
     warnings: tuple[str, ...] = ()
+    extra_rows: tuple | None = None   # (images, labels) appended to the training set: verify-dp's gradient canaries
 
 
 def cap_images(patient_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -64,9 +65,13 @@ def resolve_unit(config: TrainConfig, several: bool, *, torchrun: bool) -> tuple
     return "patient", []
 
 
-def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPlan:
+def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows: tuple | None = None) -> TrainingPlan:
     """Make the canaries, fix the privacy unit and check the batch against the training set; raise ConfigError
-    with the fix."""
+    with the fix.
+
+    ``extra_rows`` = (images, labels) join the training set as ordinary units (each its own patient), counted in
+    n_train and n_units (so in delta and the sample rate): ``privaudit verify-dp`` adds its gradient canaries
+    this way."""
     frame = manifest.frame
     train_mask = (frame["split"] == "train").to_numpy()
     pids = frame["patient_id"].astype(str).to_numpy()
@@ -87,7 +92,8 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
         canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
                                  seed=config.seed + CANARY_SEED_OFFSET)
     # Included canaries are training samples (each its own patient): the sample rate and delta account for them.
-    n_canaries = int(canaries[2].sum()) if canaries is not None else 0
+    n_canaries = (int(canaries[2].sum()) if canaries is not None else 0) + (
+        len(extra_rows[0]) if extra_rows is not None else 0)
     n_train = int(train_mask.sum()) + n_canaries
     codes, uniq = pd.factorize(pids[train_mask])
     counts = np.bincount(codes, minlength=len(uniq))
@@ -123,7 +129,7 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
         warns.append("the patient ids were derived by the data preset (one per case or file), not given: two scans of "
                      "one person count as two patients, so a per-patient guarantee may cover less than a person")
     return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate, unit, n_units, units, per_patient, id_source,
-                        left_out, tuple(warns))
+                        left_out, tuple(warns), extra_rows)
 
 
 def unit_record(plan: TrainingPlan, config: TrainConfig, privacy: dict) -> tuple[dict, dict, list[str]]:

@@ -194,7 +194,11 @@ class OpacusBackend:
             t = prog.add_task("loading images", total=len(manifest.frame), info="")
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
-    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
+    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False,
+              instrument=None) -> dict:
+        """Train and write the run directory ``out``. ``instrument`` is verify-dp's white-box hook
+        (``privaudit.backends.verify_dp``): it adds its gradient canaries to the training set and watches the
+        optimizer; None (always, outside verify-dp) leaves training untouched."""
         from torch.utils.data import DataLoader
 
         from privaudit.data.cache import ArrayDataset, loader_options
@@ -203,7 +207,9 @@ class OpacusBackend:
         arch = config.arch or task.default_arch
         size = config.image_size or task.input_size
         frame = manifest.frame
-        plan = plan_training(manifest, config, task, size)
+        # verify-dp's gradient canaries join the training set as ordinary rows
+        extra_rows = instrument.rows(task=task, size=size, n_labels=len(manifest.labels)) if instrument else None
+        plan = plan_training(manifest, config, task, size, extra_rows=extra_rows)
         train_mask, canaries, n_train, dp = plan.train_mask, plan.canaries, plan.n_train, plan.dp
         patient = dp.enabled and plan.privacy_unit == "patient"
         if console is not None and not quiet:
@@ -240,7 +246,7 @@ class OpacusBackend:
         model = distributed.wrap_model(model, ddp, dp=dp.enabled)   # DPDDP under DP, DDP otherwise
 
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
-        extra = None
+        extra = plan.extra_rows
         if canaries is not None:
             cx, cy, included = canaries
             extra = (cx[included], cy[included])
@@ -288,6 +294,8 @@ class OpacusBackend:
             loader = _PatientLoader(patients, dataset, device, ddp)
         elif engine is not None:
             loader = distributed.after_make_private(loader, optimizer, ddp, seed=config.seed)   # torchrun only
+        if instrument is not None:   # verify-dp: inject at the per-sample gradients, observe the noised sums
+            instrument.attach(model=model, optimizer=optimizer, loader=loader, engine=engine, ddp=ddp)
 
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer see inputs that need no gradient; torch warns, harmlessly.
