@@ -31,7 +31,8 @@ from privaudit.audit.results import AuditReport  # noqa: E402
 from privaudit.byom import audit_model  # noqa: E402  (imports neither torch nor onnxruntime until it runs)
 from privaudit.config import AuditConfig, DPConfig, TrainConfig  # noqa: E402
 from privaudit.preprocess import load_preprocess_card  # noqa: E402
-from privaudit.study.api import attack, load_audit, report, sweep, train, train_and_audit  # noqa: E402
+from privaudit.study.api import (attack, load_audit, report, sweep, train, train_and_audit,  # noqa: E402
+                                 verify_dp)
 from privaudit.study.data import DataSpec  # noqa: E402
 from privaudit.study.dirs import RunDir, StudyDir  # noqa: E402
 from privaudit.study.api import audit as _audit_api  # noqa: E402
@@ -49,6 +50,6 @@ class _CallableModule(_types.ModuleType):
 
 audit.__class__ = _CallableModule
 
-__all__ = ["__version__", "train", "audit", "train_and_audit", "sweep", "attack", "report", "load_audit",
+__all__ = ["__version__", "train", "audit", "train_and_audit", "sweep", "attack", "report", "load_audit", "verify_dp",
            "audit_model", "load_preprocess_card",
            "TrainConfig", "DPConfig", "AuditConfig", "DataSpec", "RunDir", "StudyDir", "AuditReport"]

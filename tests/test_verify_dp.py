@@ -176,3 +176,23 @@ def test_rank_noise_under_torchrun_is_a_violation(manifest, tmp_path):
     assert res["tests"]["noise"]["std_ratio"] == pytest.approx(2**-0.5, abs=0.02)
     # the sampler and clipping are right: only the noise is short
     assert 0.6 < res["tests"]["sampling"]["rate_ratio"] < 1.4
+
+
+# ---- from the command line ------------------------------------------------------------------------------------
+def test_cli_verify_dp_exit_codes(tmp_path, monkeypatch):
+    from conftest import invoke
+    from privaudit.data.synth_cxr import synthesize_cxr
+
+    path = synthesize_cxr(tmp_path / "cohort", n=120, image_size=16, seed=3)
+    args = ["verify-dp", "cxr", "--data", path, "--image-size", "16", "--width", "4", "--epochs", "2",
+            "--batch-size", "32", "--physical-batch-size", "4096", "--noise-multiplier", "1.0", "--device", "cpu",
+            "--gradient-canaries", "200", "--quiet"]
+    res = invoke(*args, "--out", tmp_path / "ok")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert json.loads((tmp_path / "ok" / "verify.json").read_text())["verdict"] == whitebox.NO_VIOLATION
+    monkeypatch.setenv("PRIVAUDIT_TEST_FAULT", "no-clipping")
+    res = invoke(*args, "--out", tmp_path / "bad")
+    assert res.exit_code == 1, res.output + res.stderr
+    assert "violation" in res.output and json.loads((tmp_path / "bad" / "verify.json").read_text())["fault"]
+    res = invoke(*args, "--out", tmp_path / "bad")   # verify.json there already: refused, one line
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1

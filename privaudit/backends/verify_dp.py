@@ -356,6 +356,9 @@ def _check(config, gradient_canaries: int, confidence: float) -> None:
                           "1000 or more give a useful bound")
     if not 0.5 < confidence < 1:
         raise ConfigError(f"confidence must lie in (0.5, 1), got {confidence}")
+    if config.privacy_unit == "patient":
+        raise ConfigError("verify-dp tests image-level DP pipelines so far (its gradient canaries are single "
+                          "images); use privacy_unit 'image' or leave it out")
 
 
 def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confidence: float = 0.99,
@@ -373,6 +376,10 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
+    if config.privacy_unit is None:   # the canaries are images: test the image-level mechanism
+        import dataclasses
+
+        config = dataclasses.replace(config, privacy_unit="image")
     spec = fault if fault is not None else os.environ.get(FAULT_ENV)
     parsed = parse_fault(spec)
     out_dir = Path(out_dir)

@@ -258,3 +258,19 @@ def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None,
     return write_report(path, Path(out) if out else None, template_dir=Path(template) if template else None,
                         fmt=fmt, policy=Path(policy) if policy else None,
                         model_card=Path(model_card) if model_card else None, force=force)
+
+
+def verify_dp(task: str = "cxr", *, data=None, out=None, gradient_canaries: int = 1000, confidence: float = 0.99,
+              canary_seed: int = 0, config: TrainConfig | None = None, progress: Progress = False,
+              **options) -> dict:
+    """White-box test of the DP pipeline in one run (``privaudit verify-dp``): returns verify.json's content,
+    whose ``verdict`` is "violation" or "no violation detected". ``options`` are :func:`train`'s."""
+    from privaudit.study.runs import verify
+
+    options, data_opts, _ = _split(dict(options))
+    cfg = _train_config(task, config, options)
+    console, quiet = _progress(progress)
+    if out is None:
+        raise ConfigError("out: give a folder for verify.json")
+    return verify(cfg, _data_spec(data, data_opts, cfg.seed), Path(out), gradient_canaries=gradient_canaries,
+                  confidence=confidence, canary_seed=canary_seed, console=console, quiet=quiet)

@@ -269,6 +269,24 @@ def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = 
     return report
 
 
+def verify(config: TrainConfig, data: DataSpec, out: Path, *, gradient_canaries: int = 1000,
+           confidence: float = 0.99, canary_seed: int = 0, console=None, quiet: bool = True) -> dict:
+    """``privaudit verify-dp``: train the pipeline once with gradient canaries (privaudit.backends.verify_dp) on
+    the data as ``train`` prepares it, and write ``verify.json`` and ``verify_scores.csv`` into ``out``."""
+    from privaudit._fs import private_mkdir
+    from privaudit.backends.verify_dp import verify_dp
+
+    create_task(config.task)
+    if data.path is None:
+        raise ConfigError("verify-dp needs data (a manifest or a dataset folder); make a synthetic cohort with "
+                          "'privaudit data synth' first")
+    prepared = prepare_data(config.task, data, None)
+    private_mkdir(out)
+    return verify_dp(prepared.manifest, config, Path(out), gradient_canaries=gradient_canaries,
+                     confidence=confidence, seed=canary_seed,
+                     progress=None if quiet else (lambda msg: say(console, quiet, msg)))
+
+
 # ---- the main job ---------------------------------------------------------------------------------------------
 def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline: bool = True,
                     pretrain: bool = False, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
