@@ -180,7 +180,8 @@ def test_input_space_canaries_report_the_fdp_bound_beside_steinkes():
                     return hit
         return None
 
-    sub = find(load_schema())
+    schema = load_schema()
+    sub = {**find(schema), "$defs": schema["$defs"]}   # the sub-schema with the definitions it refers to
     jsonschema.validate(to_jsonable(block["empirical_epsilon"]), sub)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**to_jsonable(block["empirical_epsilon"]), "fdp": {"estimate": 1.0}}, sub)
