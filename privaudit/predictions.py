@@ -16,6 +16,9 @@ import pandas as pd
 from privaudit.errors import DataError
 
 ATTRIBUTE_COLUMNS = ("sex", "age", "comorbidity", "site", "race", "ethnicity")
+# A blank patient_id becomes this prefix plus the row's sample_id: its own patient in the resampler, DeLong and
+# the split check (all blanks as one string "nan" would form one giant cluster). The audit warns about them.
+BLANK_PATIENT_PREFIX = "<blank patient_id> "
 PRED_REQUIRED = ("sample_id", "split")
 
 
@@ -96,7 +99,11 @@ def validate_predictions(df: pd.DataFrame, source) -> pd.DataFrame:
     if "loss" in df.columns:
         df["loss"] = pd.to_numeric(df["loss"], errors="coerce")
     if "patient_id" in df.columns:
-        df["patient_id"] = df["patient_id"].astype(str)
+        raw = df["patient_id"]
+        blank = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+        df["patient_id"] = raw.astype(str)
+        # a blank id is unknown, not one shared patient: each such row becomes its own resampling unit
+        df.loc[blank, "patient_id"] = BLANK_PATIENT_PREFIX + df.loc[blank, "sample_id"]
     if "age" in df.columns:
         age = pd.to_numeric(df["age"], errors="coerce")
         bad = age.isna() & df["age"].notna()
@@ -104,6 +111,22 @@ def validate_predictions(df: pd.DataFrame, source) -> pd.DataFrame:
             raise DataError(f"{source}: column 'age' holds {df.loc[bad, 'age'].iloc[0]!r}; ages must be numbers (years)")
         df["age"] = age
     return df
+
+
+def blank_patient_ids(df: pd.DataFrame) -> int:
+    """How many rows of a validated prediction table had a blank ``patient_id`` (0 without the column)."""
+    if "patient_id" not in df.columns:
+        return 0
+    return int(df["patient_id"].astype(str).str.startswith(BLANK_PATIENT_PREFIX).sum())
+
+
+def blank_patient_warning(n_blank: int, n_rows: int, source) -> str | None:
+    """The warning for ``n_blank`` blank patient ids (None when there are none)."""
+    if not n_blank:
+        return None
+    return (f"{source}: {n_blank} of {n_rows} rows have a blank patient_id; each is treated as its own patient "
+            "(resampling, DeLong, the split check), which understates the CI width if they share patients; "
+            "fill in patient_id")
 
 
 def read_predictions(path: Path) -> pd.DataFrame:

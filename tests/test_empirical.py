@@ -127,3 +127,31 @@ def test_flag_accountants():
     split = flag_accountants({"prv": 1.0, "dp_accounting_pld": 1.1, "rdp": 1.2}, used="rdp")
     assert len(split) == 1 and "disagree" in split[0]
     assert "no tight accountant" in flag_accountants({"rdp": 1.2, "prv": None}, used="rdp")[0]
+
+
+def test_repeated_trials_threshold_is_chosen_on_held_out_non_members():
+    """The counted false-positive rate is unbiased for the threshold's true FPR when the threshold comes from other
+    non-members; chosen on the counted non-members it is capped at the target and biased low (which inflates
+    epsilon). Null attack, standard normal scores (true FPR of threshold t: 1 - Phi(t)), 2,000 repetitions."""
+    from scipy.stats import norm
+
+    from privaudit.audit.privacy import repeated_trials_bound, threshold_at_fpr
+
+    rng = np.random.default_rng(3)
+    held, same = [], []
+    for r in range(2000):
+        members, non = rng.standard_normal(400), rng.standard_normal(400)
+        res = repeated_trials_bound(members, non, delta=1e-5, fpr=0.02, seed=r)
+        order = np.random.default_rng(r).permutation(400)
+        counted = non[order[200:]]
+        fp = int((counted >= res["threshold"]).sum())
+        assert res["threshold"] == threshold_at_fpr(non[order[:200]], 0.02)
+        assert res["fpr_high"] == clopper_pearson(fp, 200, 0.95)[1]
+        held.append(fp / 200 - norm.sf(res["threshold"]))
+        t_same = threshold_at_fpr(non, 0.02)
+        same.append(np.mean(non >= t_same) - norm.sf(t_same))
+    held, same = np.array(held), np.array(same)
+    assert abs(held.mean()) < 3 * held.std() / np.sqrt(len(held))
+    assert same.mean() < -5 * same.std() / np.sqrt(len(same))
+    assert repeated_trials_bound(np.zeros(10), np.zeros(150), delta=0.0) is None  # 75 < 1/0.01 to choose on
+

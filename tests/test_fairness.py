@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from privaudit.audit.fairness import SELECTION_METRICS, dp_verdict, holm, pearson_r, selection_metrics
+from privaudit.audit.fairness import SELECTION_METRICS, gap_change_verdict, holm, pearson_r, selection_metrics
 from privaudit.audit.utility import counts_from_indices, draw_indices
 
 AIF_SKLEARN = {"statistical_parity_difference": "statistical_parity_difference",
@@ -179,23 +179,30 @@ def test_holm_worked_example_and_properties():
         holm([0.5, 1.5])
 
 
-def test_dp_verdict():
+def _change(p, est=0.0, bound=0.01, se=0.01, g1=0.0, g0=0.0):
+    """A gap-change row as stats.seed_gap_change gives it (only the fields the verdict reads)."""
+    return {"p_value": p, "estimate": est, "equivalence_bound": bound, "gap_private": g1, "gap_reference": g0,
+            "difference": {"se": se, "df": None}, "sum": {"se": se, "df": None}, "rho": 0.0,
+            "covers_training_randomness": False}
+
+
+def test_gap_change_verdict():
     names = ["A/F", "A/M", "B/F", "B/M"]
-    yes = dp_verdict([0.01, 0.12, -0.01, 0.0], [-0.01, 0.08, -0.03, -0.01], [0.03, 0.16, 0.01, 0.01],
-                     [0.4, 0.001, 0.5, 0.9], names=names)
+    yes = gap_change_verdict([_change(0.4), _change(0.001, 0.01, g1=0.12), _change(0.5), _change(0.9)],
+                             names=names)
     assert yes["answer"] == "yes" and "A/M" in yes["reason"]
     assert yes["p_value_adjusted"] == pytest.approx([1.0, 0.004, 1.0, 1.0])
-    no = dp_verdict([0.002, -0.004, 0.001, 0.0], [-0.01, -0.015, -0.008, -0.012], [0.012, 0.005, 0.01, 0.019],
-                    [0.6, 0.4, 0.8, 0.9], names=names)
-    assert no["answer"] == "no" and "B/M" in no["reason"]  # B/M's CI comes closest to the margin
-    wide = dp_verdict([0.03, 0.0, 0.01, 0.0], [-0.05, -0.01, -0.008, -0.012], [0.11, 0.01, 0.01, 0.01],
-                      [0.2, 0.9, 0.6, 0.9], names=names)
+    no = gap_change_verdict([_change(0.6, bound=0.012), _change(0.4, bound=0.015), _change(0.8, bound=0.01),
+                             _change(0.9, bound=0.019)], names=names)
+    assert no["answer"] == "no" and "B/M" in no["reason"]  # B/M is the least certain
+    wide = gap_change_verdict([_change(0.2, bound=0.11), _change(0.9)] + [_change(0.6)] * 2, names=names)
     assert wide["answer"] == "inconclusive" and "A/F" in wide["reason"]
     # significant before Holm (0.03 <= 0.05) but not after (3 x 0.03 = 0.09): not "yes"
-    holm_matters = dp_verdict([0.05, 0.04, 0.0], [0.01, 0.005, -0.01], [0.09, 0.07, 0.01], [0.03, 0.04, 0.9])
-    assert holm_matters["answer"] == "inconclusive"
-    # a significant decrease is not amplification
-    assert dp_verdict([-0.1], [-0.14], [-0.06], [0.001])["answer"] == "inconclusive"
-    undefined = dp_verdict([0.0, None], [-0.01, None], [0.01, None], [0.9, None], names=["A/F", "A/M"])
+    holm_matters = [_change(0.03, bound=0.05), _change(0.04, bound=0.05), _change(0.9)]
+    assert gap_change_verdict(holm_matters)["answer"] == "inconclusive"
+    undefined = gap_change_verdict([_change(0.9), _change(None, est=None, bound=None)], names=["A/F", "A/M"])
     assert undefined["answer"] == "inconclusive" and "A/M" in undefined["reason"]
     assert undefined["p_value_adjusted"] == [0.9, None]
+    assert gap_change_verdict([])["reason"].startswith("there are no")
+    with pytest.raises(ValueError):
+        gap_change_verdict([_change(0.5)], margin=0)

@@ -102,10 +102,40 @@ def test_lira_fixed_variance_and_too_few_shadows():
     assert np.isnan(scores).all()  # one in-shadow per sample is too few for a Gaussian
     shadow = rng.normal(size=(8, 10))
     fixed = lira_scores(np.zeros(10), shadow, np.zeros((8, 10), bool), online=False, fixed_variance=True)
-    sd = shadow.std(axis=0, ddof=1).mean()
+    sd = np.sqrt(shadow.var(axis=0, ddof=1).mean())  # equal shadow counts: the pooled variance is their mean
     from scipy.stats import norm
 
     assert np.allclose(fixed, norm.logcdf((0 - shadow.mean(axis=0)) / sd))
+
+
+def test_lira_pools_variances_not_standard_deviations():
+    """With unequal numbers of out-shadows the global sd is sqrt(sum SS_i / sum (k_i - 1)); over many draws its
+    square is unbiased for the common variance, where the old mean of sds fell clearly short."""
+    from privaudit.audit.privacy import lira_scores, pooled_sd
+
+    rng = np.random.default_rng(7)
+    k = np.array([2, 3, 5, 8, 2, 4])
+    inn = np.ones((8, 6), bool)
+    for i, ki in enumerate(k):
+        inn[:ki, i] = False  # the first k_i shadows are out
+    shadow = rng.normal(size=(8, 6)) * 2.0
+    out = np.where(~inn, shadow, np.nan)
+    ss = np.nansum((out - np.nanmean(out, axis=0)) ** 2, axis=0)
+    expected = np.sqrt(ss.sum() / (k - 1).sum())
+    assert pooled_sd(ss, k) == pytest.approx(expected)
+    from scipy.stats import norm
+
+    fixed = lira_scores(np.zeros(6), shadow, inn, online=False, fixed_variance=True)
+    assert np.allclose(fixed, norm.logcdf(-np.nanmean(out, axis=0) / expected))
+    draws = rng.normal(size=(4000, 8, 6)) * 2.0  # sigma^2 = 4
+    mask = ~inn[None]
+    mu = np.where(mask, draws, 0).sum(1) / k
+    ss_all = np.where(mask, (draws - mu[:, None]) ** 2, 0).sum(1)
+    pooled = np.array([pooled_sd(r, k) for r in ss_all])
+    mean_sd = np.sqrt(ss_all / (k - 1)).mean(axis=1)
+    se = (pooled**2).std() / np.sqrt(len(pooled))
+    assert abs((pooled**2).mean() - 4.0) < 3 * se
+    assert (mean_sd**2).mean() < 4.0 - 10 * se  # the old estimator: biased low
 
 
 def test_rmia_equals_the_pairwise_definition():

@@ -18,13 +18,15 @@ from privaudit._version import __version__
 from privaudit.audit import stats
 from privaudit.audit._cells import (count_units, identifier_like, suppress_groups, suppress_table, suppressed,
                                     units_of)
-from privaudit.audit.fairness import SELECTION_METRICS, dp_verdict, holm, pearson_r, selection_metrics
+from privaudit.audit.fairness import (SELECTION_METRICS, SINGLE_RUNS_WARNING, gap_change_verdict, holm,
+                                      macro_disparate_impact, pearson_r, pearson_r_bootstrap, selection_metrics)
 from privaudit.audit.studywide import aggregates_over_seeds, sweep_groups, trade_offs_of
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
 from privaudit.config import AuditConfig
 from privaudit.errors import DataError
-from privaudit.predictions import ATTRIBUTE_COLUMNS, labels_of, validate_predictions
+from privaudit.predictions import (ATTRIBUTE_COLUMNS, blank_patient_ids, blank_patient_warning, labels_of,
+                                   validate_predictions)
 from privaudit.tasks import age_group, create_task, list_tasks
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
@@ -158,7 +160,7 @@ class _Study:
         self.resampler = Resampler(self.n, n_boot=config.n_boot, seed=config.seed, clusters=self.clusters,
                                    cluster=config.cluster)
         self.W = self.resampler.weights
-        self.sample_major = stats.SampleMajorWeights(self.W)  # the fast AUROC path reads W in this layout
+        self.sample_major = self.resampler.sample_major()  # the counts as drawn, in the fast AUROC's layout
         self.frame = frames[names[0]]   # every split: the cohort composition and the identifier check use it
         self.attributes = self._attributes(self.frame)
         self.cells = self._small_cells()
@@ -389,7 +391,8 @@ def _group_metrics(study: _Study, name: str, lab: str, mask: np.ndarray, ci: flo
 
 def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str, ci: float,
                hidden: set = frozenset()) -> dict:
-    """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels). The ``hidden``
+    """aif360's selection-rate metrics at the Youden threshold (macro: the mean over labels, except disparate
+    impact: the ratio of the mean selection rates, fairness.macro_disparate_impact). The ``hidden``
     (suppressed) groups are left out of every comparison, the "rest" included, and shown as suppressed."""
     everyone = study.cells[attr]["groups"]
     two = len(everyone) == 2
@@ -408,15 +411,22 @@ def _selection(study: _Study, name: str, attr: str, values: np.ndarray, lab: str
         yhat = (study.scores(name, la) >= thr).astype(int) if np.isfinite(thr) else np.zeros(study.n, int)
         res = selection_metrics(study.y[la], yhat, values, privileged if two else None, study.W)
         if not np.isfinite(thr):
-            res = {g: {**e, **{m: {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
-                               for m in SELECTION_METRICS}} for g, e in res.items()}
+            nan = {"estimate": np.nan, "boot": np.full(study.config.n_boot, np.nan)}
+            res = {g: {**e, **{m: nan for m in SELECTION_METRICS},
+                       "selection_rates": {"unprivileged": nan, "privileged": nan}} for g, e in res.items()}
         per.append(res)
     out = {}
     for metric in SELECTION_METRICS:
         groups = {}
         for g in per[0]:
-            point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
-            boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
+            if metric == "disparate_impact" and len(per) > 1:  # the ratio of mean selection rates over labels
+                rates = [[r[g]["selection_rates"][side] for r in per if g in r] for side in ("unprivileged",
+                                                                                          "privileged")]
+                point = float(macro_disparate_impact(*[[e["estimate"] for e in side] for side in rates]))
+                boot = macro_disparate_impact(*[np.vstack([e["boot"] for e in side]) for side in rates])
+            else:
+                point = float(np.mean([r[g][metric]["estimate"] for r in per if g in r]))
+                boot = _nan_mean([r[g][metric]["boot"] for r in per if g in r])
             groups[g] = {**_est(point, boot, ci), "privileged": str(per[0][g]["privileged"])}
         if two and len(groups) == 1:
             out[metric] = next(iter(groups.values()))
@@ -476,7 +486,8 @@ def _fairness(study: _Study, name: str) -> dict:
                 ref_boot = np.average(np.vstack([group_boot[h][1] for h in others]), axis=0, weights=wts)
                 pp_point, pp_boot = group_boot[g][0] - ref_point, group_boot[g][1] - ref_boot
                 study.boots[(name, lab, attr, g)] = (pp_point, pp_boot)
-                parity[g] = _est(pp_point, pp_boot, ci)
+                # resamples where any group is undefined drop out: say how many the interval used
+                parity[g] = {**_est(pp_point, pp_boot, ci), "n_boot_used": int(np.isfinite(pp_boot).sum())}
             per_label[lab] = {"groups": groups, "performance_parity": parity,
                               **_selection(study, name, attr, values, lab, ci, hidden)}
         out[attr] = per_label
@@ -506,8 +517,12 @@ def _r_block(study: _Study, name: str, what: str, x, y) -> dict:
     res = pearson_r(x, y, confidence=study.config.ci)
     if res.get("reason"):
         study.warnings.append(f"{name}: Pearson's r of {what} is null: {res['reason']}")
+    # ci_low/ci_high (Fisher z) treat every image as independent; the bootstrap resamples patients
+    boot = pearson_r_bootstrap(x, y, study.W, confidence=study.config.ci) if res["r"] is not None else None
     return {"r": res["r"], "p_value": res["p_value"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-            "n": res["n"], "x": "age", "y": "abs_error"}
+            "n": res["n"], "x": "age", "y": "abs_error",
+            "bootstrap": None if boot is None else {**boot, "clustered": study.resampler.clustered,
+                                                    "method": "percentile, the study's resamples"}}
 
 
 def _suppress_by_group(res: dict, groups: dict[str, np.ndarray], units: np.ndarray, k: int, min_cell: int,
@@ -596,7 +611,7 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
             from privaudit.audit.privacy import repeated_trials_bound
 
             res["epsilon_lower_bound_repeated_trials"] = repeated_trials_bound(
-                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta)
+                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta, seed=seed)
     return attacks
 
 
@@ -659,18 +674,23 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
         keep = study.known(lab)
         clusters = study.clusters[keep] if study.clusters is not None and study.resampler.clustered else None
         try:
-            delong = stats.delong_test(study.y[lab][keep], study.scores(name, lab)[keep],
-                                       study.scores(ref, lab)[keep], clusters=clusters)["p_value"]
+            res = stats.delong_test(study.y[lab][keep], study.scores(name, lab)[keep],
+                                    study.scores(ref, lab)[keep], clusters=clusters)
+            delong, log_p = res["p_value"], res["log_p_value"]
         except ValueError:  # one class: DeLong is undefined, as is the AUROC
-            delong = None
+            delong = log_p = None
         labels[lab] = {"auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d),
-                       "delong_p_value": None if delong is None or not np.isfinite(delong) else float(delong)}
+                       "delong_p_value": None if delong is None or not np.isfinite(delong) else float(delong),
+                       # exact where the p-value itself is floored at 2.2e-308
+                       "delong_log10_p_value": None if log_p is None or not np.isfinite(log_p)
+                       else float(log_p / np.log(10))}
     pa, ba = boots[(name, "macro", None, None)]
     pr, br = boots[(ref, "macro", None, None)]
     d = ba - br
     out = {"labels": labels, "macro_auroc_difference": _est(pa - pr, d, ci), "p_value": paired_p_value(d)}
 
-    # Does DP amplify unfairness? Change in each |parity gap|, paired over the same resamples.
+    # Does DP amplify unfairness? Change in each parity gap, paired over the same resamples (one seed each:
+    # stats.seed_gap_change with arrays of length 1; the sweep module passes every seed).
     rows = []
     for attr in study.attributes:
         present = [g for g in study.cells[attr]["groups"] if g not in study.cells[attr]["attr"]]
@@ -681,35 +701,47 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
                 if (name, lab, attr, g) not in boots or (ref, lab, attr, g) not in boots:
                     continue
                 (p1, b1), (p0, b0) = boots[(name, lab, attr, g)], boots[(ref, lab, attr, g)]
-                change, change_boot = abs(p1) - abs(p0), np.abs(b1) - np.abs(b0)
-                lo90, hi90, _ = percentile_ci(change_boot, 1 - 2 * cfg.alpha)
-                rows.append({"attr": attr, "lab": lab, "group": g, "est": _est(change, change_boot, ci),
-                             "p": paired_p_value(change_boot), "lo90": lo90, "hi90": hi90, "change": change})
+                rows.append({"attr": attr, "lab": lab, "group": g, "change": stats.seed_gap_change(
+                    [p1], [p0], b1[None, :], b0[None, :], ci=ci, alpha=cfg.alpha)})
     # Holm across attributes, labels and groups (the macro rows are summaries, outside the family)
     family = [i for i, r in enumerate(rows) if r["lab"] != "macro"]
     adjusted = np.full(len(rows), np.nan)
     if family:
-        adjusted[family] = holm([rows[i]["p"] for i in family])
+        adjusted[family] = holm([rows[i]["change"]["p_value"] for i in family])
     fair, summary = {}, {}
     for attr in dict.fromkeys(r["attr"] for r in rows):
         for lab in dict.fromkeys(r["lab"] for r in rows if r["attr"] == attr):
             idx = [i for i, r in enumerate(rows) if r["attr"] == attr and r["lab"] == lab]
-            changes = {rows[i]["group"]: {**rows[i]["est"], "p_value": rows[i]["p"]} for i in idx}
-            verdict = _verdict(rows, idx, adjusted, cfg, holm_family=lab != "macro")
+            verdict = _verdict(rows, idx, adjusted, cfg, family_size=len(family) if lab != "macro" else None)
+            changes = {rows[i]["group"]: _change_entry(rows[i]["change"], mdc)
+                       for i, mdc in zip(idx, verdict["minimum_detectable_change"]["by_change"])}
             fair.setdefault(attr, {})[lab] = {"parity_gap_change": changes, "verdict": verdict}
         idx = [i for i in family if rows[i]["attr"] == attr]
-        summary[attr] = _verdict(rows, idx, adjusted, cfg, holm_family=True)
+        summary[attr] = _verdict(rows, idx, adjusted, cfg, family_size=len(family))
+        # one warning for every comparison of single runs; the others name their comparison
+        study.warnings.extend(w if w == SINGLE_RUNS_WARNING else f"{name} vs {ref}: {w}"
+                              for w in summary[attr]["warnings"])
     out["fairness"] = fair
     out["fairness_verdict"] = summary
+    out["covers_training_randomness"] = False  # one model per side; the sweep module covers seeds
     return out
 
 
-def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, holm_family: bool) -> dict:
+def _change_entry(change: dict, mdc: float | None) -> dict:
+    """One parity-gap change as audit.json keeps it (the full stats.seed_gap_change result, minus its internals)."""
+    keep = ("estimate", "ci_low", "ci_high", "p_value", "measure", "abs_gap_change", "gap_private", "gap_reference",
+            "equivalence_bound", "n_boot_used", "n_seeds", "covers_training_randomness")
+    return {**{k: change[k] for k in keep}, "minimum_detectable_change": mdc}
+
+
+def _verdict(rows, idx, adjusted, cfg: AuditConfig, *, family_size: int | None) -> dict:
+    """gap_change_verdict over ``rows[idx]``: Holm-adjusted over the whole family when ``family_size`` is given,
+    else (the macro summaries) Holm within ``idx``."""
     sub = [rows[i] for i in idx]
-    return dp_verdict([r["change"] for r in sub], [r["lo90"] for r in sub], [r["hi90"] for r in sub],
-                      [adjusted[i] for i in idx] if holm_family else [r["p"] for r in sub],
-                      margin=cfg.margin, alpha=cfg.alpha,
-                      names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub], adjusted=holm_family)
+    return gap_change_verdict([r["change"] for r in sub], margin=cfg.margin, alpha=cfg.alpha,
+                              names=[f"{r['attr']}={r['group']} ({r['lab']})" for r in sub],
+                              adjusted_p=[adjusted[i] for i in idx] if family_size is not None else None,
+                              family_size=family_size, n_boot=cfg.n_boot)
 
 
 SPLITS = ("train", "val", "test")
@@ -791,6 +823,10 @@ def run_audit(
     frames = {name: validate_predictions(df, f"predictions of {name!r}") for name, df in predictions.items()}
     study = _Study(frames, config)
     study.warnings.extend(warnings or [])
+    for name, df in frames.items():
+        blank = blank_patient_warning(blank_patient_ids(df), len(df), f"predictions of {name!r}")
+        if blank:
+            study.warnings.append(blank)
     if reference is None and "non_private" in frames and len(frames) > 1:
         reference = "non_private"
     if reference is not None and reference not in frames:

@@ -1,5 +1,9 @@
 """Group fairness of hard predictions, correlations, and the verdict on whether DP amplifies unfairness.
 
+The verdict (:func:`gap_change_verdict`) takes parity-gap changes from
+:func:`privaudit.audit.stats.seed_gap_change` (one seed or several) and applies Holm's correction to their
+intersection-union tests.
+
 Selection metrics follow aif360's convention, *unprivileged minus privileged* (and unprivileged over
 privileged for the ratio), with the formulas of ``aif360.metrics.ClassificationMetric`` and
 ``aif360.sklearn.metrics``:
@@ -84,8 +88,9 @@ def selection_metrics(y: np.ndarray, yhat: np.ndarray, groups: np.ndarray, privi
 
     Returns ``{unprivileged group: entry}`` (empty when fewer than two groups are present), where ``entry``
     holds ``"unprivileged"``, ``"privileged"`` (a group or ``"rest"``), the point counts ``n_unprivileged``,
-    ``n_privileged``, ``n_pos_unprivileged``, ``n_pos_privileged``, and for each name in
-    :data:`SELECTION_METRICS` a dict ``{"estimate": float, "boot": (B,) array}``: the estimate uses every
+    ``n_privileged``, ``n_pos_unprivileged``, ``n_pos_privileged``, ``selection_rates`` (``unprivileged`` and
+    ``privileged``, each ``{"estimate", "boot"}``), and for each name in :data:`SELECTION_METRICS` a dict
+    ``{"estimate": float, "boot": (B,) array}``: the estimate uses every
     sample once (``W`` = ones), ``boot[b]`` uses the weights ``W[b]``. A metric is ``nan`` where it is
     undefined: a side without samples (SPD, DI, EOD, AOD), a privileged selection rate of 0 (DI), a side
     without positives (EOD, AOD) or without negatives (AOD).
@@ -131,8 +136,28 @@ def selection_metrics(y: np.ndarray, yhat: np.ndarray, groups: np.ndarray, privi
         out[g] = {"unprivileged": g, "privileged": REST if one_vs_rest else privileged,
                   "n_unprivileged": int(pu[_N]), "n_privileged": int(pp[_N]),
                   "n_pos_unprivileged": int(pu[_POS]), "n_pos_privileged": int(pp[_POS]),
-                  **{m: {"estimate": float(est[m]), "boot": bs[m]} for m in SELECTION_METRICS}}
+                  **{m: {"estimate": float(est[m]), "boot": bs[m]} for m in SELECTION_METRICS},
+                  # the two selection rates behind DI, for a macro DI over labels (macro_disparate_impact)
+                  "selection_rates": {"unprivileged": {"estimate": float(_rates(pu)[0]), "boot": _rates(bu)[0]},
+                                      "privileged": {"estimate": float(_rates(pp)[0]), "boot": _rates(bp)[0]}}}
     return out
+
+
+def macro_disparate_impact(rate_unprivileged, rate_privileged) -> np.ndarray:
+    """Disparate impact over labels: the ratio of the mean selection rates, ``mean_l SR_u,l / mean_l SR_p,l``.
+
+    ``rate_*``: selection rates per label, ``(L,)`` (gives a 0-d array) or ``(L, B)`` (bootstrap resamples in the
+    columns; gives ``(B,)``). The mean of
+    the per-label ratios is not used: a ratio is unbounded above, so one label with a tiny privileged rate would
+    dominate it, and it is not invariant to swapping the groups. The ratio of means is the disparate impact of
+    the pooled decisions when every label has the same number of samples. ``nan`` where a rate is ``nan`` (a
+    macro over a subset of labels would change meaning) or the mean privileged rate is 0.
+    """
+    u = np.atleast_1d(np.asarray(rate_unprivileged, dtype=float))
+    p = np.atleast_1d(np.asarray(rate_privileged, dtype=float))
+    if u.shape != p.shape:
+        raise ValueError(f"selection rates of both groups need one shape, got {u.shape} and {p.shape}")
+    return _divide(u.mean(axis=0), p.mean(axis=0))
 
 
 def pearson_r(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *,
@@ -169,6 +194,42 @@ def pearson_r(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     return out
 
 
+def weighted_pearson_r(x, y, W) -> np.ndarray:
+    """Pearson's r of each bootstrap resample: ``(B,)`` for counts ``W`` ``(B, n)`` (``nan`` where undefined).
+
+    Row b is r of the multiset the counts describe (the pairs repeated ``W[b, i]`` times): from the weighted
+    moments ``S = W @ [1, x, y, x^2, y^2, xy]``, ``r = (S_xy S_1 - S_x S_y) / sqrt((S_xx S_1 - S_x^2)
+    (S_yy S_1 - S_y^2))``, after centring x and y on their means (which leaves r unchanged and keeps the
+    differences exact). Pairs where either value is not finite are dropped first.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    W = np.atleast_2d(np.asarray(W, dtype=float))
+    if x.shape != y.shape or x.ndim != 1 or W.shape[1] != len(x):
+        raise ValueError(f"x and y must be 1-D of one length n and W (B, n); got {x.shape}, {y.shape}, {W.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return np.full(W.shape[0], np.nan)
+    x, y, W = x[ok] - x[ok].mean(), y[ok] - y[ok].mean(), W[:, ok]
+    s1, sx, sy, sxx, syy, sxy = (W @ np.column_stack([np.ones_like(x), x, y, x * x, y * y, x * y])).T
+    vx, vy = sxx * s1 - sx**2, syy * s1 - sy**2
+    den = np.sqrt(np.clip(vx, 0, None) * np.clip(vy, 0, None))
+    scale = np.sqrt(np.mean(x * x) * np.mean(y * y)) * s1**2  # 'zero' variance is relative to the data's scale
+    return _divide(sxy * s1 - sx * sy, np.where(den > 1e-12 * scale, den, 0.0))
+
+
+def pearson_r_bootstrap(x, y, W, *, confidence: float = 0.95) -> dict:
+    """Percentile bootstrap interval of Pearson's r from the study's resamples ``W`` (patients resampled when
+    the study clusters them, so images of one patient move together). Returns ``{"ci_low", "ci_high",
+    "n_boot_used"}``: resamples where r is undefined are left out and counted."""
+    r = weighted_pearson_r(x, y, W)
+    r = r[np.isfinite(r)]
+    if len(r) < 2:
+        return {"ci_low": None, "ci_high": None, "n_boot_used": int(len(r))}
+    lo, hi = np.quantile(r, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return {"ci_low": float(lo), "ci_high": float(hi), "n_boot_used": int(len(r))}
+
+
 def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control), ``nan`` for a missing p-value.
 
@@ -188,68 +249,109 @@ def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def dp_verdict(change_est: Sequence[float | None], change_ci_low: Sequence[float | None],
-               change_ci_high: Sequence[float | None], p_values: Sequence[float | None], margin: float = 0.02,
-               alpha: float = 0.05, *, names: Sequence[str] | None = None, adjusted: bool = False) -> dict:
-    """Does DP amplify unfairness for one attribute? ``"yes"``, ``"no"`` or ``"inconclusive"``.
+SINGLE_RUNS_WARNING = ("comparisons of single training runs: the intervals and the verdict cover the sampling of "
+                       "test patients only, not training randomness (another seed gives another model); train "
+                       "two or more seeds per setting to cover it")
+P_VALUE_RULE = ("normal approximation with bootstrap standard errors (Student's t with Satterthwaite df over seeds), "
+                "so that Holm over m tests can reach alpha/m whatever the number of resamples")
 
-    Each input has one entry per change in a parity gap (private minus non-private ``|gap|``, one per label
-    and group; ``names`` labels them, e.g. ``"Effusion/F"``), ``None``/``nan`` where undefined:
 
-    * ``"yes"`` if some change is positive (``change_est > 0``) and significant after Holm's adjustment
-      of ``p_values`` (paired bootstrap p-values, :func:`~privaudit.audit.utility.paired_p_value`):
-      adjusted p ``<= alpha``;
-    * otherwise ``"no"`` if every change is equivalent to zero by TOST (two one-sided tests at level
-      ``alpha`` against ``-margin`` and ``+margin``): its ``(1 - 2 alpha)`` CI lies within
-      ``[-margin, +margin]``;
+def gap_change_verdict(changes: Sequence[dict], *, margin: float = 0.02, alpha: float = 0.05,
+                       names: Sequence[str] | None = None, adjusted_p: Sequence[float | None] | None = None,
+                       family_size: int | None = None, n_boot: int | None = None, power: float = 0.8) -> dict:
+    """Does DP amplify unfairness? ``"yes"``, ``"no"`` or ``"inconclusive"`` from parity-gap changes.
+
+    ``changes``: one :func:`privaudit.audit.stats.seed_gap_change` result per gap (label and group), ``names``
+    their labels. ``adjusted_p``: Holm-adjusted p-values over a larger family (all attributes, labels and
+    groups of a comparison) of size ``family_size``, aligned with ``changes``; by default Holm is applied
+    to these changes alone.
+
+    * ``"yes"`` if some gap widened (``|gamma_private| > |gamma_reference|``, the intersection-union test of
+      ``seed_gap_change``, which has level alpha whatever the two gaps and their noise) with Holm-adjusted
+      p ``<= alpha``;
+    * otherwise ``"no"`` if every change in |gap| is shown within ``+-margin`` (``equivalence_bound < margin``);
     * otherwise ``"inconclusive"``.
 
-    TOST at level ``alpha`` uses the ``(1 - 2 alpha)`` interval, i.e. the **90% CI for alpha = 0.05**, not the
-    95% CI reported beside the estimates: the caller passes the percentile bounds
-    ``percentile_ci(change_boot, 1 - 2 * alpha)`` of each change's paired bootstrap samples.
+    **Resolution rule.** The p-values come from the normal approximation with bootstrap standard errors
+    (:data:`P_VALUE_RULE`), never from counting resamples: a resampling p-value cannot go below 1/(B+1), and Holm
+    over m tests needs alpha/m, so with B resamples "yes" would be out of reach once m > alpha (B+1) (50 at
+    B = 1000, while 7 groups x 5 labels is already 35). When m > alpha (B+1) (``resolution_limited``) the
+    verdict warns that the resamples cannot check the far tail that the answer may rest on, and says how many
+    resamples would (``ceil(m / alpha)``).
 
-    With ``adjusted=True`` the ``p_values`` are already Holm-adjusted over a larger family (all attributes,
-    labels and groups of a comparison) and are used as they are.
+    ``minimum_detectable_change``: per change, the smallest |gap| that a private model would need, starting from
+    a reference gap of 0, for the test to find it with ``power`` at Holm's strictest level ``alpha / m``
+    (:func:`~privaudit.audit.stats.minimum_detectable_change`), and the smallest and largest over the changes.
 
-    Returns ``{"answer", "margin", "alpha", "p_value_adjusted" (list aligned with the inputs, None where
-    undefined), "reason"}``, the reason one sentence naming the change that decided the answer.
+    Returns ``answer, margin, alpha, p_value_adjusted, reason, p_value_method, resolution_limited,
+    minimum_detectable_change, covers_training_randomness, warnings`` (sentences for the study's warnings).
     """
-    est, lo, hi = (np.array([np.nan if v is None else v for v in a], dtype=float)
-                   for a in (change_est, change_ci_low, change_ci_high))
-    k = len(est)
+    from privaudit.audit.stats import minimum_detectable_change
+
+    k = len(changes)
     names = [f"change {i}" for i in range(k)] if names is None else list(names)
-    if not (len(lo) == len(hi) == len(p_values) == len(names) == k):
-        raise ValueError("change_est, change_ci_low, change_ci_high, p_values and names must have one length")
+    if len(names) != k or (adjusted_p is not None and len(adjusted_p) != k):
+        raise ValueError("changes, names and adjusted_p must have one length")
     if not margin > 0 or not 0 < alpha < 0.5:
         raise ValueError(f"need margin > 0 and 0 < alpha < 0.5; got margin={margin}, alpha={alpha}")
-    adj = (np.array([np.nan if v is None else v for v in p_values], dtype=float) if adjusted
-           else holm(p_values))
+    raw = [c.get("p_value") for c in changes]
+    adj = holm(raw) if adjusted_p is None else np.array([np.nan if v is None else v for v in adjusted_p], float)
+    m = int(family_size if family_size is not None else np.sum(~np.isnan(np.array(
+        [np.nan if v is None else v for v in raw], dtype=float))))
+    level = alpha / max(m, 1)
+    mdc = []
+    for c in changes:
+        dfs = [d for d in ((c.get("difference") or {}).get("df"), (c.get("sum") or {}).get("df")) if d is not None]
+        se_u, se_w = (c.get("difference") or {}).get("se"), (c.get("sum") or {}).get("se")
+        mdc.append(None if se_u is None or se_w is None else minimum_detectable_change(
+            se_u, se_w, alpha=level, power=power, rho=c.get("rho") or 0.0, df=min(dfs) if dfs else np.inf))
+    finite_mdc = [v for v in mdc if v is not None]
+    covers = bool(k) and all(c.get("covers_training_randomness") for c in changes)
+    limited = n_boot is not None and m > alpha * (n_boot + 1)
     out = {"answer": "inconclusive", "margin": margin, "alpha": alpha,
-           "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": ""}
-    level = f"{1 - 2 * alpha:.0%}"
+           "p_value_adjusted": [None if np.isnan(a) else float(a) for a in adj], "reason": "",
+           "p_value_method": P_VALUE_RULE, "family_size": m, "resolution_limited": bool(limited),
+           "minimum_detectable_change": {"power": power, "alpha_holm": level, "by_change": mdc,
+                                         "smallest": min(finite_mdc) if finite_mdc else None,
+                                         "largest": max(finite_mdc) if finite_mdc else None},
+           "covers_training_randomness": covers, "warnings": []}
+    if limited:
+        out["warnings"].append(
+            f"{m} tests in the family: Holm's first threshold alpha/m = {level:.2g} is below 1/(B+1) = "
+            f"{1 / (n_boot + 1):.2g}, the smallest p-value that {n_boot} resamples can show, so the verdict's "
+            f"p-values come from the normal approximation and the resamples cannot check the tail they rest on; "
+            f"use at least {int(np.ceil(m / alpha))} resamples (n_boot) to check them by resampling")
+    if k and not covers:
+        out["warnings"].append(SINGLE_RUNS_WARNING)
     if k == 0:
         out["reason"] = "there are no parity-gap changes to judge."
         return out
-    significant = (est > 0) & (adj <= alpha)  # False where either is nan
+    est = np.array([np.nan if c.get("estimate") is None else c["estimate"] for c in changes], dtype=float)
+    significant = adj <= alpha  # False where nan
     if significant.any():
         cand = np.flatnonzero(significant)
-        i = cand[np.lexsort((-est[cand], adj[cand]))[0]]  # smallest adjusted p, then the largest increase
+        i = cand[np.lexsort((-np.nan_to_num(est[cand], nan=-np.inf), adj[cand]))[0]]
+        c = changes[i]
         out["answer"] = "yes"
-        out["reason"] = (f"{significant.sum()} of {k} parity gaps widened significantly (Holm, alpha={alpha}), "
-                         f"led by {names[i]} with a change of {est[i]:+.4f} (adjusted p={adj[i]:.3g}).")
+        out["reason"] = (f"{int(significant.sum())} of {k} parity gaps widened significantly (Holm over {m}, "
+                         f"alpha={alpha}), led by {names[i]}: |gap| {abs(c['gap_reference']):.4f} -> "
+                         f"{abs(c['gap_private']):.4f} (squared-gap change {c['estimate']:+.2e}, adjusted "
+                         f"p={adj[i]:.3g}).")
         return out
-    undefined = np.flatnonzero(np.isnan(lo) | np.isnan(hi))
+    bound = np.array([np.nan if c.get("equivalence_bound") is None else c["equivalence_bound"] for c in changes])
+    undefined = np.flatnonzero(np.isnan(bound))
     if len(undefined):
-        out["reason"] = (f"no gap widened significantly, but {names[undefined[0]]} has no {level} CI, so "
+        out["reason"] = (f"no gap widened significantly, but {names[undefined[0]]} has no interval, so "
                          f"equivalence within ±{margin} cannot be shown for every change.")
         return out
-    excess = np.maximum(hi - margin, -margin - lo)  # > 0 where the CI leaves [-margin, margin]
-    i = int(np.argmax(excess))
-    if excess[i] <= 0:
+    i = int(np.argmax(bound))
+    mdc_note = (f" The smallest widening these tests detect with {power:.0%} power is about "
+                f"{out['minimum_detectable_change']['smallest']:.3f}." if finite_mdc else "")
+    if bound[i] < margin:
         out["answer"] = "no"
-        out["reason"] = (f"all {k} changes have their {level} CIs within ±{margin} (TOST, alpha={alpha}); the "
-                         f"closest to the bound is {names[i]} with [{lo[i]:+.4f}, {hi[i]:+.4f}].")
+        out["reason"] = (f"all {k} changes in |gap| are within ±{margin} (two one-sided tests, alpha={alpha}); the "
+                         f"least certain is {names[i]}, within ±{bound[i]:.4f}.")
     else:
-        out["reason"] = (f"no gap widened significantly (Holm, alpha={alpha}), but the {level} CI of {names[i]}, "
-                         f"[{lo[i]:+.4f}, {hi[i]:+.4f}], is not within ±{margin}.")
+        out["reason"] = (f"no gap widened significantly (Holm over {m}, alpha={alpha}), but the change in |gap| of "
+                         f"{names[i]} is only shown within ±{bound[i]:.4f}, not ±{margin}.{mdc_note}")
     return out

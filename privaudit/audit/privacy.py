@@ -95,20 +95,36 @@ def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndar
     return out, warnings
 
 
-def repeated_trials_bound(member_scores, nonmember_scores, *, delta: float, fpr: float = 0.01) -> dict | None:
+def repeated_trials_bound(member_scores, nonmember_scores, *, delta: float, fpr: float = 0.01, seed: int = 0,
+                          threshold_share: float = 0.5) -> dict | None:
     """Jagielski et al. (2020)'s epsilon lower bound from the attack's TPR and FPR at its ``fpr`` threshold,
     with Clopper-Pearson intervals. It is valid only when members and non-members come from independent
-    repeated trainings; from a single training run it is indicative, not a proof."""
+    repeated trainings; from a single training run it is indicative, not a proof.
+
+    The threshold is chosen on held-out non-members: a random ``threshold_share`` of them (``seed``) sets the
+    threshold with FPR at most ``fpr`` (:func:`threshold_at_fpr`), and the false positives are counted on the
+    other non-members only. Choosing it on the non-members whose false positives are counted caps their FPR at
+    ``fpr`` by construction (the count can never exceed it), which understates the FPR bound and biases epsilon
+    upward. The true positives are counted on every member (the threshold does not depend on them). None when
+    the threshold part holds fewer than ``1 / fpr`` non-members.
+    """
     from privaudit.audit.empirical import repeated_trials_lower_bound
 
+    if not 0 < threshold_share < 1:
+        raise ValueError(f"threshold_share must lie in (0, 1), got {threshold_share}")
     m = np.asarray(member_scores, dtype=float)
     nm = np.asarray(nonmember_scores, dtype=float)
-    if len(nm) < 1.0 / fpr:
+    order = np.random.default_rng(seed).permutation(len(nm))
+    n_sel = int(round(threshold_share * len(nm)))
+    select, count = nm[order[:n_sel]], nm[order[n_sel:]]
+    if n_sel < 1.0 / fpr or len(count) == 0 or len(m) == 0:
         return None
-    t = threshold_at_fpr(nm, fpr)
-    tp, fp = int((m >= t).sum()), int((nm >= t).sum())
-    res = repeated_trials_lower_bound(tp, len(m) - tp, fp, len(nm) - fp, delta=delta)
-    res["valid_for"] = "independent repeated trainings only, not a single run"
+    t = threshold_at_fpr(select, fpr)
+    tp, fp = int((m >= t).sum()), int((count >= t).sum())
+    res = repeated_trials_lower_bound(tp, len(m) - tp, fp, len(count) - fp, delta=delta)
+    res.update({"valid_for": "independent repeated trainings only, not a single run",
+                "threshold_selection": "held-out non-members", "threshold": float(t), "n_threshold_nonmembers": n_sel,
+                "n_counted_nonmembers": int(len(count))})
     return res
 
 
@@ -173,6 +189,21 @@ def _gauss_logpdf(x, mu, sd):
     return -0.5 * ((x - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)
 
 
+def pooled_sd(sum_squares, counts) -> float:
+    """Pooled standard deviation ``sqrt(sum_i SS_i / sum_i (k_i - 1))`` over the samples with ``k_i >= 2``.
+
+    ``SS_i`` is the sum of squared deviations of sample i's shadow statistics about their own mean, ``k_i`` their
+    number: the pooled within-sample variance (each sample's variance weighted by its degrees of freedom), the
+    unbiased estimate of a common variance. The mean of per-sample sds, used before, is biased low (Jensen:
+    ``E[s] < sigma``, markedly with 2-4 shadows) and gives samples with few shadows full weight. ``nan`` when no
+    sample has two statistics.
+    """
+    ss = np.asarray(sum_squares, dtype=float)
+    k = np.asarray(counts)
+    ok = k >= 2
+    return float(np.sqrt(ss[ok].sum() / (k[ok] - 1).sum())) if ok.any() else float("nan")
+
+
 def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, *, online: bool = True,
                 fixed_variance: bool = False, min_models: int = 2) -> np.ndarray:
     """Likelihood-ratio attack scores (Carlini et al. 2022, "Membership Inference Attacks From First
@@ -186,9 +217,9 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, *
     * offline (out shadows only): score = log Phi((t - mu_out) / sd_out), the one-sided test that t is larger
       than the sample's out-distribution.
 
-    With ``fixed_variance`` one global sd (the pooled sd over all samples) replaces the per-sample ones, which
-    the paper recommends with few shadows. A sample with fewer than ``min_models`` in (online) or out shadows
-    gets nan.
+    With ``fixed_variance`` one global sd replaces the per-sample ones, which the paper recommends with few
+    shadows: the pooled within-sample sd of :func:`pooled_sd` (variances pooled, not sds averaged). A sample
+    with fewer than ``min_models`` in (online) or out shadows gets nan.
     """
     from scipy.stats import norm
 
@@ -199,19 +230,18 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, *
     def moments(mask):
         k = mask.sum(axis=0)
         mu = np.where(k > 0, np.where(mask, shadow, 0.0).sum(axis=0) / np.maximum(k, 1), np.nan)
-        var = np.where(mask, (shadow - mu) ** 2, 0.0).sum(axis=0) / np.maximum(k - 1, 1)
-        return mu, np.sqrt(var), k
+        ss = np.where(mask, (shadow - mu) ** 2, 0.0).sum(axis=0)  # sum of squares about each sample's mean
+        sd = np.sqrt(ss / np.maximum(k - 1, 1))
+        if fixed_variance:
+            sd = np.full_like(sd, pooled_sd(ss, k))
+        return mu, sd, k
 
     mu_out, sd_out, k_out = moments(out)
-    if fixed_variance:
-        sd_out = np.full_like(sd_out, np.nanmean(sd_out[k_out >= 2]) if (k_out >= 2).any() else np.nan)
     sd_out = np.maximum(sd_out, 1e-6)
     if not online:
         score = norm.logcdf((target - mu_out) / sd_out)
         return np.where(k_out >= min_models, score, np.nan)
     mu_in, sd_in, k_in = moments(inn)
-    if fixed_variance:
-        sd_in = np.full_like(sd_in, np.nanmean(sd_in[k_in >= 2]) if (k_in >= 2).any() else np.nan)
     sd_in = np.maximum(sd_in, 1e-6)
     score = _gauss_logpdf(target, mu_in, sd_in) - _gauss_logpdf(target, mu_out, sd_out)
     return np.where((k_in >= min_models) & (k_out >= min_models), score, np.nan)

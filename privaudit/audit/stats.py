@@ -8,6 +8,12 @@ the metric needs them, no negatives where it needs them, zero total weight) give
 never raise on a degenerate resample. They do raise ``ValueError`` on malformed input (labels other than 0/1,
 non-finite scores, probabilities outside [0, 1], mismatched shapes), before any resample is looked at.
 
+The module also holds the inference over seeds and over many tests: :func:`seed_mean_interval`,
+:func:`seed_difference`, :func:`seed_gap_change` (with :func:`gap_change_tests`, vectorised),
+:func:`minimum_detectable_change` and :func:`seed_trend`, described in the comments above them (two-level
+intervals covering training randomness and test patients; the bias-corrected squared gap; the
+intersection-union test of a widened gap).
+
 Rank-based metrics sort the scores once and reuse that order for every row; threshold metrics reduce to
 matrix products ``W @ M``. Row blocks keep the temporaries near ``_BLOCK_BYTES``.
 
@@ -17,10 +23,12 @@ for integer counts, an order of magnitude faster on large test sets (see ``bench
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import ndtr, ndtri
-from scipy.stats import norm, rankdata
+from scipy.special import log_ndtr, logsumexp, ndtr, ndtri, owens_t, stdtr, stdtrit
+from scipy.stats import chi2, norm, rankdata
 from sklearn.metrics import roc_curve
 
 from privaudit.audit.utility import _BLOCK_BYTES
@@ -302,17 +310,22 @@ def delong_test(y_true, score1, score2, clusters=None) -> dict[str, float]:
     has one sample, ``I10 = M``, ``I01 = N``, every cross product is 0 and ``sum_k E10_k^2 = (M-1) s^2(D10)``:
     the clustered variance equals the unclustered one exactly.
 
-    ``z = (AUC1 - AUC2) / se`` and ``p = 2 (1 - Phi(|z|))``. With ``se = 0``, ``p = 1`` when the AUROCs are
-    equal and 0 otherwise. ``se``, ``z`` and ``p_value`` are ``nan`` with fewer than two positives or
-    negatives (fewer than two clusters holding each class, when clustered), everything is ``nan`` when a class
-    is absent. Returns ``auc1, auc2, difference, se, z, p_value``.
+    ``z = (AUC1 - AUC2) / se`` and ``p = 2 (1 - Phi(|z|))``, computed as ``exp(log 2 + log Phi(-|z|))``
+    (``scipy.stats.norm.logsf``) so that it never underflows to 0: ``log_p_value`` keeps the exact value, and
+    ``p_value`` is floored at the smallest normal float (2.2e-308). With ``se = 0``, ``p = 1`` when the AUROCs
+    are equal; when they differ, the normal approximation is degenerate (no spread to compare the difference
+    with) and ``z``, ``p_value`` are ``inf`` and ``nan``, never 0. ``se``, ``z`` and ``p_value`` are ``nan``
+    with fewer than two positives or negatives (fewer than two clusters holding each class, when clustered),
+    everything is ``nan`` when a class is absent. Returns ``auc1, auc2, difference, se, z, p_value,
+    log_p_value``.
     """
     pos, s1 = _labels_scores(y_true, score1)
     _, s2 = _labels_scores(y_true, score2)
     m, n = int(pos.sum()), int((~pos).sum())
     nan = float("nan")
     if m == 0 or n == 0:
-        return {"auc1": nan, "auc2": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan}
+        return {"auc1": nan, "auc2": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan,
+                "log_p_value": nan}
     v10, v01 = _structural_components(np.vstack([s1, s2]), pos)
     auc1, auc2 = (float(a) for a in v10.mean(axis=1))
     diff = auc1 - auc2
@@ -336,16 +349,17 @@ def delong_test(y_true, score1, score2, clusters=None) -> dict[str, float]:
             var = (i10 / (i10 - 1) * (e10 @ e10) / m**2 + i01 / (i01 - 1) * (e01 @ e01) / n**2
                    + 2 * k / (k - 1) * (e10 @ e01) / (m * n))
     if not var >= 0:  # nan, or a negative clustered estimate of a degenerate design
-        se = z = p = nan
+        se = z = p = log_p = nan
     elif var > 0:
         se = float(np.sqrt(var))
         z = diff / se
-        p = float(2 * norm.sf(abs(z)))
+        log_p = float(min(0.0, np.log(2.0) + norm.logsf(abs(z))))
+        p = float(max(np.exp(log_p), np.finfo(float).tiny))
     else:
         se = 0.0
         z = 0.0 if diff == 0 else float(np.copysign(np.inf, diff))
-        p = 1.0 if diff == 0 else 0.0
-    return {"auc1": auc1, "auc2": auc2, "difference": diff, "se": se, "z": z, "p_value": p}
+        p, log_p = (1.0, 0.0) if diff == 0 else (nan, nan)
+    return {"auc1": auc1, "auc2": auc2, "difference": diff, "se": se, "z": z, "p_value": p, "log_p_value": log_p}
 
 
 # ---- BCa -----------------------------------------------------------------------------------------------------
@@ -422,6 +436,23 @@ class SampleMajorWeights:
         self.blocks = [np.ascontiguousarray(w[b0:b0 + block].T, dtype=self.dtype)
                        for b0 in range(0, self.n_boot, block)]
 
+    @classmethod
+    def from_blocks(cls, blocks) -> "SampleMajorWeights":
+        """Wrap blocks already in the ``(n, b)`` layout (e.g. :func:`privaudit.audit.utility.draw_counts`), without
+        a copy. They must be float32 holding non-negative integers with every resample's sum below 2**24, or
+        float64."""
+        blocks = list(blocks)
+        if not blocks or len({b.shape[0] for b in blocks}) != 1 or any(b.ndim != 2 for b in blocks):
+            raise ValueError("blocks must be a non-empty list of (n, b) arrays with one n")
+        dtypes = {b.dtype for b in blocks}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"blocks must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+        self = cls.__new__(cls)
+        self.blocks = [np.ascontiguousarray(b) for b in blocks]
+        self.n, self.n_boot = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+        self.dtype = next(iter(dtypes))
+        return self
+
 
 def _class_blocks(pos: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Rows of the slot matrix of :func:`weighted_auroc_fast` for samples ``pos``/``s`` (already restricted).
@@ -487,7 +518,10 @@ def weighted_auroc_fast(y_true, y_score, weights: np.ndarray | SampleMajorWeight
         return out
     order, row, lo, tie, kn = _class_blocks(pos, s[idx])
     n_rows = kn + 1 + len(lo)
-    by_row = np.argsort(row, kind="stable")
+    # rows rise with the score within each class and every negative row precedes every positive one, so the
+    # stable order by row is the negatives in score order, then the positives: a partition, not a sort
+    cls = pos[order]
+    by_row = np.r_[np.flatnonzero(~cls), np.flatnonzero(cls)]
     indptr = np.r_[0, np.cumsum(np.bincount(row, minlength=n_rows))]
     a = sp.csr_array((np.ones(len(idx), dtype=sw.dtype), idx[order][by_row], indptr), shape=(n_rows, sw.n))
     mixed = tie >= 0
@@ -502,4 +536,590 @@ def weighted_auroc_fast(y_true, y_score, weights: np.ndarray | SampleMajorWeight
         den2 = 2.0 * p.sum(axis=0, dtype=np.float64) * g[kn].astype(np.float64)
         out[b0:b0 + block.shape[1]] = _ratio(num2, den2)
         b0 += block.shape[1]
+    return out
+
+
+# ---- training randomness: intervals over seeds -----------------------------------------------------------------
+# A setting trained with S seeds gives S models, all scored on the SAME test patients. Model k's figure is
+#
+#     x_k = mu + a_k + e_k
+#
+# with a_k the training randomness (independent over seeds; two settings run with the same --seed share the
+# initialisation, so their a_k may be correlated) and e_k the test-set error, whose covariance over (k, l) the
+# patient bootstrap estimates (every model is resampled with the same rows). The patients are shared, so e_k and
+# e_l are correlated: e_k = c + d_k holds a part c common to every seed. Then
+#
+#     Var(mean_k x_k) = Var(a)/S + (1/S^2) sum_{k,l} Cov(e_k, e_l),
+#
+# while the between-seed sample variance s^2 has expectation Var(a) + (1/S) sum_k Var(e_k)
+# - 1/(S(S-1)) sum_{k != l} Cov(e_k, e_l): the common part cancels out of s^2, which is why the seed-level
+# interval alone misses it. Together,
+#
+#     Var(mean) = E[s^2] / S + C,      C = 1/(S(S-1)) sum_{k != l} Cov(e_k, e_l),
+#
+# the seed-level term (training randomness plus the seed-specific test noise) plus the test-set covariance
+# shared between different seeds, the mean off-diagonal bootstrap covariance of the seeds' figures. For several
+# figures (two settings; a private and a non-private gap) the same holds entry by entry:
+# Cov(mean_i, mean_j) = s_ij / S + C_ij, with s_ij the between-seed covariance of seed-paired figures and C_ij
+# the mean bootstrap covariance over the pairs of *different* runs (k != l when the seeds are paired; every pair
+# when they are not, and then s_ij = 0 for i != j). C is projected onto the positive semi-definite matrices
+# (negative eigenvalues, estimation noise, set to 0), which can only widen.
+#
+# The interval. For a combination of means with seed-level variance b = s^2/S (k = S - 1 df) and shared part
+# c (estimated from many patients, treated as known), the interval is the generalized pivotal (fiducial)
+# interval of Weerahandi (1993, JASA 88:899-905), i.e. mean +- Q with Q the (1+ci)/2 quantile of
+#
+#     Z * sqrt(b k / chi2_k + c),        Z ~ N(0, 1), chi2_k independent,
+#
+# computed by quadrature over chi2_k (:class:`_Pivot`). It is Student's t when c = 0 and the normal interval
+# when b = 0. The plug-in alternative, t with Satterthwaite's df, is liberal with 3 seeds (about 92% for 95%
+# when the seeds dominate: a small s^2 also inflates its df), and a percentile bootstrap over (seed, patient)
+# covers about 75%; tests/test_inference.py checks 93-97% at 3 and 10 seeds. p-values use the same pivot.
+# Satterthwaite's df is still reported (``df``) and used where an approximate t is enough (the minimum
+# detectable change). With one seed there is no s^2: the interval covers the test patients only, and the
+# result says so (``covers_training_randomness: false`` and a ``warning``).
+
+NO_TRAINING_RANDOMNESS = ("one seed per setting: the interval covers the sampling of test patients only, not "
+                          "training randomness (another seed gives another model); train two or more seeds to "
+                          "cover it")
+TWO_LEVEL_METHOD = ("generalized pivot over seeds (seed-level variance, S-1 df) + test-set covariance shared "
+                    "across seeds (patient bootstrap)")
+TEST_ONLY_METHOD = "patient bootstrap (test patients only)"
+_GRID = 512        # quadrature points over log chi2_k
+_TAIL = 1e-15      # chi2_k is integrated between its 1e-15 and 1 - 1e-15 quantiles
+
+
+def _t_quantile(q: float, df: float) -> float:
+    return float(ndtri(q)) if not np.isfinite(df) else float(stdtrit(df, q))
+
+
+@functools.lru_cache(maxsize=64)
+def _chi2_grid(k: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``x`` and log weights of ``chi2_k``: a trapezoid rule on ``log x`` between the 1e-15 quantiles, so
+    that the small values of chi2, which make the pivot's far tail, are integrated as finely as the bulk."""
+    v = np.linspace(np.log(chi2.ppf(_TAIL, k)), np.log(chi2.isf(_TAIL, k)), _GRID)
+    x = np.exp(v)
+    logw = chi2.logpdf(x, k) + v
+    logw[[0, -1]] -= np.log(2.0)
+    return x, logw - logsumexp(logw)
+
+
+class _Pivot:
+    """The law of ``Z sqrt(b k / chi2_k + c)`` (see the comment above :data:`NO_TRAINING_RANDOMNESS`): the error
+    of a mean over seeds whose seed-level variance ``b`` has ``k`` df and whose shared test-set variance is ``c``.
+    Arguments broadcast (arrays of combinations at once); ``k`` infinite or ``b = 0``: normal; ``c = 0``: t."""
+
+    def __init__(self, b, c, k):
+        self.b, self.c, self.k = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (b, c, k)))
+        self.se = np.sqrt(np.clip(self.b + self.c, 0.0, None))
+
+    def log_sf(self, x) -> np.ndarray:
+        """``log P(pivot > x)``; ``x`` broadcasts with the pivot's parameters."""
+        x, b, c, k = np.broadcast_arrays(np.asarray(x, dtype=float), self.b, self.c, self.k)
+        out = np.empty(x.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(b + c > 0, x / np.sqrt(b + c), np.where(x < 0, -np.inf, np.where(x > 0, np.inf, 0.0)))
+            normal = ~(np.isfinite(k) & (b > 0))
+            out[normal] = log_ndtr(-z[normal])
+            pure_t = ~normal & (c <= 0)
+            if pure_t.any():  # t tails are polynomial: stdtr does not underflow where it matters
+                out[pure_t] = np.log(stdtr(k[pure_t], -x[pure_t] / np.sqrt(b[pure_t])))
+        mixed = ~normal & ~pure_t
+        for kk in np.unique(k[mixed]):
+            sel = mixed & (k == kk)
+            nodes, logw = _chi2_grid(float(kk))
+            sd = np.sqrt(b[sel][:, None] * kk / nodes[None, :] + c[sel][:, None])
+            terms = logw[None, :] + log_ndtr(-x[sel][:, None] / sd)
+            top = terms.max(axis=1, keepdims=True)
+            out[sel] = (top + np.log(np.exp(terms - top).sum(axis=1, keepdims=True)))[:, 0]
+        return out
+
+    def quantile(self, q: float) -> np.ndarray:
+        """The ``q`` quantile (``q > 1/2``): closed form for the normal and t laws; for the mixture brentq (one
+        pivot) or bisection (an array), to 1e-10 of the standard error."""
+        from scipy.optimize import brentq
+
+        normal = ~(np.isfinite(self.k) & (self.b > 0))
+        pure_t = ~normal & (self.c <= 0)
+        out = np.where(normal, ndtri(q) * self.se, 0.0)
+        if pure_t.any():
+            out = np.where(pure_t, stdtrit(np.where(pure_t, self.k, 1.0), q) * np.sqrt(self.b), out)
+        mixed = ~normal & ~pure_t
+        if not mixed.any():
+            return out
+        target = np.log1p(-q)
+        sub = _Pivot(self.b[mixed], self.c[mixed], self.k[mixed])
+        lo = np.zeros(sub.se.shape)
+        hi = 1.01 * stdtrit(sub.k, q) * sub.se  # a first guess: the t_k quantile at the same se
+        for _ in range(60):  # widen until it brackets the quantile
+            short = sub.log_sf(hi) > target
+            if not short.any():
+                break
+            hi = np.where(short, 2 * hi, hi)
+        if sub.se.size == 1:
+            root = brentq(lambda v: float(sub.log_sf(v)[0]) - target, 0.0, float(hi[0]), xtol=1e-10 * float(sub.se[0]))
+            out[mixed] = root
+            return out
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = sub.log_sf(mid) > target
+            lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+            if np.all(hi - lo <= 1e-10 * sub.se):
+                break
+        out[mixed] = (lo + hi) / 2
+        return out
+
+    def two_sided_p(self, x) -> np.ndarray:
+        """``P(|pivot| >= |x|)`` in log space, floored at the smallest normal float (never 0); ``nan`` for a
+        non-zero ``x`` with no spread at all (a degenerate test, not a conclusive one)."""
+        x = np.asarray(x, dtype=float)
+        p = np.minimum(1.0, np.maximum(np.exp(np.log(2.0) + self.log_sf(np.abs(x))), np.finfo(float).tiny))
+        return np.where((self.se == 0) & (x != 0), np.nan, p)
+
+
+def _runs(estimates, boots, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-seed estimates ``(S,)`` and their bootstrap replicates ``(S, B)`` (or None), checked."""
+    est = np.asarray(estimates, dtype=float)
+    if est.ndim != 1:
+        raise ValueError(f"{what}: the per-seed estimates must be 1-d, got shape {est.shape}")
+    if boots is None:
+        return est, None
+    b = np.asarray(boots, dtype=float)
+    if b.ndim == 1 and len(est) == 1:
+        b = b[None, :]
+    if b.ndim != 2 or b.shape[0] != len(est):
+        raise ValueError(f"{what}: the replicates must have shape (seeds, resamples) = ({len(est)}, B), got {b.shape}")
+    return est, b
+
+
+class _TwoLevel:
+    """Means of ``p`` figures over their seeds with their covariance ``V = between + shared`` (see above).
+
+    ``estimates[i]`` holds figure i per seed and ``boots[i]`` its patient-bootstrap replicates (all figures
+    resampled with the same rows), or ``boots`` None (no shared part: a seed-level interval only). ``paired``:
+    seed k of every figure is one --seed, so the between-seed covariance is estimated jointly (needs the same
+    number of seeds everywhere); seeds with a non-finite estimate are then dropped from every figure. Resamples
+    in which any replicate is not finite are left out of the covariance (``n_boot_used``). A figure with one
+    seed has no between-seed term: its same-run bootstrap variance goes into ``shared`` instead, and the result
+    covers the test patients only.
+    """
+
+    def __init__(self, estimates, boots=None, *, paired: bool = True):
+        runs = [_runs(e, None if boots is None else boots[i], f"figure {i}") for i, e in enumerate(estimates)]
+        if paired and len({len(e) for e, _ in runs}) > 1:
+            raise ValueError("paired figures need the same number of seeds; pass paired=False otherwise")
+        if paired:
+            keep = [np.logical_and.reduce([np.isfinite(e) for e, _ in runs])] * len(runs)
+        else:
+            keep = [np.isfinite(e) for e, _ in runs]
+        runs = [(e[k], None if b is None else b[k]) for (e, b), k in zip(runs, keep)]
+        self.paired = paired
+        self.n_seeds = np.array([len(e) for e, _ in runs], dtype=int)
+        p = len(runs)
+        self.mean = np.array([e.mean() if len(e) else np.nan for e, _ in runs])
+        between = np.zeros((p, p))
+        if paired and p and self.n_seeds[0] >= 2:
+            between = np.atleast_2d(np.cov(np.vstack([e for e, _ in runs]), ddof=1)) / self.n_seeds[0]
+        elif not paired:
+            for i, (e, _) in enumerate(runs):
+                between[i, i] = e.var(ddof=1) / len(e) if len(e) >= 2 else 0.0
+        self.between = between
+        self.has_boots = boots is not None
+        self.n_boot_used = None
+        shared = np.zeros((p, p))
+        if boots is not None and p and self.n_seeds.min() > 0:
+            z = np.vstack([b for _, b in runs])
+            ok = np.isfinite(z).all(axis=0)
+            self.n_boot_used = int(ok.sum())
+            if self.n_boot_used < 2:
+                shared = np.full((p, p), np.nan)
+            else:
+                cov = np.atleast_2d(np.cov(z[:, ok], ddof=1))
+                at = np.r_[0, np.cumsum(self.n_seeds)]
+                for i in range(p):
+                    for j in range(p):
+                        block = cov[at[i]:at[i + 1], at[j]:at[j + 1]]
+                        si, sj = self.n_seeds[i], self.n_seeds[j]
+                        if si >= 2 and (i == j or paired):  # same-seed pairs are in the between-seed term
+                            shared[i, j] = (block.sum() - np.trace(block)) / (si * sj - si)
+                        else:
+                            shared[i, j] = block.sum() / (si * sj)
+                vals, vecs = np.linalg.eigh((shared + shared.T) / 2)
+                shared = (vecs * np.clip(vals, 0.0, None)) @ vecs.T
+        self.shared = shared
+        self.V = between + shared
+        self.covers_training_randomness = bool(p and self.n_seeds.min() >= 2)
+
+    def combine(self, a) -> tuple[float, _Pivot, float]:
+        """The linear combination ``a @ means``: estimate, its :class:`_Pivot`, and Satterthwaite's df."""
+        a = np.asarray(a, dtype=float)
+        est = float(a @ self.mean)
+        b, c = float(a @ self.between @ a), float(a @ self.shared @ a)
+        b = 0.0 if b <= 1e-12 * (b + c) else b  # rounding noise of identical seeds, not a variance
+        if self.paired:
+            s = int(self.n_seeds[0]) if len(self.n_seeds) else 0
+            k = float(s - 1) if s >= 2 and b > 0 else np.inf
+            den = b**2 / k if np.isfinite(k) else 0.0
+        else:  # Welch: the between terms of the figures, each with its own S_i - 1 df
+            terms = [(a[i] ** 2 * self.between[i, i], s - 1) for i, s in enumerate(self.n_seeds) if s >= 2]
+            den = float(sum(t**2 / d for t, d in terms))
+            k = b**2 / den if den > 0 else np.inf
+        df = (b + c) ** 2 / den if den > 0 else np.inf
+        return est, _Pivot(b, c, k), float(df)
+
+    def describe(self) -> dict:
+        one = self.paired or len(self.n_seeds) == 1
+        return {"n_seeds": int(self.n_seeds[0]) if one else [int(s) for s in self.n_seeds],
+                "n_boot_used": self.n_boot_used,
+                "covers_training_randomness": self.covers_training_randomness,
+                "method": TWO_LEVEL_METHOD if self.covers_training_randomness else TEST_ONLY_METHOD,
+                "warning": None if self.covers_training_randomness else NO_TRAINING_RANDOMNESS}
+
+
+def _opt(x) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def _finite_df(df: float) -> float | None:
+    return float(df) if np.isfinite(df) else None
+
+
+def seed_mean_interval(estimates, boots=None, *, ci: float = 0.95) -> dict:
+    """Mean of one figure over a setting's seeds, with an interval that covers training randomness and test patients.
+
+    ``estimates``: the figure per seed ``(S,)`` (e.g. each seed's macro AUROC); ``boots``: each seed's patient-
+    bootstrap replicates ``(S, B)``, all seeds resampled with the same rows (the study's shared resampler), or
+    None. With ``S >= 2``: ``V = s^2/S + C`` and the generalized pivotal interval (see the comment above
+    :data:`NO_TRAINING_RANDOMNESS`; s^2 the between-seed variance, C the test-set covariance shared between
+    different seeds). Without ``boots``, ``C = 0``: Student's t over seeds, which misses the shared test-set
+    noise (``test_noise_included: false``). With one seed: the percentile interval of its replicates, and
+    ``covers_training_randomness: false`` with a ``warning``.
+
+    Returns ``estimate, ci_low, ci_high, se, df (Satterthwaite), sd_between, var_between (s^2/S),
+    var_shared_test (C), test_noise_included, n_seeds, n_boot_used, covers_training_randomness, method,
+    warning``; ``None`` where undefined.
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    est, b = _runs(estimates, boots, "seed_mean_interval")
+    ok = np.isfinite(est)
+    tl = _TwoLevel([est[ok]], None if b is None else [b[ok]])
+    s = int(tl.n_seeds[0])
+    out = {"estimate": _opt(tl.mean[0]), "ci_low": None, "ci_high": None, "se": None, "df": None,
+           "sd_between": _opt(np.sqrt(tl.between[0, 0] * s)) if s >= 2 else None,
+           "var_between": _opt(tl.between[0, 0]) if s >= 2 else None,
+           "var_shared_test": _opt(tl.shared[0, 0]) if b is not None and s >= 2 else None,
+           "test_noise_included": b is not None, **tl.describe()}
+    if s == 1 and b is not None:
+        reps = b[ok][0]
+        reps = reps[np.isfinite(reps)]
+        if len(reps) >= 2:
+            lo, hi = np.quantile(reps, [(1 - ci) / 2, (1 + ci) / 2])
+            out.update(ci_low=float(lo), ci_high=float(hi), se=float(reps.std(ddof=1)), n_boot_used=len(reps))
+    elif s >= 2:
+        e, pivot, df = tl.combine([1.0])
+        if np.isfinite(pivot.se):
+            q = float(pivot.quantile((1 + ci) / 2))
+            out.update(ci_low=e - q, ci_high=e + q, se=float(pivot.se), df=_finite_df(df))
+    return out
+
+
+def seed_difference(estimates_a, estimates_b, boots_a=None, boots_b=None, *, ci: float = 0.95,
+                    paired: bool = True) -> dict:
+    """Mean over seeds of setting A minus setting B, with a two-level interval and a two-sided p-value.
+
+    ``paired``: seed k of A and seed k of B share their --seed (same initialisation), so the difference is
+    taken per seed, ``D_k = A_k - B_k``, and its variance is ``s_D^2/S + C_D`` (between-seed variance of the
+    ``D_k``, and the shared test-set covariance of their replicates ``A*_k - B*_k``): pairing removes the
+    seed effect the two settings share. Unpaired (other seeds, or other numbers of seeds): Welch's form,
+    ``V = s_A^2/S_A + s_B^2/S_B + C_A + C_B - 2 C_AB`` with ``C_AB`` the mean bootstrap covariance over all
+    (A, B) pairs (the patients are shared across settings too), and the pivot's df from Welch-Satterthwaite over
+    the two seed-level terms. ``p_value``: ``P(|pivot| >= |mean|)``, in log space, never 0.
+
+    Returns ``estimate, ci_low, ci_high, se, df, p_value, paired, n_seeds, n_boot_used,
+    covers_training_randomness, method, warning``.
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    a, ba = _runs(estimates_a, boots_a, "seed_difference (A)")
+    b, bb = _runs(estimates_b, boots_b, "seed_difference (B)")
+    if (ba is None) != (bb is None):
+        raise ValueError("seed_difference: give the replicates of both settings or of neither")
+    if paired and len(a) != len(b):
+        raise ValueError(f"seed_difference: paired seeds need as many seeds in A as in B, got {len(a)} and {len(b)}")
+    tl = _TwoLevel([a, b], None if ba is None else [ba, bb], paired=paired)
+    est, pivot, df = tl.combine([1.0, -1.0])
+    out = {"estimate": _opt(est), "ci_low": None, "ci_high": None, "se": _opt(pivot.se), "df": _finite_df(df),
+           "p_value": None, "paired": paired, **tl.describe()}
+    if not np.isfinite(est) or not np.isfinite(pivot.se) or (not tl.covers_training_randomness and ba is None):
+        return out  # one seed and no replicates: nothing measures the noise
+    q = float(pivot.quantile((1 + ci) / 2))
+    out.update(ci_low=est - q, ci_high=est + q, p_value=_opt(pivot.two_sided_p(est)))
+    return out
+
+
+# ---- the size of a parity-gap change, and whether it widened ---------------------------------------------------
+# gamma_1 and gamma_0 are the true gaps of the private and the reference (non-private) setting, g_1 and g_0
+# their estimates: means over seeds (one seed: the single model's gap), with two-level covariance V.
+#
+# Size. E|g| grows with the noise of g, so |g_1| - |g_0| is biased upward when gamma_1 = gamma_0 = 0 and the
+# private model is noisier. The squared gap is unbiased once its variance is taken off: E[g^2] = gamma^2 + V,
+# so (g_1^2 - V_11) - (g_0^2 - V_00) is an unbiased estimate of gamma_1^2 - gamma_0^2 (in AUROC^2 units;
+# positive when the private gap is the larger in absolute value, whatever the signs). Its interval is the
+# normal one with the variance of a difference of squared normals (Var(X^2) = 4 mu^2 s^2 + 2 s^4 and
+# Cov(X^2, Y^2) = 4 mu_x mu_y c + 2 c^2, mu^2 estimated by max(g^2 - V, 0)) and Satterthwaite's t: approximate,
+# and skewed near 0. It describes the size; the decision uses the test below.
+#
+# Test. |gamma_1| > |gamma_0| exactly when u = gamma_1 - gamma_0 and w = gamma_1 + gamma_0 are non-zero and of
+# the same sign. The "widened" test is an intersection-union test: reject |gamma_1| <= |gamma_0| when u and w
+# are both significantly positive, or both significantly negative, each one-sided test at alpha/2:
+#
+#     p = min(1, 2 min(max(p_u+, p_w+), max(p_u-, p_w-))),
+#
+# one-sided p-values from the pivot of u and of w (one seed: normal with bootstrap standard errors). Under any
+# null point (u <= 0 <= w, or w <= 0 <= u), the test rejects only if the u test or the w test rejects against
+# its own true value, each with probability <= alpha/2, so it has level alpha whatever the two gaps and their
+# noise: conservative, yet it keeps its power where the reference gap is about 0 (no sign to orient by). The
+# p-value is continuous, so Holm over m tests can reach alpha/m whatever the number of resamples (the rule on
+# resolution is in :func:`privaudit.audit.fairness.gap_change_verdict`).
+#
+# Equivalence. ||gamma_1| - |gamma_0|| = min(|u|, |w|) (an identity for real numbers), so the change in |gap|
+# lies within +-margin when |u| < margin or |w| < margin. Each is shown by two one-sided tests at alpha/2 (the
+# 1 - alpha interval of u, or of w, within +-margin), a level-alpha test of "the change reaches the margin" by
+# Bonferroni over the two routes. ``equivalence_bound`` is the smallest margin it shows.
+
+GAP_CHANGE_MEASURE = "bias-corrected squared gap: (g1^2 - var g1) - (g0^2 - var g0), AUROC^2"
+
+
+def gap_change_tests(gap_private, gap_reference, var_private, var_reference, cov, *, between=None, k=np.inf,
+                     ci: float = 0.95, alpha: float = 0.05) -> dict[str, np.ndarray]:
+    """The size, the "widened" test and the equivalence bound of :func:`seed_gap_change`, vectorised.
+
+    Arrays broadcast: the two gap estimates (means over seeds), the entries of their covariance matrix ``V``
+    (two-level; one seed: bootstrap), ``between``: the seed-level part of ``V`` as ``(var_private,
+    var_reference, cov)`` (None: all of ``V`` is test-set noise) with ``k`` df. Returns arrays ``estimate,
+    ci_low, ci_high, p_value, equivalence_bound, rho, se_difference, se_sum, df_difference, df_sum`` (formulas
+    in the comment above :data:`GAP_CHANGE_MEASURE`). ``p_value`` is ``nan`` where a zero standard error
+    meets a non-zero u or w.
+    """
+    g1, g0, v11, v00, v10, kk = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (
+        gap_private, gap_reference, var_private, var_reference, cov, k)))
+    b11, b00, b10 = (np.zeros_like(g1),) * 3 if between is None else np.broadcast_arrays(
+        *(np.asarray(a, dtype=float) for a in between), g1)[:3]
+    u, w = g1 - g0, g1 + g0
+    pivots, dfs = [], []
+    for sign in (-1.0, 1.0):
+        var = np.clip(v11 + v00 + 2 * sign * v10, 0.0, None)
+        b = np.clip(b11 + b00 + 2 * sign * b10, 0.0, None)
+        b = np.where(b <= 1e-12 * var, 0.0, b)  # rounding noise of identical seeds, not a variance
+        pivots.append(_Pivot(b, np.clip(var - b, 0.0, None), np.where(b > 0, kk, np.inf)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dfs.append(np.where((b > 0) & np.isfinite(kk), var**2 / (b**2 / kk), np.inf))
+    pu, pw = pivots
+    est = (g1**2 - v11) - (g0**2 - v00)
+    a1, a0, a10 = np.clip(g1**2 - v11, 0.0, None), np.clip(g0**2 - v00, 0.0, None), g1 * g0 - v10
+    sd = np.sqrt(np.clip(4 * a1 * v11 + 2 * v11**2 + 4 * a0 * v00 + 2 * v00**2 - 8 * a10 * v10 - 4 * v10**2,
+                         0.0, None))
+    df = np.minimum(*dfs)
+    q = np.where(np.isfinite(df), stdtrit(np.where(np.isfinite(df), df, 1.0), (1 + ci) / 2), ndtri((1 + ci) / 2))
+    up = np.maximum(pu.log_sf(u), pw.log_sf(w))        # u and w > 0: gamma_1 > |gamma_0|
+    down = np.maximum(pu.log_sf(-u), pw.log_sf(-w))    # u and w < 0: gamma_1 < -|gamma_0|
+    p = np.minimum(1.0, np.maximum(np.exp(np.log(2.0) + np.minimum(up, down)), np.finfo(float).tiny))
+    degenerate = ((pu.se == 0) & (u != 0)) | ((pw.se == 0) & (w != 0))
+    bound = np.minimum(np.abs(u) + pu.quantile(1 - alpha / 2), np.abs(w) + pw.quantile(1 - alpha / 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where((pu.se > 0) & (pw.se > 0), np.clip((v11 - v00) / (pu.se * pw.se), -1, 1), np.nan)
+    return {"estimate": est, "ci_low": est - q * sd, "ci_high": est + q * sd,
+            "p_value": np.where(degenerate, np.nan, p), "equivalence_bound": bound, "rho": rho,
+            "se_difference": pu.se, "se_sum": pw.se, "df_difference": dfs[0], "df_sum": dfs[1]}
+
+
+def seed_gap_change(gap_private, gap_reference, boots_private=None, boots_reference=None, *, ci: float = 0.95,
+                    alpha: float = 0.05, paired: bool = True) -> dict:
+    """Change of one performance-parity gap from the reference setting to the private one, over seeds.
+
+    ``gap_private`` / ``gap_reference``: the gap per seed ``(S,)`` (one seed: arrays of length 1); ``boots_*``:
+    the gaps' patient-bootstrap replicates ``(S, B)``, every model resampled with the same rows; ``paired``:
+    seed k of both settings shares its --seed. The measure, the test and the equivalence are described in the
+    comment above :data:`GAP_CHANGE_MEASURE` and computed by :func:`gap_change_tests`.
+
+    Returns ``estimate``, ``ci_low``, ``ci_high`` (the bias-corrected squared-gap change), ``measure``,
+    ``p_value`` (intersection-union test of ``|gamma_1| > |gamma_0|``), ``abs_gap_change`` (the plug-in
+    ``|g_1| - |g_0|``, biased upward near 0: for reading only), ``gap_private``, ``gap_reference``,
+    ``difference`` and ``sum`` (``estimate``, ``se``, ``df`` of u and w), ``rho`` (correlation of the u and w
+    estimates), ``equivalence_bound`` (at ``alpha``), ``n_seeds``, ``n_boot_used``,
+    ``covers_training_randomness``, ``method``, ``warning``.
+    """
+    if not 0 < ci < 1 or not 0 < alpha < 0.5:
+        raise ValueError(f"need 0 < ci < 1 and 0 < alpha < 0.5, got ci={ci}, alpha={alpha}")
+    g1, b1 = _runs(gap_private, boots_private, "seed_gap_change (private)")
+    g0, b0 = _runs(gap_reference, boots_reference, "seed_gap_change (reference)")
+    if (b1 is None) != (b0 is None):
+        raise ValueError("seed_gap_change: give the replicates of both gaps or of neither")
+    tl = _TwoLevel([g1, g0], None if b1 is None else [b1, b0], paired=paired)
+    m1, m0 = tl.mean
+    (v11, v10), (_, v00) = tl.V
+    (b11, b10), (_, b00) = tl.between
+    if paired:
+        k = float(tl.n_seeds[0] - 1) if tl.n_seeds[0] >= 2 else np.inf
+    else:  # Welch over the two seed-level terms
+        terms = [(tl.between[i, i], s - 1) for i, s in enumerate(tl.n_seeds) if s >= 2]
+        den = sum(t**2 / d for t, d in terms)
+        k = (b11 + b00) ** 2 / den if den > 0 else np.inf
+    out = {"estimate": None, "ci_low": None, "ci_high": None, "measure": GAP_CHANGE_MEASURE, "p_value": None,
+           "abs_gap_change": _opt(abs(m1) - abs(m0)), "gap_private": _opt(m1), "gap_reference": _opt(m0),
+           "difference": {"estimate": _opt(m1 - m0), "se": None, "df": None},
+           "sum": {"estimate": _opt(m1 + m0), "se": None, "df": None},
+           "rho": None, "equivalence_bound": None, **tl.describe()}
+    if not (np.isfinite(m1) and np.isfinite(m0) and np.isfinite(tl.V).all()):
+        return out
+    r = {key: float(v) for key, v in gap_change_tests(m1, m0, v11, v00, v10, between=(b11, b00, b10), k=k, ci=ci,
+                                                      alpha=alpha).items()}
+    out.update({key: _opt(r[key]) for key in ("estimate", "ci_low", "ci_high", "p_value", "rho",
+                                               "equivalence_bound")})
+    out["difference"].update(se=r["se_difference"], df=_finite_df(r["df_difference"]))
+    out["sum"].update(se=r["se_sum"], df=_finite_df(r["df_sum"]))
+    return out
+
+
+def _bvn_upper(a: float, b: float, rho: float) -> float:
+    """``P(X > a, Y > b)`` for standard bivariate normal ``(X, Y)`` with correlation ``rho``.
+
+    Owen's (1956, Ann. Math. Stat. 27:1075-1090) closed form through his T function (``scipy.special.owens_t``),
+    with ``h = -a``, ``k = -b``::
+
+        P(X <= h, Y <= k) = Phi(h)/2 + Phi(k)/2 - T(h, a_h) - T(k, a_k) - beta,
+        a_h = (k - rho h) / (h sqrt(1 - rho^2)),  a_k = (h - rho k) / (k sqrt(1 - rho^2)),
+        beta = 0 if h k > 0 or (h k = 0 and h + k >= 0), else 1/2;
+
+    a zero ``h`` (or ``k``) uses ``T(0, +-inf) = +-1/4`` by continuity, and ``h = k = 0`` Sheppard's
+    ``1/4 + arcsin(rho) / (2 pi)``. Infinite ``a`` or ``b`` and ``rho = +-1`` in closed form.
+    """
+    if a == -np.inf or b == -np.inf:
+        return float(ndtr(-(b if a == -np.inf else a)))
+    if a == np.inf or b == np.inf:
+        return 0.0
+    if rho >= 1 - 1e-12:
+        return float(ndtr(-max(a, b)))
+    if rho <= -1 + 1e-12:
+        return float(max(0.0, ndtr(-b) - ndtr(a)))
+    h, k = -float(a), -float(b)
+    if h == 0 and k == 0:  # Sheppard's quadrant probability
+        return float(0.25 + np.arcsin(rho) / (2 * np.pi))
+    r = np.sqrt(1 - rho**2)
+
+    def t_term(x, y):  # T(x, (y - rho x) / (x r)); at x = 0 (y != 0) the limit T(0, +-inf) = +-1/4
+        if x == 0:
+            return 0.25 * np.sign(y)
+        return float(owens_t(x, (y - rho * x) / (x * r)))
+
+    beta = 0.0 if h * k > 0 or (h * k == 0 and h + k >= 0) else 0.5
+    cdf = 0.5 * ndtr(h) + 0.5 * ndtr(k) - t_term(h, k) - t_term(k, h) - beta
+    return float(min(1.0, max(0.0, cdf)))
+
+
+def minimum_detectable_change(se_difference: float, se_sum: float, *, alpha: float, power: float = 0.8,
+                              rho: float = 0.0, df: float = np.inf) -> float | None:
+    """Smallest parity gap ``delta`` that the "widened" test of :func:`seed_gap_change` finds with ``power``.
+
+    Computed where it is hardest, a reference gap of 0 (with a non-zero reference gap the sum w is far from 0
+    and only u limits the power): then u = w = delta, and the test rejects at level ``alpha`` (pass the
+    Holm-adjusted level, ``alpha / m`` for a family of m) when both ``u / se_u`` and ``w / se_w`` exceed
+    ``c = t_{df, 1 - alpha/2}``. With the estimates bivariate normal (correlation ``rho``)::
+
+        power(delta) = P(Z_u > k - delta / se_u, Z_w > k - delta / se_w),   k = c + t_{df, power} - z_power
+
+    (``k = c`` for ``df = inf``; ``t_{df, power} - z_power`` is the usual allowance for a t test's few degrees
+    of freedom, exact for one test; pass Satterthwaite's df). ``delta`` solves ``power(delta) = power``
+    (brentq). None when a standard error is not finite; 0 when both are 0.
+    """
+    from scipy.optimize import brentq
+
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"need 0 < alpha < 1 and 0 < power < 1, got alpha={alpha}, power={power}")
+    if se_difference is None or se_sum is None or not (np.isfinite(se_difference) and np.isfinite(se_sum)) \
+            or min(se_difference, se_sum) < 0:
+        return None
+    if se_difference == 0 and se_sum == 0:
+        return 0.0
+    k = _t_quantile(1 - alpha / 2, df) + (_t_quantile(power, df) - float(norm.ppf(power)))
+    rho = float(np.clip(0.0 if rho is None or not np.isfinite(rho) else rho, -1, 1))
+
+    def shifted(delta, se):  # a zero standard error detects any delta > 0 for sure
+        return k - delta / se if se > 0 else (-np.inf if delta > 0 else np.inf)
+
+    def gap(delta):
+        return _bvn_upper(shifted(delta, se_difference), shifted(delta, se_sum), rho) - power
+
+    if gap(0.0) >= 0:
+        return 0.0
+    top = max(se_difference, se_sum)
+    hi = (k + float(norm.ppf(1 - (1 - power) / 2))) * top  # each margin >= (1 + power)/2, so joint >= power
+    return float(brentq(gap, 0.0, max(hi, 1e-12), xtol=1e-10 * top))
+
+
+# ---- trade-off over settings, with seeds -----------------------------------------------------------------------
+def seed_trend(x, estimates, boots=None, *, ci: float = 0.95, paired: bool = True, n_draws: int = 4000,
+               seed: int = 0) -> dict:
+    """Trend of a figure across settings (e.g. macro AUROC against log epsilon), covering seeds and test patients.
+
+    ``x``: each setting's position ``(J,)`` (log epsilon); ``estimates[j]``: the figure per seed of setting j;
+    ``boots[j]``: their patient-bootstrap replicates ``(S_j, B)``, every model resampled with the same rows;
+    ``paired``: seed k is the same --seed in every setting (every setting then needs the same seeds).
+
+    The setting means ``m`` get the two-level covariance ``V`` of :class:`_TwoLevel` (between-seed covariance
+    over S, plus the test-set covariance shared between different runs, across settings too: every model is
+    scored on the same patients). The inference is on the least-squares slope of ``m`` on ``x``,
+    ``slope = c @ m`` with ``c = (x - mean x) / sum (x - mean x)^2``, through the generalized pivot of that
+    combination (interval and two-sided p-value: the trend test). ``r`` is Pearson's r of ``(x, m)`` (one point
+    per setting, the seeds averaged), with an approximate percentile interval from ``n_draws`` parametric draws
+    ``m* = m + sqrt(k / chi2_k) L_b z + L_c z'`` (``L_b``, ``L_c`` square roots of the between-seed and the shared
+    parts of ``V``, ``k = S - 1``; ``seed`` fixes the draws). With one seed per setting the result covers the
+    test patients only (``covers_training_randomness: false``).
+
+    Returns ``r, r_ci_low, r_ci_high, slope, slope_ci_low, slope_ci_high, slope_se, df, p_value, n_settings,
+    n_seeds, n_boot_used, covers_training_randomness, method, warning``.
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 1 or len(estimates) != len(x) or (boots is not None and len(boots) != len(x)):
+        raise ValueError(f"seed_trend: x, estimates and boots need one entry per setting, got {len(x)}, "
+                         f"{len(estimates)}, {None if boots is None else len(boots)}")
+    tl = _TwoLevel(list(estimates), None if boots is None else list(boots), paired=paired)
+    ok = np.isfinite(x) & np.isfinite(tl.mean)
+    out = {"r": None, "r_ci_low": None, "r_ci_high": None, "slope": None, "slope_ci_low": None,
+           "slope_ci_high": None, "slope_se": None, "df": None, "p_value": None, "n_settings": int(ok.sum()),
+           **tl.describe()}
+    if ok.sum() < 2 or np.ptp(x[ok]) == 0:
+        return out
+    xc = np.where(ok, x - x[ok].mean(), 0.0)
+    slope, pivot, df = tl.combine(xc / float(xc @ xc))
+    if np.isfinite(pivot.se):
+        q = float(pivot.quantile((1 + ci) / 2))
+        out.update(slope=slope, slope_se=float(pivot.se), df=_finite_df(df), slope_ci_low=slope - q,
+                   slope_ci_high=slope + q, p_value=_opt(pivot.two_sided_p(slope)))
+    m = tl.mean[ok]
+    if ok.sum() < 3 or np.ptp(m) == 0 or not np.isfinite(tl.V).all():
+        return out
+    out["r"] = float(np.corrcoef(x[ok], m)[0, 1])
+    idx = np.flatnonzero(ok)
+
+    def root(cov):
+        vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
+        return vecs * np.sqrt(np.clip(vals, 0.0, None))
+
+    rng = np.random.default_rng(seed)
+    draws = m + rng.standard_normal((n_draws, len(m))) @ root(tl.shared[np.ix_(idx, idx)]).T
+    s = int(tl.n_seeds.min())
+    if s >= 2:
+        scale = np.sqrt((s - 1) / rng.chisquare(s - 1, n_draws))[:, None]
+        draws = draws + scale * (rng.standard_normal((n_draws, len(m))) @ root(tl.between[np.ix_(idx, idx)]).T)
+    xd = x[ok] - x[ok].mean()
+    dm = draws - draws.mean(axis=1, keepdims=True)
+    den = np.sqrt((dm**2).sum(axis=1) * (xd @ xd))
+    r = np.divide(dm @ xd, den, out=np.full(n_draws, np.nan), where=den > 0)
+    r = r[np.isfinite(r)]
+    if len(r) >= 2:
+        out["r_ci_low"], out["r_ci_high"] = (float(v) for v in np.quantile(r, [(1 - ci) / 2, (1 + ci) / 2]))
     return out
