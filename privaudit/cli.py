@@ -141,9 +141,8 @@ def _main(ctx: typer.Context,
         except PrivauditError:
             launched = True
         if launched:   # every torchrun process runs the command; only `train` knows how to share the work
-            err_console.print(f"[bold red]error:[/] under torchrun only 'privaudit train' runs data-parallel; run "
-                              f"'privaudit {safe(ctx.invoked_subcommand)}' as a single process (train, then audit the run)",
-                              markup=True, highlight=False, soft_wrap=True)
+            print_error(err_console, f"under torchrun only 'privaudit train' runs data-parallel; run 'privaudit "
+                                     f"{ctx.invoked_subcommand}' as a single process (train, then audit the run)")
             raise typer.Exit(2)
 
 
