@@ -126,6 +126,33 @@ def quiet_imports():
             logger.removeFilter(noise_filter)
 
 
+class _OptionalNoticeFilter(logging.Filter):
+    """Drops third-party optional-dependency notices (aif360's ``No module named 'inFairness'``) whenever they
+    are logged, so a lazy import of such a package at run time is quiet too; nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = (record.pathname or "").replace("\\", "/")
+        if "/privaudit/" in path or record.name.startswith("privaudit"):
+            return True
+        try:
+            return not _OPTIONAL_NOTICE.match(record.getMessage())
+        except Exception:  # a malformed record: let logging itself report it
+            return True
+
+
+def quiet_process() -> None:
+    """For a command-line entry point: ``TF_CPP_MIN_LOG_LEVEL=2`` (with ``setdefault``, inherited by worker
+    processes) before anything can load TensorFlow, and optional-dependency notices of third-party packages
+    dropped from the root logger for the whole process. privaudit's own warnings and logs, and any other
+    third-party warning, are untouched; ``PRIVAUDIT_SHOW_IMPORT_NOISE=1`` turns it off."""
+    if os.environ.get(SHOW_ENV, "").strip() not in ("", "0"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = logging.getLogger()
+    if not any(isinstance(f, _OptionalNoticeFilter) for f in root.filters):
+        root.addFilter(_OptionalNoticeFilter())
+
+
 def import_quietly(name: str):
     """``importlib.import_module(name)`` inside :func:`quiet_imports`."""
     with quiet_imports():

@@ -8,17 +8,20 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import os
 import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from privaudit._console import plain, print_error, safe
 from privaudit._version import __version__
 from privaudit.config import AuditConfig, DPConfig, TrainConfig
 from privaudit.errors import PrivauditError
@@ -76,8 +79,24 @@ def flag_text(message: str, params) -> str:
     return message
 
 
+DEBUG_ENV = "PRIVAUDIT_DEBUG"   # =1: an unexpected exception shows its traceback instead of one line
+
+
+def _unexpected(e: Exception) -> str:
+    """One line for an exception that is not a PrivauditError: a file-system error names its file, anything else
+    is privaudit's fault and says how to see the traceback."""
+    if isinstance(e, OSError) and (e.filename or e.strerror):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or type(e).__name__}; check the path and its permissions"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (f"internal error ({type(e).__name__}{': ' + text[:300] if text else ''}); please report it "
+            f"({DEBUG_ENV}=1 shows the traceback)")
+
+
 def handle_errors(fn):
-    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130. Any other exception
+    is one line and exit code 2 too (``PRIVAUDIT_DEBUG=1`` re-raises it), so that no command, ``check`` above
+    all, exits 1 on a crash."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -87,12 +106,18 @@ def handle_errors(fn):
             import inspect
 
             params = [n for n in inspect.signature(fn).parameters if n not in ("task", "source", "run_dir", "attack")]
-            err_console.print(f"[bold red]error:[/] {escape(flag_text(str(e), params))}", markup=True,
-                              highlight=False, soft_wrap=True)
+            print_error(err_console, flag_text(str(e), params))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:   # never a traceback, and never exit 1 (which `check` means as "policy failed")
+            if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+                raise
+            print_error(err_console, _unexpected(e))
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -116,9 +141,8 @@ def _main(ctx: typer.Context,
         except PrivauditError:
             launched = True
         if launched:   # every torchrun process runs the command; only `train` knows how to share the work
-            err_console.print(f"[bold red]error:[/] under torchrun only 'privaudit train' runs data-parallel; run "
-                              f"'privaudit {ctx.invoked_subcommand}' as a single process (train, then audit the run)",
-                              markup=True, highlight=False, soft_wrap=True)
+            print_error(err_console, f"under torchrun only 'privaudit train' runs data-parallel; run 'privaudit "
+                                     f"{ctx.invoked_subcommand}' as a single process (train, then audit the run)")
             raise typer.Exit(2)
 
 
@@ -254,7 +278,7 @@ def _model_changes(arch: str | None):
 def _print_train_warnings(infos) -> None:
     for info in infos:
         for w in (info or {}).get("warnings") or []:
-            err_console.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(plain(f"warning: {w}"), highlight=False, soft_wrap=True)
 
 
 def _train_config(task, backend, arch, width, image_size, epochs, batch_size, physical_batch_size, lr, seed, device,
@@ -292,20 +316,21 @@ def _audit_json(source: Path) -> Path:
 def _print_headline(doc: dict) -> None:
     from privaudit.reports.format import format_ci as _ci
 
-    table = Table(title=f"privaudit: {doc['study'].get('task') or 'study'} (test AUROC, 95% CI)")
+    table = Table(title=plain(f"privaudit: {doc['study'].get('task') or 'study'} (test AUROC, 95% CI)"))
     table.add_column("label")
-    for name in doc["models"]:
-        table.add_column(name)
+    for name in doc["models"]:   # names come from data (--name, file stems): never parsed as markup
+        table.add_column(plain(name))
     for cname in doc["comparisons"]:
-        table.add_column(cname.replace(" vs ", " - "))
+        table.add_column(plain(cname.replace(" vs ", " - ")))
     eps_row = ["epsilon"]
     for m in doc["models"].values():
         acc = m["privacy"]["accountant"]
-        eps_row.append(f"{acc['epsilon']:.2f} ({acc['accountant']}, δ={acc['delta']:.0e})" if acc else "∞ (no DP)")
+        eps_row.append(plain(f"{acc['epsilon']:.2f} ({acc['accountant']}, δ={acc['delta']:.0e})" if acc
+                             else "∞ (no DP)"))
     table.add_row(*eps_row, *[""] * len(doc["comparisons"]))
     labels = doc["study"]["labels"]
     for lab in labels + ["macro"]:
-        row = [lab]
+        row = [plain(lab)]
         for m in doc["models"].values():
             row.append(_ci(m["utility"]["macro_auroc"] if lab == "macro" else m["utility"]["labels"][lab]["auroc"]))
         for c in doc["comparisons"].values():
@@ -387,7 +412,8 @@ def train_and_audit_cmd(
     doc = study.audit.data
     _print_headline(doc)
     runs = ", ".join(f"{name}/" for name in doc["models"])
-    console.print(f"study written to [bold]{out}[/]: audit.json, report.html, {'report.pdf, ' if pdf else ''}{runs}")
+    console.print(f"study written to [bold]{safe(out)}[/]: audit.json, report.html, {'report.pdf, ' if pdf else ''}"
+                  f"{safe(runs)}")
 
 
 class ExecutorName(str, Enum):
@@ -479,7 +505,8 @@ def sweep_cmd(
     if macro.get("r") is not None:
         console.print(f"Pearson's r of log(ε) vs macro AUROC: {macro['r']:.3f} (p = {macro['p_value']:.3g}, "
                       f"n = {macro['n']} models)")
-    console.print(f"sweep written to [bold]{out}[/]: audit.json, report.html, {len(doc['models'])} run directories")
+    console.print(f"sweep written to [bold]{safe(out)}[/]: audit.json, report.html, {len(doc['models'])} run "
+                  "directories")
 
 
 @app.command("train")
@@ -545,7 +572,7 @@ def train_cmd(
     info = run.train_info()
     _print_train_warnings([info])
     eps = f"ε = {info['epsilon']:.2f} (δ = {info['delta']:.0e}, {info['accountant']})" if info["dp"] else "no DP"
-    console.print(f"run written to [bold]{out}[/]: {info['steps']} steps, {eps}")
+    console.print(f"run written to [bold]{safe(out)}[/]: {info['steps']} steps, {eps}")
 
 
 @app.command("audit")
@@ -670,7 +697,7 @@ def audit_cmd(
                                        command=_command(), preprocess=card)
         path = Path(out) / "audit.json"
     _print_headline(report.data)
-    console.print(f"audit written to [bold]{escape(str(path))}[/]")
+    console.print(f"audit written to [bold]{safe(path)}[/]")
 
 
 @app.command("report")
@@ -704,7 +731,7 @@ def report_cmd(
 
     written = report(_audit_json(source), fmt=fmt, out=out, policy=policy, model_card=model_card, template=template,
                      force=force)
-    console.print("report written to " + ", ".join(f"[bold]{p}[/]" for p in written))
+    console.print("report written to " + ", ".join(f"[bold]{safe(p)}[/]" for p in written))
 
 
 @data_app.command("synth")
@@ -746,6 +773,10 @@ def synth_cmd(
     spec = create_task(task)
     n = int(spec.default("n_samples")) if n is None else n
     image_size = spec.input_size if image_size is None else image_size
+    from privaudit.limits import check_limit
+
+    check_limit("--n", n)
+    check_limit("--image-size", image_size, const="MAX_VOLUME_SIZE" if spec.spatial_dims == 3 else "MAX_IMAGE_SIZE")
     if n < 20:
         raise ConfigError(f"--n {n} is too small for train/val/test splits; use at least 20")
     if image_size < 16:
@@ -756,10 +787,10 @@ def synth_cmd(
         synthesize(task, tmp, n=n, image_size=image_size, seed=seed, public=public, layout=layout, console=console,
                    quiet=quiet)
     if layout == "msd":
-        console.print(f"cohort written to [bold]{out}[/]: dataset.json, imagesTr/, labelsTr/, controls/, cohort.json; "
-                      f"load it with --data {out} --controls {Path(out) / 'controls'}")
+        console.print(f"cohort written to [bold]{safe(out)}[/]: dataset.json, imagesTr/, labelsTr/, controls/, "
+                      f"cohort.json; load it with --data {safe(out)} --controls {safe(Path(out) / 'controls')}")
     else:
-        console.print(f"cohort written to [bold]{out}[/]: manifest.csv, cohort.json, images/")
+        console.print(f"cohort written to [bold]{safe(out)}[/]: manifest.csv, cohort.json, images/")
 
 
 @data_app.command("cache")
@@ -779,40 +810,56 @@ def cache_cmd(
     no_finding: NoFinding_ = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Processes decoding images (default: the CPU cores).")]
     = 0,
+    verify: Annotated[bool, typer.Option("--verify", help="Decode every image again and compare it with the cache "
+                      "(training trusts a cache by each file's size and modification time); exit 1 when any image "
+                      "differs or cannot be read.")] = False,
     force: Force_ = False,
     quiet: Quiet_ = False,
 ):
     """Decode and resize every image once into a memory-mapped array that training then reads.
 
     Training on the same manifest at the same --image-size uses the cache by itself while it is valid, and
-    warns and reads the images when the manifest or a file changed since (rebuild with --force).
+    warns and reads the images when the manifest or a file changed since (rebuild with --force). --verify
+    checks an existing cache against the files, pixel by pixel.
 
     Example:
 
         privaudit data cache cohort/manifest.csv --image-size 256
+
+        privaudit data cache cohort/manifest.csv --image-size 256 --verify
     """
     import os
 
     from rich.progress import Progress
 
-    from privaudit.data.cache import CACHE_ENV, build_cache, default_cache_dir
+    from privaudit.data.cache import CACHE_ENV, build_cache, default_cache_dir, verify_cache
     from privaudit.errors import ConfigError
     from privaudit.tasks import create_task
     from privaudit.study.data import DataSpec, load_manifest
 
+    if verify and force:
+        raise ConfigError("give --verify or --force, not both (--verify checks a cache, --force rebuilds it)")
     if create_task(task).spatial_dims != 2:
         raise ConfigError(f"task {task!r} has 3D volumes, which are cached on first use (see PRIVAUDIT_CACHE_DIR); "
                           "privaudit data cache is for 2D images")
     manifest = load_manifest(DataSpec(path=data, preset=preset, labels=_labels(labels), views=views,
                                       uncertain=uncertain, blank=blank, no_finding=no_finding), task)
+    if verify:
+        with Progress(console=console, disable=quiet) as prog:
+            t = prog.add_task("verifying the cache", total=len(manifest.frame))
+            rep = verify_cache(manifest, image_size, out, jobs=jobs or os.cpu_count() or 1,
+                               progress=lambda k: prog.update(t, completed=k))
+        console.print(plain(rep.summary()), highlight=False, soft_wrap=True)
+        raise typer.Exit(0 if rep.ok else 1)
     with Progress(console=console, disable=quiet) as prog:
         t = prog.add_task("caching images", total=len(manifest.frame))
         folder, built = build_cache(manifest, image_size, out, force=force, jobs=jobs or os.cpu_count() or 1,
                                     progress=lambda k: prog.update(t, completed=k))
     what = "written to" if built else "already up to date in"
-    console.print(f"image cache for {len(manifest.frame)} images at {image_size}x{image_size} {what} [bold]{folder}[/]")
+    console.print(f"image cache for {len(manifest.frame)} images at {image_size}x{image_size} {what} "
+                  f"[bold]{safe(folder)}[/]")
     if Path(folder).absolute() != default_cache_dir(manifest, image_size).absolute():
-        console.print(f"training finds it with: export {CACHE_ENV}={folder}")
+        console.print(f"training finds it with: export {CACHE_ENV}={safe(folder)}")
 
 
 @app.command("accountant")
@@ -853,7 +900,7 @@ def accountant_cmd(
         table.add_row(name, "n/a" if eps is None else f"{eps:.4f}")
     console.print(table)
     for w in warns:
-        err_console.print(f"warning: {w}")
+        err_console.print(plain(f"warning: {w}"), highlight=False, soft_wrap=True)
 
 
 @app.command("attack")
@@ -896,9 +943,10 @@ def attack_cmd(
     for name, m in attacks.items():
         for key, a in ((m["privacy"]["attacks"]) or {}).items():
             if a and key.startswith(attack):
-                console.print(f"{escape(name)}: {key} AUC {format_number(a['auc'])}, TPR at 1% FPR "
-                              f"{format_number(a['tpr_at_fpr']['0.01'])}", highlight=False)
-    console.print(f"audit written to [bold]{path}[/]")
+                tpr = (a.get("tpr_at_fpr") or {}).get("0.01")
+                console.print(plain(f"{name}: {key} AUC {format_number(a.get('auc'))}, TPR at 1% FPR "
+                                    f"{format_number(tpr)}"), highlight=False)
+    console.print(f"audit written to [bold]{safe(path)}[/]")
 
 
 @app.command("verify-dp")
@@ -994,16 +1042,16 @@ def check_cmd(
 
     path = _audit_json(source)
     checks = evaluate(AuditReport.from_json(path).data, Policy.load(policy))
-    table = Table(title=f"policy {policy.name} on {path}")
+    table = Table(title=plain(f"policy {policy.name} on {path}"))
     for col in ("model", "check", "threshold", "value (95% CI)", "verdict"):
         table.add_column(col)
     colours = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
-    for c in checks:
+    for c in checks:   # model and group names come from data: every cell is plain text, never markup
         value = "n/a" if c.value is None else f"{c.value:.3f}"
         if c.ci:
             value += f" ({c.ci[0]:.3f} to {c.ci[1]:.3f})"
-        verdict = f"[{colours[c.status]}]{c.status}[/]" + (f": {c.reason}" if c.reason else "")
-        table.add_row(c.model, c.check, str(c.threshold), value, verdict)
+        verdict = Text.assemble((c.status, colours.get(c.status, "")), plain(f": {c.reason}" if c.reason else ""))
+        table.add_row(plain(c.model), plain(c.check), plain(str(c.threshold)), plain(value), verdict)
     console.print(table)
     if any(c.status != "pass" for c in checks):
         raise typer.Exit(1)
@@ -1011,7 +1059,9 @@ def check_cmd(
 
 def main() -> None:
     from privaudit._fs import install_signal_handlers
+    from privaudit._quiet import quiet_process
 
+    quiet_process()   # third-party start-up noise (TensorFlow's C++ notices, aif360's optional extras) stays off
     install_signal_handlers()   # SIGTERM (what a scheduler sends) is handled like Ctrl-C: nothing half-written
     app()
 

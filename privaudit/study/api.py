@@ -250,8 +250,11 @@ def load_audit(source):
 def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None, template=None,
            force: bool = False) -> list[Path]:
     """Render report.html and/or report.pdf from an audit.json (or a study directory) alone; returns the paths."""
+    from privaudit.limits import check_out_parent
     from privaudit.reports import write_report
 
+    if out is not None:
+        check_out_parent(Path(out))
     path = Path(source)
     path = path / AUDIT if path.is_dir() else path
     load_audit(path)

@@ -43,6 +43,10 @@ class DataSpec:
     no_finding: str | None = None  # chexpert/mimic presets: negative (default: No Finding = 1 zeroes blanks) or ignore
 
     def __post_init__(self):
+        if self.n_samples is not None:
+            from privaudit.limits import check_limit
+
+            check_limit("n_samples", self.n_samples)
         for name, value in self.label_policies().items():
             if value is not None:
                 from privaudit.data.presets import check_policy
@@ -132,6 +136,10 @@ def synthesize(task: str, out: Path, *, n: int, image_size: int, seed: int, publ
         raise ConfigError(f"layout {layout} exists for task pdac only; {task} cohorts use the manifest layout")
     if public and task != "cxr":
         raise ConfigError("public (a pretraining cohort) exists for task cxr only")
+    from privaudit.limits import check_limit
+
+    check_limit("n", n)   # before anything is written (the synthesizers check again)
+    check_limit("image_size", image_size, const="MAX_VOLUME_SIZE" if task == "pdac" else "MAX_IMAGE_SIZE")
     private_mkdir(out)
     write_marker(out, "cohort")
     with Progress(console=console, disable=quiet or console is None) as prog:

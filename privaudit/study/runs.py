@@ -26,7 +26,7 @@ def say(console, quiet: bool, text: str) -> None:
     if quiet or console is None:
         return
     if callable(getattr(console, "print", None)):
-        console.print(text)
+        console.print(text, markup=False)   # the text may quote names from data: never parsed as markup
     elif callable(console):
         console(text)
 

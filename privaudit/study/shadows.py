@@ -152,9 +152,16 @@ def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, job
     from privaudit.config import AuditConfig
     from privaudit.study.runs import audit_dir
 
-    if create_attack(attack, **({"offline": offline} if attack == "lira" else {})).models is None:
+    from privaudit.limits import check_limit
+
+    kind = create_attack(attack, **({"offline": offline} if attack == "lira" else {})).models
+    if kind is None:
         raise ConfigError(f"attack {attack!r} needs no shadow models: every audit already runs it; the attacks "
                           f"that train models are: {', '.join(list_attacks(trained=True))}")
+    # "shadows" or "references" (another registered attack's kind counts as shadows): refused before any training
+    check_limit(kind, k, **({} if kind in ("shadows", "references") else {"const": "MAX_SHADOWS"}))
+    if jobs is not None:
+        check_limit("jobs", jobs)
     run_dir = Path(run_dir)
     with output_lock(run_dir):  # shadows/ and attack_scores.csv: one writer at a time
         folders = train_shadows(run_dir, k, jobs=jobs, executor=executor, ray_address=ray_address, seed=seed,

@@ -187,10 +187,17 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
     from privaudit.study.executors import create_executor
     from privaudit.tasks import create_task
 
+    from privaudit.limits import check_limit, check_out_parent
+
     if not points:
         raise ConfigError("epsilons is empty; give a comma-separated list such as 1,3,8,inf")
+    check_limit("epsilons", len(points))   # a sweep trains points x seeds models: absurd counts fail up front
+    check_limit("seeds", seeds)
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if jobs is not None:
+        check_limit("jobs", jobs)
+    check_out_parent(Path(out))
     create_task(base.task)
     create_backend(base.backend)
     audit = audit or AuditConfig(seed=base.seed)
@@ -240,6 +247,8 @@ def summary_table(doc: dict):
     """A rich table of the study's aggregates: per epsilon setting, the mean and sd over seeds."""
     from rich.table import Table
 
+    from privaudit._console import plain
+
     def ms(a):
         if not a or a.get("mean") is None:
             return "n/a"
@@ -250,8 +259,8 @@ def summary_table(doc: dict):
             s += f" ({a['ci_low']:.3f} to {a['ci_high']:.3f})"
         return s
 
-    table = Table(title=f"privaudit sweep: {doc['study'].get('task')} (mean ± sd over seeds, 95% bootstrap CI "
-                        "of the mean)")
+    table = Table(title=plain(f"privaudit sweep: {doc['study'].get('task')} (mean ± sd over seeds, 95% bootstrap "
+                              "CI of the mean)"))
     for col in ("epsilon setting", "seeds", "ε (accountant)", "macro AUROC"):
         table.add_column(col)
     for label, agg in (doc["study"].get("aggregates") or {}).items():
@@ -259,5 +268,5 @@ def summary_table(doc: dict):
         eps_text = "∞ (no DP)" if label == NON_PRIVATE else "none (clip only)" if label == CLIP_ONLY else (
             f"{eps['mean']:.2f}" + (f" ± {eps['sd']:.2f}" if eps.get("sd") is not None else "")
             if eps.get("mean") is not None else "n/a")
-        table.add_row(label, str(agg.get("n_seeds")), eps_text, ms(agg.get("macro_auroc")))
+        table.add_row(plain(label), plain(str(agg.get("n_seeds"))), plain(eps_text), plain(ms(agg.get("macro_auroc"))))
     return table
