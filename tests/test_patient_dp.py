@@ -460,8 +460,8 @@ def test_bad_unit_options_are_one_line_config_errors(kw, needle):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    ({"batch_size": 500}, "--batch-size 500 is larger than the training set"),
-    ({"physical_batch_size": 4}, "raise --physical-batch-size to 6 or cap them with max_images_per_patient 4"),
+    ({"batch_size": 500}, "batch_size 500 is larger than the training set"),
+    ({"physical_batch_size": 4}, "raise physical_batch_size to 6 or cap them with max_images_per_patient 4"),
 ])
 def test_bad_batches_are_refused_before_anything_is_written(multi, tmp_path, kw, needle):
     with pytest.raises(ConfigError) as e:
