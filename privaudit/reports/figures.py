@@ -374,6 +374,7 @@ def fairness_heatmap(doc: dict, attribute: str) -> str | None:
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         bar = fig.colorbar(sm, ax=[axes[i][j] for i in range(len(models))], location="top", fraction=0.05,
                            pad=0.02, aspect=14)
+        bar.solids.set_rasterized(False)  # vector, not an embedded bitmap: the page stays text and paths
         bar.ax.tick_params(labelsize=5, length=2, pad=1)
         edge = float(f"{0.7 * top:.1g}")  # a round value inside the scale, so the end labels stay apart
         ticks = [-edge, 0.0, edge]
