@@ -56,6 +56,8 @@ def no_figures(monkeypatch):
     from privaudit.reports import figures
 
     monkeypatch.setattr(figures, "figures", lambda doc: defaultdict(dict))
+    # the report draws each figure set when a template reads it, through figures.BUILDERS
+    monkeypatch.setattr(figures, "BUILDERS", defaultdict(lambda: lambda doc: defaultdict(dict)))
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:

@@ -20,7 +20,8 @@ from privaudit.reports import render_html, write_report
 from test_audit_engine import make_predictions
 
 SECTIONS = ("Summary", "Model and intended use", "Data", "Privacy guarantee", "Utility", "Fairness",
-            "Empirical privacy", "Trade-offs", "Warnings and limitations", "Provenance")
+            "Empirical privacy", "Trade-offs", "Warnings and limitations", "Provenance",
+            "Appendix: per-label fairness tables")
 
 
 class _Collect(HTMLParser):
@@ -150,11 +151,11 @@ def test_figures_are_inline_svg_and_the_page_is_self_contained():
     rep = run_audit({"a": df, "b": df.assign(p_a=1 - df["p_a"])}, config=AuditConfig(n_boot=30))
     html = render_html(rep)
     study = rep.data["study"]
-    # one ROC per label, one forest plot and one composition chart per attribute, one log-log ROC per attack;
-    # no trade-off curves without several epsilons
+    # one ROC per label; one fairness heatmap, one composition chart and one exposure forest plot per attribute;
+    # one log-log ROC per attack; no trade-off curves without several epsilons
     attacks = {a for m in rep.data["models"].values() for a, v in m["privacy"]["attacks"].items() if v}
     assert "loss" in attacks
-    expected = len(study["labels"]) + 2 * len(study["attributes"]) + len(attacks)
+    expected = len(study["labels"]) + 3 * len(study["attributes"]) + len(attacks)
     assert html.count("<svg") == expected
     assert "there is no trade-off" in html
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)  # nothing points outside the file
@@ -330,3 +331,132 @@ def test_public_formatting_helpers_write_what_the_report_shows():
     assert env.filters["ci"] is format_ci and env.filters["fmt"] is format_number
     block = {"estimate": 0.5, "ci_low": 0.25, "ci_high": 0.75}
     assert env.from_string("{{ b|ci(2) }}").render(b=block) == format_ci(block, 2) == "0.50 (0.25 to 0.75)"
+
+
+# ---- a report that leads with figures (issue 19) ------------------------------------------------------------
+_TITLE = re.compile(r'<g id="(heatmap-[^"]+)"><title>([^<]*)</title>')
+_CELL = re.compile(r"^(?P<model>[^|]+) \| (?P<metric>[^|]+) \| (?P<label>[^|]+) \| (?P<row>[^:]+): "
+                   r"(?:(?P<est>-?[0-9.]+) \(95% CI (?P<lo>-?[0-9.]+|n/a) to (?P<hi>-?[0-9.]+|n/a)\)|(?P<other>.+))$")
+
+
+def _heatmap_entry(doc: dict, model: str, metric: str, label: str, row: str) -> dict:
+    """The audit.json entry a heatmap cell stands for, found by its title's fields."""
+    block = doc["models"][model]["fairness"]
+    for attr, per_label in block.items():
+        if attr == "pearson_r" or label not in per_label:
+            continue
+        entry = per_label[label].get(metric)
+        group, _, versus = row.partition(" vs ")
+        if metric == "performance_parity":
+            if group in entry and not versus:
+                return entry[group]
+        elif "estimate" in entry and versus == entry.get("privileged"):
+            return entry
+        elif group in entry and isinstance(entry[group], dict) and versus == entry[group].get("privileged"):
+            return entry[group]
+    raise KeyError((model, metric, label, row))
+
+
+@pytest.fixture(scope="module")
+def default_study(tmp_path_factory) -> Path:
+    """audit.json of a study shaped like the default ``train-and-audit cxr`` (5 labels; sex, age group and
+    comorbidity; private and non-private), from prediction tables (tests/study_data.py)."""
+    from study_data import default_study_predictions
+
+    preds, runs = default_study_predictions()
+    rep = run_audit(preds, runs=runs, reference="non_private", config=AuditConfig(n_boot=50), task="cxr")
+    out = tmp_path_factory.mktemp("default") / "audit.json"
+    rep.to_json(out)
+    return out
+
+
+def test_heatmaps_carry_the_numbers_of_audit_json(default_study):
+    """Every heatmap cell's tooltip (SVG <title>) names its model, metric, label and group, with the estimate
+    and interval of audit.json; every non-suppressed selection and parity value of audit.json has one; the print
+    table lists the same values."""
+    from privaudit.audit.results import AuditReport
+
+    doc = json.loads(default_study.read_text())
+    html = render_html(AuditReport.from_json(default_study))
+    fairness = html[html.index('<section id="fairness">'):html.index('<section id="empirical-privacy">')]
+    titles = _TITLE.findall(fairness)
+    assert titles and len({gid for gid, _ in titles}) == len(titles)
+    seen = set()
+    for _, text in titles:
+        m = _CELL.match(text.replace("&amp;", "&"))
+        assert m, text
+        entry = _heatmap_entry(doc, m["model"], m["metric"], m["label"], m["row"])
+        if m["est"] is None:
+            assert entry.get("suppressed") or entry.get("estimate") is None, text
+            continue
+        assert float(m["est"]) == pytest.approx(entry["estimate"], abs=5e-4), text
+        assert float(m["lo"]) == pytest.approx(entry["ci_low"], abs=5e-4)
+        assert float(m["hi"]) == pytest.approx(entry["ci_high"], abs=5e-4)
+        seen.add((m["model"], m["metric"], m["label"], m["row"]))
+    n_values = 0
+    for model, mb in doc["models"].items():
+        for attr, per_label in mb["fairness"].items():
+            if attr == "pearson_r":
+                continue
+            for label, block in per_label.items():
+                for metric in ("performance_parity", "statistical_parity_difference", "disparate_impact",
+                               "equal_opportunity_difference", "average_odds_difference"):
+                    entry = block[metric]
+                    values = [entry] if "estimate" in entry else [v for v in entry.values() if "estimate" in v]
+                    n_values += sum(v["estimate"] is not None for v in values)
+    assert len(seen) == n_values  # each value of audit.json is in exactly one cell
+    # the print view: a table under each heatmap, hidden on screen, shown in print, with the same estimates
+    assert '<table class="print-only tiny">' in fairness
+    css = (Path(__file__).parents[1] / "privaudit/reports/templates/report.css").read_text()
+    assert ".print-only { display: none; }" in css and "table.print-only { display: table; }" in css
+    parity = doc["models"]["private"]["fairness"]["age_group"]["macro"]["performance_parity"]["81+"]
+    assert f"{parity['estimate']:.3f} ({parity['ci_low']:.2f}, {parity['ci_high']:.2f})" in fairness
+
+
+def test_the_report_leads_with_figures_and_both_verdicts(default_study):
+    from privaudit.audit.results import AuditReport
+
+    doc = json.loads(default_study.read_text())
+    html = render_html(AuditReport.from_json(default_study))
+    summary = html[html.index('<section id="summary">'):html.index('<section id="model">')]
+    comp = doc["comparisons"]["private vs non_private"]
+    assert "Does DP amplify unfairness?" in summary and "Does DP narrow or widen the privacy gap?" in summary
+    for attr in ("sex", "age_group", "comorbidity"):
+        row = summary[summary.index(f"<td>{attr}</td>"):].split("</tr>")[0]
+        assert f"<strong>{comp['fairness_verdict'][attr]['answer']}</strong>" in row
+        assert f"<strong>{comp['privacy_gap_verdict'][attr]['answer']}</strong>" in row
+    fairness = html[html.index('<section id="fairness">'):html.index('<section id="empirical-privacy">')]
+    for attr in ("sex", "age_group", "comorbidity"):  # each attribute opens with its figure, then the verdict
+        part = fairness[fairness.index(f"<h3>{attr}</h3>"):]
+        assert part.index("<svg") < part.index("Does DP amplify unfairness by")
+        mdc = comp["fairness_verdict"][attr]["minimum_detectable_change"]["smallest"]
+        assert f"a parity gap of {mdc:.3f} AUROC" in part.split("<h3>")[1]
+    assert "Statistical parity difference</th>" not in fairness  # the long tables moved to the appendix
+    appendix = html[html.index('<section id="appendix">'):]
+    assert "Statistical parity difference</th>" in appendix and 'class="compact selection screen-only"' in appendix
+    privacy = html[html.index('<section id="empirical-privacy">'):html.index('<section id="trade-offs">')]
+    assert privacy.count(": who is served and who is exposed") == 3  # one forest plot per attribute
+    assert "Does DP narrow or widen the privacy gap? (private vs non_private)" in privacy
+    assert comp["privacy_gap_verdict"]["age_group"]["reason"].replace("±", "&plusmn;")[:40] in privacy.replace(
+        "±", "&plusmn;")
+    f = doc["models"]["non_private"]["privacy"]["attacks"]["loss"]["by_group"]["sex"]["F"]
+    assert f"{f['fpr_at_global_threshold']['estimate']:.3f} ({f['fpr_at_global_threshold']['ci_low']:.3f}" in privacy
+
+
+def test_the_default_study_pdf_is_shorter_with_every_section(default_study, tmp_path):
+    """The same audit.json rendered by privaudit before this layout (main at 092a38a) took 19 A4 pages; the
+    heatmaps and the appendix bring it to 17 here. Every section is there, the appendix last."""
+    pypdf = pytest.importorskip("pypdf")
+    try:
+        import weasyprint  # noqa: F401
+    except OSError as e:  # pragma: no cover - the Pango libraries are missing
+        pytest.skip(f"WeasyPrint cannot load Pango here: {e}")
+    [pdf] = write_report(default_study, tmp_path / "report.pdf", fmt="pdf")
+    reader = pypdf.PdfReader(str(pdf))
+    assert len(reader.pages) < 19
+    text = "".join(p.extract_text() for p in reader.pages)
+    for k, heading in enumerate(SECTIONS, start=1):
+        assert f"{k}. {heading}" in text, heading
+    assert "fairness by label and group" in text and "who is served and who is exposed" in text
+    first = " ".join((reader.pages[0].extract_text() + reader.pages[1].extract_text()).split())
+    assert "narrow or widen the privacy gap?" in first  # the summary's verdict table

@@ -166,6 +166,8 @@ class _Study:
         self.cells = self._small_cells()
         self.thresholds: dict = {}
         self.boots: dict = {}
+        self.attack_samples: dict = {}   # model -> its _AttackSample (one object shared when paired)
+        self.attack_boots: dict = {}     # (model, attack, attr, group) -> (attack-AUC gap, its resamples)
 
     def _attributes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """The attributes audited, as group arrays over the test rows (in ``ref`` order); their values over
@@ -544,14 +546,141 @@ def _suppress_by_group(res: dict, groups: dict[str, np.ndarray], units: np.ndarr
                             f"suppressed: fewer than {min_cell} attacked members or non-members")
 
 
-def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: int, age_edges,
-             extra_scores: pd.DataFrame | None = None, delta: float = 0.0, attributes=(),
-             min_cell: int = 10) -> dict | None:
-    """Threshold membership-inference attacks on members against an equal number of non-members; by group
-    for the study's single ``attributes``, small groups suppressed."""
+class _AttackSample:
+    """The rows the membership-inference attacks score: ``k`` members and ``k`` non-members drawn once, with the
+    audit's seed, from the first model's table and found by ``sample_id`` in every other model's, with one
+    bootstrap over their patients that every model shares. Attack AUCs are then paired across models, as the
+    test-split metrics are, and a privacy gap can be compared between models resample by resample."""
+
+    def __init__(self, df: pd.DataFrame, config: AuditConfig, attributes):
+        member = df["member"].to_numpy()
+        rng = np.random.default_rng(config.seed)
+        k = int(min((member == 1).sum(), (member == 0).sum()))
+        idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
+        idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
+        rows = np.r_[idx_in, idx_out]
+        self.k = k
+        self.ids = df["sample_id"].astype(str).to_numpy()[rows]
+        singles = [a for a in attributes if "*" not in a]
+        arrays = attribute_arrays(df, config.age_edges, columns=singles)
+        self.groups = {attr: arrays[attr][rows] for attr in singles if attr in arrays}
+        self.units = units_of(df)[rows]
+        clusters = df["patient_id"].to_numpy()[rows] if "patient_id" in df.columns else None
+        self.resampler = Resampler(2 * k, n_boot=config.n_boot, seed=config.seed, clusters=clusters,
+                                   cluster=config.cluster)
+        self._sample_major = None
+
+    @property
+    def sample_major(self):
+        if self._sample_major is None:
+            self._sample_major = self.resampler.sample_major()
+        return self._sample_major
+
+    def rows_in(self, df: pd.DataFrame) -> np.ndarray | None:
+        """The positions of the sample's rows in ``df`` (members first), or None when ``df`` lacks one of them
+        or disagrees on its membership."""
+        pos = pd.Index(df["sample_id"].astype(str)).get_indexer(self.ids)
+        if (pos < 0).any():
+            return None
+        want = np.r_[np.ones(self.k, int), np.zeros(self.k, int)]
+        return pos if np.array_equal(df["member"].to_numpy()[pos].astype(int), want) else None
+
+
+def _attack_sample(study: _Study, name: str, df: pd.DataFrame) -> tuple[_AttackSample, np.ndarray]:
+    """The study's attack sample and its rows in ``df``; a model whose table lacks those samples (or labels
+    their membership otherwise) gets a sample of its own, unpaired, with a warning."""
+    samples = study.attack_samples
+    first = next(iter(samples.values()), None)
+    rows = first.rows_in(df) if first is not None else None
+    if rows is None:
+        own = _AttackSample(df, study.config, list(study.attributes))
+        if first is not None:
+            study.warnings.append(f"{name}: its attacked samples are not those of {next(iter(samples))!r} (other "
+                                  "sample ids or membership), so its attack AUCs are not paired with theirs and "
+                                  "the privacy-gap comparisons leave it out")
+        samples[name] = own
+        return own, own.rows_in(df)
+    samples[name] = first
+    return first, rows
+
+
+def _attack_intervals(study: _Study, name: str, attack: str, res: dict, scores: np.ndarray, ok: np.ndarray,
+                      sample: _AttackSample) -> None:
+    """Bootstrap intervals on the attack's AUC, overall and per group, and each group's attack-AUC gap (its AUC
+    minus the size-weighted mean of the other shown groups') with its interval and test; the gaps' resamples
+    go to ``study.attack_boots`` for the privacy-gap comparison."""
+    from privaudit.audit._cells import is_suppressed
+    from privaudit.audit.exposure import auc_gaps, normal_test
+
+    ci, alpha = study.config.ci, study.config.alpha
+    y = np.r_[np.ones(sample.k), np.zeros(sample.k)]
+    s = np.where(ok, scores, 0.0)
+    boots = stats.weighted_auroc_fast(y, s, sample.sample_major, keep=ok)
+    res["auc_ci"] = {**_est(res["auc"], boots, ci, n_boot=True), "cluster": sample.resampler.clustered}
+    res["auc_gap"] = {}
+    for attr, entries in (res.get("by_group") or {}).items():
+        values = sample.groups[attr]
+        shown = {}
+        for g, e in entries.items():
+            if is_suppressed(e):
+                continue
+            b = stats.weighted_auroc_fast(y, s, sample.sample_major, keep=ok & (values == g))
+            point = float("nan") if e.get("auc") is None else e["auc"]
+            e["auc_ci"] = _est(point, b, ci)
+            shown[g] = (point, b, e["n"])
+        gaps = auc_gaps(shown)
+        out = {}
+        for g, e in entries.items():
+            if is_suppressed(e):
+                out[g] = suppressed()
+            elif g in gaps:
+                point, b = gaps[g]
+                study.attack_boots[(name, attack, attr, g)] = (point, b)
+                test = normal_test(point, b, alpha=alpha)
+                out[g] = {**_est(point, b, ci), "p_value": test["p_value"],
+                          "equivalence_bound": test["equivalence_bound"], "n_boot_used": test["n_boot_used"]}
+            else:
+                out[g] = {"estimate": None, "ci_low": None, "ci_high": None, "p_value": None,
+                          "equivalence_bound": None, "n_boot_used": 0}
+        res["auc_gap"][attr] = out
+
+
+def _one_per_pair(groups: list) -> list:
+    """With two groups their gaps are mirror images: judge one of them."""
+    return groups[:1] if len(groups) == 2 else groups
+
+
+def _exposure(study: _Study, name: str, attacks: dict | None) -> dict:
+    """Per attribute, is some group more (or less) exposed than the others in this model? Holm across the
+    model's attributes, attacks and groups (:func:`privaudit.audit.exposure.exposure_verdict`)."""
+    from privaudit.audit.exposure import exposure_verdict
+
+    rows = []
+    for attack, res in (attacks or {}).items():
+        for attr, gaps in ((res or {}).get("auc_gap") or {}).items():
+            measured = [g for g, v in gaps.items() if v.get("estimate") is not None]
+            for g in _one_per_pair(measured):
+                rows.append((attr, attack, g, gaps[g]))
+    adjusted = holm([r[3]["p_value"] for r in rows]) if rows else np.array([])
+    out = {}
+    for attr in dict.fromkeys(r[0] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r[0] == attr]
+        out[attr] = exposure_verdict([rows[i][3] for i in idx], names=[f"{attr}={rows[i][2]} ({rows[i][1]} attack)"
+                                                                       for i in idx],
+                                     margin=study.config.margin, alpha=study.config.alpha,
+                                     adjusted_p=[adjusted[i] for i in idx], family_size=len(rows))
+    return out
+
+
+def _attacks(df: pd.DataFrame, labels, name: str, study: _Study, *, extra_scores: pd.DataFrame | None = None,
+             delta: float = 0.0) -> dict | None:
+    """Threshold membership-inference attacks on members against an equal number of non-members (the study's
+    attack sample); by group for the study's single attributes, small groups suppressed; intervals on every
+    rate (Clopper-Pearson) and every AUC (the shared patient bootstrap)."""
     from privaudit.audit.attacks import create_attack
     from privaudit.audit.privacy import attack_metrics
 
+    warnings, seed, min_cell = study.warnings, study.config.seed, study.config.min_cell
     if "member" not in df.columns:
         warnings.append(f"{name}: membership-inference attacks are null: the prediction file has no 'member' "
                         "column (1 for training samples, 0 otherwise)")
@@ -562,15 +691,10 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
         warnings.append(f"{name}: membership-inference attacks are null: the prediction file has {n_in} members "
                         f"and {n_out} non-members, and an attack needs both")
         return None
-    rng = np.random.default_rng(seed)
-    k = min(n_in, n_out)
-    idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
-    idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
-    rows = np.r_[idx_in, idx_out]
-    singles = [a for a in attributes if "*" not in a]
-    arrays = attribute_arrays(df, age_edges, columns=singles)
-    groups = {attr: arrays[attr][rows] for attr in singles if attr in arrays}
-    units = units_of(df)[rows]
+    sample, rows = _attack_sample(study, name, df)
+    k = sample.k
+    idx_in, idx_out = rows[:k], rows[k:]
+    groups, units = sample.groups, sample.units
     scores = create_attack("loss").score(df, labels)
     extra_null: list[str] = []
     if extra_scores is not None:  # shadow-model attacks (LiRA, RMIA) scored by `privaudit attack`
@@ -601,13 +725,19 @@ def _attacks(df: pd.DataFrame, labels, name: str, warnings: list[str], *, seed: 
         ok = np.isfinite(sc[rows])  # shadow-model attacks may lack a score for a few samples
         ok_in, ok_out = ok[:k], ok[k:]
         res, warns = attack_metrics(sc[idx_in][ok_in], sc[idx_out][ok_out],
-                                    groups={a: g[ok] for a, g in groups.items()})
+                                    groups={a: g[ok] for a, g in groups.items()}, confidence=study.config.ci)
         res.setdefault("by_group", {})  # {} when no attribute is audited
         _suppress_by_group(res, {a: g[ok] for a, g in groups.items()}, units[ok], int(ok_in.sum()), min_cell,
                            warnings, name, attack)
+        _attack_intervals(study, name, attack, res, sc[rows], ok, sample)
         attacks[attack] = res
         if attack == "loss":
             warnings.extend(f"{name}: loss attack: {w}" for w in warns)
+            own_null = [f"{attr}={g}" for attr, entries in res["by_group"].items() for g, e in entries.items()
+                        if not e.get("suppressed") and e["tpr_at_own_fpr"]["0.01"] is None]
+            if own_null:
+                warnings.append(f"{name}: loss attack: the TPR at a group's own 1% FPR is null for "
+                                f"{', '.join(own_null)}: fewer than 100 attacked non-members in the group")
             from privaudit.audit.privacy import repeated_trials_bound
 
             res["epsilon_lower_bound_repeated_trials"] = repeated_trials_bound(
@@ -646,14 +776,13 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
                             "training broke its own DP assumptions, so its epsilon must not be trusted")
 
 
-def _privacy(run: dict | None, name: str, warnings: list[str], df: pd.DataFrame, labels, *, seed: int,
-             age_edges, canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None,
-             attributes=(), min_cell: int = 10) -> dict:
+def _privacy(run: dict | None, name: str, df: pd.DataFrame, study: _Study, *,
+             canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None) -> dict:
+    warnings, seed = study.warnings, study.config.seed
     delta = float(run["delta"]) if run and run.get("dp") and run.get("delta") else 0.0
-    block = {"accountant": None, "attacks": _attacks(df, labels, name, warnings, seed=seed, age_edges=age_edges,
-                                                     extra_scores=attack_scores, delta=delta,
-                                                     attributes=attributes, min_cell=min_cell),
-             "empirical_epsilon": None, "soundness": None}
+    attacks = _attacks(df, study.labels, name, study, extra_scores=attack_scores, delta=delta)
+    block = {"accountant": None, "attacks": attacks, "empirical_epsilon": None, "soundness": None,
+             "exposure": _exposure(study, name, attacks)}
     _empirical(block, canaries, run, name, warnings, seed)
     if run:   # what training warned about (a fallback to image-level DP, patient ids a preset derived, ...)
         warnings.extend(f"{name}: {w}" for w in run.get("warnings") or [])
@@ -736,8 +865,56 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
                               for w in summary[attr]["warnings"])
     out["fairness"] = fair
     out["fairness_verdict"] = summary
+    out["privacy_gap"], out["privacy_gap_verdict"] = _privacy_gap(study, name, ref)
     out["covers_training_randomness"] = False  # one model per side; the sweep module covers seeds
     return out
+
+
+GAP_KEYS = ("estimate", "ci_low", "ci_high", "p_value", "p_value_widened", "p_value_narrowed", "direction", "measure",
+            "abs_gap_change", "gap_private", "gap_reference", "equivalence_bound", "n_boot_used", "n_seeds",
+            "covers_training_randomness")
+
+
+def _privacy_gap(study: _Study, name: str, ref: str) -> tuple[dict, dict]:
+    """Does DP narrow or widen the gap in attack success between groups? Per attribute, attack and group, the
+    change of the attack-AUC gap from ``ref`` to ``name`` on the shared resamples
+    (:func:`privaudit.audit.exposure.privacy_gap_change`), Holm across attributes, attacks and groups, and one
+    verdict per attribute (:func:`privaudit.audit.exposure.privacy_gap_verdict`). Empty when the two models'
+    attacks are not paired (other attacked samples) or were not run."""
+    from privaudit.audit.exposure import privacy_gap_change, privacy_gap_verdict
+
+    cfg, boots = study.config, study.attack_boots
+    pair = study.attack_samples.get(name), study.attack_samples.get(ref)
+    if pair[0] is None or pair[0] is not pair[1]:
+        if pair[0] is not None and pair[1] is not None:
+            study.warnings.append(f"{name} vs {ref}: the privacy-gap comparison is skipped: the two models' attacks "
+                                  "ran on different samples, so their resamples are not paired")
+        return {}, {}
+    rows = []
+    for attr in study.attributes:
+        attacks = list(dict.fromkeys(a for (m, a, at, _) in boots if m == name and at == attr))
+        for attack in attacks:
+            both = [g for (m, a, at, g) in boots if m == name and a == attack and at == attr
+                    and (ref, attack, attr, g) in boots]
+            for g in _one_per_pair(both):
+                (p1, b1), (p0, b0) = boots[(name, attack, attr, g)], boots[(ref, attack, attr, g)]
+                rows.append({"attr": attr, "attack": attack, "group": g,
+                             "change": privacy_gap_change(p1, p0, b1, b0, ci=cfg.ci, alpha=cfg.alpha)})
+    adjusted = holm([r["change"]["p_value"] for r in rows]) if rows else np.array([])
+    changes, verdicts = {}, {}
+    for attr in dict.fromkeys(r["attr"] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r["attr"] == attr]
+        verdict = privacy_gap_verdict([rows[i]["change"] for i in idx],
+                                      names=[f"{attr}={rows[i]['group']} ({rows[i]['attack']} attack)" for i in idx],
+                                      margin=cfg.margin, alpha=cfg.alpha, adjusted_p=[adjusted[i] for i in idx],
+                                      family_size=len(rows), n_boot=cfg.n_boot)
+        for i, mdc in zip(idx, verdict["minimum_detectable_change"]["by_change"]):
+            r = rows[i]
+            changes.setdefault(attr, {}).setdefault(r["attack"], {})[r["group"]] = {
+                **{k: r["change"][k] for k in GAP_KEYS}, "minimum_detectable_change": mdc}
+        verdicts[attr] = verdict
+        study.warnings.extend(f"{name} vs {ref}: {w}" for w in verdict["warnings"])
+    return changes, verdicts
 
 
 def _change_entry(change: dict, mdc: float | None) -> dict:
@@ -860,10 +1037,8 @@ def run_audit(
             "utility": utility,
             "curves": curves,
             "fairness": _fairness(study, name),
-            "privacy": _privacy(run, name, study.warnings, df, study.labels, seed=config.seed,
-                                age_edges=config.age_edges, canaries=(canaries or {}).get(name),
-                                attack_scores=(attack_scores or {}).get(name), attributes=list(study.attributes),
-                                min_cell=config.min_cell),
+            "privacy": _privacy(run, name, df, study, canaries=(canaries or {}).get(name),
+                                attack_scores=(attack_scores or {}).get(name)),
         }
     comparisons = {f"{name} vs {reference}": _compare(study, name, reference)
                    for name in frames if reference is not None and name != reference}

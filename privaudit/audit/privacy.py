@@ -46,11 +46,16 @@ def threshold_at_fpr(nonmember_scores: np.ndarray, target: float) -> float:
 
 
 def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndarray] | None = None,
-                   member_mask: np.ndarray | None = None) -> tuple[dict, list[str]]:
+                   member_mask: np.ndarray | None = None, confidence: float = 0.95) -> tuple[dict, list[str]]:
     """AUC, advantage, TPR at FPR 0.1%/1%/10% (null where unmeasurable), the thinned ROC, and per-group risk.
 
     ``groups`` maps attribute -> group label per sample over the concatenation members + non-members.
+    ``rates_at_fpr`` gives the TPR and FPR at each FPR point's threshold with Clopper-Pearson intervals, and
+    each group gets :func:`privaudit.audit.exposure.group_risk` (its FPR and TPR at the global 1%-FPR
+    threshold, its TPR at its own 1% FPR) besides its AUC.
     """
+    from privaudit.audit.exposure import group_risk, own_threshold, rate
+
     m = np.asarray(member_scores, dtype=float)
     nm = np.asarray(nonmember_scores, dtype=float)
     warnings: list[str] = []
@@ -68,6 +73,12 @@ def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndar
         if val is None:
             warnings.append(f"TPR at FPR {target:g} is not measurable with {len(nm)} non-members "
                             f"(needs at least {int(np.ceil(1 / target))})")
+    out["rates_at_fpr"] = {}
+    for target in FPR_POINTS:
+        t = own_threshold(nm, target)
+        out["rates_at_fpr"][str(target)] = None if t is None else {
+            "tpr": rate(int((m >= t).sum()), len(m), confidence=confidence),
+            "fpr": rate(int((nm >= t).sum()), len(nm), confidence=confidence)}
     # Thin on a log-spaced FPR grid, so the low-FPR end that a log-log plot shows keeps its detail.
     grid = np.r_[0.0, np.logspace(np.log10(1.0 / max(len(nm), 1)), 0, ROC_POINTS)]
     keep = np.unique(np.r_[0, np.clip(np.searchsorted(fpr, grid, side="right") - 1, 0, len(fpr) - 1), len(fpr) - 1])
@@ -89,6 +100,7 @@ def attack_metrics(member_scores, nonmember_scores, *, groups: dict[str, np.ndar
                     # the attacker's global 1%-FPR threshold applied to this group's members
                     "tpr_at_fpr": {"0.01": float(np.mean(gm >= thr)) if thr is not None and len(gm) else None},
                     "n": int(sel.sum()), "n_members": int(len(gm)), "n_nonmembers": int(len(gn)),
+                    **group_risk(gm, gn, global_threshold=thr, confidence=confidence),
                 }
             by_group[attr] = res
         out["by_group"] = by_group

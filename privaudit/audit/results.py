@@ -209,12 +209,18 @@ def _locate(path: list[str], section: str) -> dict:
                 out["group"] = rest[1]
             elif len(rest) > 1 and rest[1] not in ("estimate",):
                 out["group"] = rest[1]
-    elif section == "privacy" and "by_group" in keys:
-        i = keys.index("by_group")
+    elif section == "privacy" and ("by_group" in keys or "auc_gap" in keys):
+        i = keys.index("by_group" if "by_group" in keys else "auc_gap")
         out.update(attribute=keys[i + 1] if len(keys) > i + 1 else None, group=keys[i + 2] if len(keys) > i + 2 else None)
+    elif section == "privacy" and keys[:1] == ["exposure"] and len(keys) > 1:
+        out["attribute"] = keys[1]
     elif section == "comparison" and keys:
         if keys[0] == "labels" and len(keys) > 1:
             out["label"] = keys[1]
+        elif keys[0] in ("privacy_gap", "privacy_gap_verdict") and len(keys) > 1:
+            out["attribute"] = keys[1]  # privacy_gap.<attribute>.<attack>.<group>
+            if keys[0] == "privacy_gap" and len(keys) > 3:
+                out["group"] = keys[3]
         elif keys[0] == "fairness" and len(keys) > 2:
             out.update(attribute=keys[1], label=keys[2])
             if len(keys) > 4 and keys[3] == "parity_gap_change":

@@ -57,14 +57,15 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inlined in HTML
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(TEXT_RC)  # text as text (smaller, searchable, printable), never parsed as math
-    return plt.subplots(figsize=(width, height))
+    plt.rcParams["svg.hashsalt"] = "privaudit"  # stable ids: the same audit.json draws the same SVG
+    return plt.subplots(nrows, ncols, figsize=(width, height), **kwargs)
 
 
 @_plain_text
@@ -278,19 +279,250 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
     return _svg(fig)
 
 
+# ---- fairness heatmaps ---------------------------------------------------------------------------------------
+# One figure per attribute: a panel per metric (columns) and model (rows), each a grid of groups x labels
+# (+ macro). Every cell carries its value and interval in an SVG <title> (a tooltip on hover); the print view
+# shows the same cells as a compact table (render.heatmap_table), from the same heatmap_cells.
+
+HEATMAP_METRICS = (("performance_parity", "performance parity"),
+                   ("statistical_parity_difference", "stat. parity diff."),
+                   ("disparate_impact", "disparate impact"),
+                   ("equal_opportunity_difference", "equal opp. diff."),
+                   ("average_odds_difference", "avg. odds diff."))
+
+
+def _fmt_cell(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def heatmap_cells(doc: dict, attribute: str) -> list[dict]:
+    """The cells of an attribute's fairness heatmap, from audit.json as it stands: one per model, metric, group
+    and label (``macro`` last), with ``versus`` (None for performance parity, which compares a group with the
+    size-weighted others; else the privileged side, a group or ``"rest"``), ``estimate``, ``ci_low``,
+    ``ci_high`` (None when undefined) and ``suppressed``. A two-group selection metric has one cell, in the
+    unprivileged group's row; a suppressed one marks every group's row."""
+    labels = list(doc["study"].get("labels") or []) + ["macro"]
+    cells = []
+    for name, m in doc["models"].items():
+        per_label = ((m.get("fairness") or {}).get(attribute)) or {}
+        for metric, _ in HEATMAP_METRICS:
+            for lab in labels:
+                block = per_label.get(lab) or {}
+                entry = block.get(metric)
+                if not entry:
+                    continue
+                groups = list(block.get("performance_parity") or {})
+                if metric == "performance_parity":
+                    rows = {g: (None, v) for g, v in entry.items()}
+                elif "estimate" in entry:  # two groups: unprivileged minus (or over) privileged
+                    unpriv = [g for g in groups if g != entry.get("privileged")]
+                    rows = {unpriv[0] if unpriv else "unprivileged": (entry.get("privileged"), entry)}
+                elif entry.get("suppressed") is True:
+                    rows = {g: (None, entry) for g in groups}
+                else:
+                    rows = {g: (v.get("privileged", "rest"), v) for g, v in entry.items()}
+                for g, (versus, v) in rows.items():
+                    sup = bool(v.get("suppressed"))
+                    cells.append({"model": name, "metric": metric, "label": lab, "group": g, "versus": versus,
+                                  "suppressed": sup, "estimate": None if sup else v.get("estimate"),
+                                  "ci_low": None if sup else v.get("ci_low"),
+                                  "ci_high": None if sup else v.get("ci_high")})
+    return cells
+
+
+def cell_title(cell: dict) -> str:
+    """The tooltip of one heatmap cell (also what the tests parse): ``model | metric | label | group[ vs other]:
+    estimate (95% CI low to high)``."""
+    row = cell["group"] if not cell["versus"] else f"{cell['group']} vs {cell['versus']}"
+    what = f"{cell['model']} | {cell['metric']} | {cell['label']} | {row}"
+    if cell["suppressed"]:
+        return f"{what}: suppressed (small group)"
+    if cell["estimate"] is None:
+        return f"{what}: n/a"
+    return f"{what}: {_fmt_cell(cell['estimate'])} (95% CI {_fmt_cell(cell['ci_low'])} to {_fmt_cell(cell['ci_high'])})"
+
+
+def _add_titles(svg: str, titles: dict[str, str]) -> str:
+    """Put ``<title>`` (escaped) first inside each ``<g id="...">`` that matplotlib wrote for a cell's gid."""
+    from html import escape
+
+    for gid, text in titles.items():
+        tag = f'<g id="{gid}">'
+        svg = svg.replace(tag, f"{tag}<title>{escape(text)}</title>", 1)
+    return svg
+
+
+@_plain_text
+def fairness_heatmap(doc: dict, attribute: str) -> str | None:
+    """One attribute's fairness at a glance: for each model (rows of panels) and metric (columns), a heatmap of
+    labels (rows, macro last) by groups (columns), coloured by the estimate (diverging around no difference: 0,
+    or 1 for disparate impact, on a log scale; one scale per metric, shared by the models), hatched where
+    suppressed, grey for the reference group of a two-group comparison, with the value and 95% CI of each cell
+    on hover."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    cells = heatmap_cells(doc, attribute)
+    if not cells:
+        return None
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    metrics = [(k, t) for k, t in HEATMAP_METRICS if any(c["metric"] == k for c in cells)]
+    labels = list(dict.fromkeys(c["label"] for c in cells))
+    groups = list(dict.fromkeys(c["group"] for c in cells))
+    height = len(models) * (0.15 * len(labels) + 0.2) + 0.9
+    fig, axes = _figure(1.3 * len(metrics) + 1.3, height, len(models), len(metrics), squeeze=False)
+    cmap = plt.get_cmap("RdBu_r")
+    titles = {}
+    uid = "".join(ch if ch.isalnum() else "_" for ch in attribute)[:20]
+    for j, (metric, title) in enumerate(metrics):
+        mine = [c for c in cells if c["metric"] == metric]
+
+        def value(c, metric=metric):
+            if c["estimate"] is None:
+                return None
+            if metric == "disparate_impact":
+                return float(np.log2(c["estimate"])) if c["estimate"] > 0 else None
+            return c["estimate"]
+
+        vals = [abs(v) for c in mine if (v := value(c)) is not None and np.isfinite(v)]
+        top = max(vals + [0.05])
+        norm = Normalize(vmin=-top, vmax=top)  # symmetric: white is no difference
+        versus = {c["versus"] for c in mine} - {None}
+        for i, name in enumerate(models):
+            ax = axes[i][j]
+            for c in (c for c in mine if c["model"] == name):
+                v = value(c)
+                gid = f"heatmap-{uid}-{len(titles)}"
+                face = "#d1d5db" if v is None or not np.isfinite(v) else cmap(norm(v))
+                rect = Rectangle((groups.index(c["group"]) - 0.5, labels.index(c["label"]) - 0.5), 1, 1,
+                                 facecolor=face, edgecolor="white", lw=0.6, hatch="////" if c["suppressed"] else None)
+                rect.set_gid(gid)
+                ax.add_patch(rect)
+                titles[gid] = cell_title(c)
+            for g in groups:  # the privileged side of a two-group comparison has no cell of its own
+                if versus and g in versus and not any(c["group"] == g and c["model"] == name for c in mine):
+                    ax.add_patch(Rectangle((groups.index(g) - 0.5, -0.5), 1, len(labels), facecolor="#f3f4f6",
+                                           edgecolor="white", lw=0.6))
+                    ax.text(groups.index(g), (len(labels) - 1) / 2, "reference", rotation=90, ha="center",
+                            va="center", fontsize=5, color="#6b7280")
+            ax.set_xlim(-0.5, len(groups) - 0.5)
+            ax.set_ylim(len(labels) - 0.5, -0.5)
+            ax.set_yticks(range(len(labels)), labels if j == 0 else [""] * len(labels), fontsize=5.5)
+            tilt = len(groups) * max(len(str(g)) for g in groups) > 16  # would the names touch?
+            ax.set_xticks(range(len(groups)), groups if i == len(models) - 1 else [""] * len(groups),
+                          rotation=40 if tilt else 0, ha="right" if tilt else "center", fontsize=5.5)
+            ax.tick_params(length=0, pad=1)
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=6.5)
+        sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+        bar = fig.colorbar(sm, ax=[axes[i][j] for i in range(len(models))], location="top", fraction=0.05,
+                           pad=0.02, aspect=14)
+        bar.solids.set_rasterized(False)  # vector, not an embedded bitmap: the page stays text and paths
+        bar.ax.tick_params(labelsize=5, length=2, pad=1)
+        edge = float(f"{0.7 * top:.1g}")  # a round value inside the scale, so the end labels stay apart
+        ticks = [-edge, 0.0, edge]
+        bar.set_ticks(ticks, labels=[f"{2 ** t:.2g}" for t in ticks] if metric == "disparate_impact"
+                      else [f"{t:+.2g}" if t else "0" for t in ticks])
+        note = "\n(AUROC vs the others)" if metric == "performance_parity" else f"\n(vs {', '.join(sorted(versus))})"
+        bar.set_label(f"{title}{note}", fontsize=6, labelpad=2)
+    fig.suptitle(f"{attribute}: fairness by label and group (hover a cell for its 95% CI)", fontsize=7.5,
+                 y=1 + 0.15 / height)
+    return _add_titles(_svg(fig), titles)
+
+
+def _attack_for_risk(doc: dict) -> str | None:
+    """The attack the per-group risk figure shows: the loss attack when any model has it, else the first."""
+    names = [a for m in doc["models"].values() for a, v in (((m.get("privacy") or {}).get("attacks")) or {}).items()
+             if v and v.get("by_group")]
+    return "loss" if "loss" in names else (names[0] if names else None)
+
+
+@_plain_text
+def exposure_figure(doc: dict, attribute: str, attack: str | None = None) -> str | None:
+    """Who is exposed, beside who is served: per group (rows) and model (colours), three forest panels with
+    95% intervals: the subgroup AUROC (macro; the fairness view), the attack's AUC (bootstrap) and its TPR at the
+    group's own 1% FPR (Clopper-Pearson). Suppressed groups are not drawn."""
+    attack = attack or _attack_for_risk(doc)
+
+    def fair(m, g):
+        v = ((((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {}).get("groups") or {}).get(g) or {}
+        return v.get("auroc")
+
+    def risk(m, g, key):
+        a = ((m.get("privacy") or {}).get("attacks") or {}).get(attack) or {}
+        v = ((a.get("by_group") or {}).get(attribute) or {}).get(g) or {}
+        if key == "auc":
+            return v.get("auc_ci")
+        return ((v.get("tpr_at_own_fpr") or {}).get("0.01"))
+
+    groups = []
+    for m in doc["models"].values():
+        for g in list((((m.get("fairness") or {}).get(attribute) or {}).get("macro") or {}).get("groups") or {}) + \
+                 list(((((m.get("privacy") or {}).get("attacks") or {}).get(attack) or {}).get("by_group") or {})
+                      .get(attribute) or {}):
+            if g not in groups:
+                groups.append(g)
+    panels = [("subgroup AUROC (macro)", lambda m, g: fair(m, g), None),
+              (f"{attack} attack AUC", lambda m, g: risk(m, g, "auc"), 0.5),
+              (f"{attack} attack TPR at the group's own 1% FPR", lambda m, g: risk(m, g, "tpr"), 0.01)]
+    drawn = [[(name, g, p[1](m, g)) for name, m in doc["models"].items() for g in groups] for p in panels]
+    drawn = [[(n, g, e) for n, g, e in d if e and e.get("estimate") is not None] for d in drawn]
+    if attack is None or not groups or not any(drawn[1:]):
+        return None
+    import matplotlib.pyplot as plt
+
+    height = 0.22 * len(groups) * max(1, len(doc["models"])) ** 0.5 + 0.9
+    fig, axes = _figure(7.2, height, 1, 3, sharey=True)
+    names = list(doc["models"])
+    offsets = np.linspace(-0.18, 0.18, len(names)) if len(names) > 1 else [0.0]
+    for ax, (title, _, chance), rows in zip(axes, panels, drawn):
+        for name, g, e in rows:
+            k = names.index(name)
+            y = groups.index(g) + offsets[k]
+            lo = e.get("ci_low") if e.get("ci_low") is not None else e["estimate"]
+            hi = e.get("ci_high") if e.get("ci_high") is not None else e["estimate"]
+            ax.errorbar(e["estimate"], y, xerr=[[e["estimate"] - lo], [hi - e["estimate"]]], fmt="o", ms=3.5,
+                        color=COLOURS[k % len(COLOURS)], capsize=2, lw=1.1)
+        if chance is not None:
+            ax.axvline(chance, color="#9ca3af", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=7)
+        ax.grid(axis="x", color="#e5e7eb", lw=0.6)
+        ax.tick_params(labelsize=6)
+    axes[0].set_yticks(range(len(groups)), groups, fontsize=7)
+    axes[0].set_ylim(len(groups) - 0.5, -0.5)
+    handles = [plt.Line2D([], [], color=COLOURS[k % len(COLOURS)], marker="o", ls="", ms=4) for k in range(len(names))]
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=6, frameon=False)
+    fig.suptitle(f"{attribute}: who is served and who is exposed", fontsize=8, y=1 + 0.25 / height)
+    fig.subplots_adjust(bottom=0.3 if len(groups) < 4 else 0.2, wspace=0.08)
+    return _svg(fig)
+
+
+def _attrs(doc):
+    return doc["study"].get("attributes") or []
+
+
+# Each figure set of the report, by the key a template reads it under: drawn only when read.
+BUILDERS = {
+    "roc": lambda doc: {lab: svg for lab in (doc["study"].get("labels") or []) if (svg := roc_figure(doc, lab))},
+    "forest": lambda doc: {a: svg for a in _attrs(doc) if (svg := forest_figure(doc, a))},
+    "heatmap": lambda doc: {a: svg for a in _attrs(doc) if (svg := fairness_heatmap(doc, a))},
+    "exposure": lambda doc: {a: svg for a in _attrs(doc) if "*" not in a and (svg := exposure_figure(doc, a))},
+    "composition": lambda doc: {a: svg for a in ((doc["study"].get("data") or {}).get("composition") or {})
+                                if (svg := composition_figure(doc, a))},
+    "attack": lambda doc: {a: svg for a in dict.fromkeys(a for m in doc["models"].values()
+                                                           for a in ((m.get("privacy") or {}).get("attacks") or {}))
+                           if (svg := attack_roc_figure(doc, a))},
+    "tradeoff_utility": tradeoff_utility_figure,
+    "tradeoff_fairness": lambda doc: {a: svg for a in _attrs(doc) if (svg := tradeoff_fairness_figure(doc, a))},
+}
+
+
 @_plain_text
 def figures(doc: dict) -> dict:
-    """All report figures: ``roc`` and ``forest`` and ``composition`` and ``tradeoff_fairness`` (dicts of SVG
-    by label or attribute), ``attack`` (dict by attack name) and ``tradeoff_utility`` (SVG or None)."""
-    labels = doc["study"].get("labels") or []
-    roc = {lab: svg for lab in labels if (svg := roc_figure(doc, lab))}
-    attrs = doc["study"].get("attributes") or []
-    forest = {a: svg for a in attrs if (svg := forest_figure(doc, a))}
-    comp_attrs = list(((doc["study"].get("data") or {}).get("composition") or {}))
-    composition = {a: svg for a in comp_attrs if (svg := composition_figure(doc, a))}
-    attack_names = list(dict.fromkeys(a for m in doc["models"].values()
-                                      for a in ((m.get("privacy") or {}).get("attacks") or {})))
-    attack = {a: svg for a in attack_names if (svg := attack_roc_figure(doc, a))}
-    fairness_curves = {a: svg for a in attrs if (svg := tradeoff_fairness_figure(doc, a))}
-    return {"roc": roc, "forest": forest, "composition": composition, "attack": attack,
-            "tradeoff_utility": tradeoff_utility_figure(doc), "tradeoff_fairness": fairness_curves}
+    """All report figures: ``roc``, ``forest``, ``heatmap``, ``exposure``, ``composition`` and
+    ``tradeoff_fairness`` (dicts of SVG by label or attribute), ``attack`` (dict by attack name) and
+    ``tradeoff_utility`` (SVG or None)."""
+    return {key: build(doc) for key, build in BUILDERS.items()}

@@ -54,26 +54,28 @@ class Suppressed(dict):
 
 
 class _LazyFigures(Mapping):
-    """The report's figures, drawn only when a template first reads one (a custom template may use none)."""
+    """The report's figures, each set drawn only when a template first reads it (a custom template may use
+    none, and the packaged one does not read every set)."""
 
     def __init__(self, doc: dict):
-        self._doc, self._figures = doc, None
-
-    def _all(self) -> dict:
-        if self._figures is None:
-            from privaudit.reports.figures import figures
-
-            self._figures = figures(self._doc)
-        return self._figures
+        self._doc, self._figures = doc, {}
 
     def __getitem__(self, key):
-        return self._all()[key]
+        from privaudit.reports.figures import BUILDERS
+
+        if key not in self._figures:
+            self._figures[key] = BUILDERS[key](self._doc)
+        return self._figures[key]
 
     def __iter__(self):
-        return iter(self._all())
+        from privaudit.reports.figures import BUILDERS
+
+        return iter(BUILDERS)
 
     def __len__(self):
-        return len(self._all())
+        from privaudit.reports.figures import BUILDERS
+
+        return len(BUILDERS)
 
 
 def _view(obj):
@@ -111,7 +113,7 @@ _fmt, _ci, _pval, _pct, _sci = (_suppressed_aware(f) for f in (format_number, fo
 # the order the report shows them.
 MAIN_TEMPLATE = "report.html.j2"
 SECTIONS = ("summary", "model", "data", "privacy", "utility", "fairness", "empirical_privacy", "trade_offs",
-            "warnings", "provenance")
+            "warnings", "provenance", "appendix")
 
 
 PACKAGE_TEMPLATES = Path(__file__).parent / "templates"
@@ -210,6 +212,47 @@ def headline_rows(doc: dict) -> list[dict]:
     return rows
 
 
+def heatmap_table(doc: dict, attribute: str) -> dict:
+    """The print view of an attribute's fairness heatmap: the same cells (figures.heatmap_cells), one row per
+    model, metric and group, one column per label (macro last), led by each group's subgroup AUROC and size,
+    so that the print view holds every value of the appendix's per-label tables."""
+    from privaudit.reports.figures import HEATMAP_METRICS, heatmap_cells
+
+    titles = dict(HEATMAP_METRICS)
+    cells = heatmap_cells(doc, attribute)
+    labels = list(dict.fromkeys(c["label"] for c in cells))
+    rows: dict = {}
+    for name, m in doc["models"].items():  # the subgroup AUROC rows, from the same per-label blocks
+        per_label = ((m.get("fairness") or {}).get(attribute)) or {}
+        for lab in labels:
+            for g, v in ((per_label.get(lab) or {}).get("groups") or {}).items():
+                row = rows.setdefault((name, "auroc", g), {"model": name, "metric": "subgroup AUROC", "group": g,
+                                                           "versus": None, "n": None, "cells": {}})
+                sup = bool(v.get("suppressed"))
+                if lab == "macro":
+                    row["n"] = None if sup else v.get("n")
+                a = {} if sup else (v.get("auroc") or {})
+                row["cells"][lab] = {"suppressed": sup, "estimate": a.get("estimate"), "ci_low": a.get("ci_low"),
+                                     "ci_high": a.get("ci_high")}
+    for c in cells:
+        key = (c["model"], c["metric"], c["group"])
+        row = rows.setdefault(key, {"model": c["model"], "metric": titles[c["metric"]], "group": c["group"],
+                                    "versus": c["versus"], "n": None, "cells": {}})
+        row["cells"][c["label"]] = c
+    return {"labels": labels, "rows": list(rows.values())}
+
+
+def verdict_rows(doc: dict) -> list[dict]:
+    """Per comparison and attribute, the two verdicts side by side: does DP amplify unfairness (the fairness
+    verdict) and does it narrow or widen the gap in attack success (the privacy-gap verdict)."""
+    out = []
+    for cname, c in (doc.get("comparisons") or {}).items():
+        fair, priv = c.get("fairness_verdict") or {}, c.get("privacy_gap_verdict") or {}
+        for attr in dict.fromkeys([*fair, *priv]):
+            out.append({"comparison": cname, "attribute": attr, "fairness": fair.get(attr), "privacy": priv.get(attr)})
+    return out
+
+
 def _composition_rows(study: dict) -> list[dict]:
     """Per attribute: its groups (suppressed ones and hidden split counts read "suppressed"), the unknown
     count, the suppression rule and the groups it touched ("small")."""
@@ -301,6 +344,8 @@ def build_context(doc: dict, *, checks=None, policy_name: str | None = None, mod
         "provenance": _provenance(study), "config_keys": config_keys, "config_rows": config_rows,
         "trade_offs": view["study"].get("trade_offs"), "aggregates": view["study"].get("aggregates"),
         "attack_rows": {name: _attack_rows(m) for name, m in view["models"].items()},
+        "heatmap_tables": {a: heatmap_table(doc, a) for a in study.get("attributes") or []},
+        "verdict_rows": verdict_rows(doc),
         "title": title or f"privaudit report: {study.get('task') or 'study'}",
     }
 
