@@ -328,7 +328,8 @@ def test_public_formatting_helpers_write_what_the_report_shows():
     assert _ci({"estimate": 0.8, "ci_low": 0.7, "ci_high": 0.9}) == format_ci({"estimate": 0.8, "ci_low": 0.7, "ci_high": 0.9})  # the report filter is the public helper (plus "suppressed")
     # the template filters are these functions, so CLI text and report text agree
     env = environment()
-    assert env.filters["ci"] is format_ci and env.filters["fmt"] is format_number
+    assert env.filters["ci"].__name__ == "format_ci" and env.filters["fmt"].__name__ == "format_number"
+    assert env.filters["ci"](block0 := {"estimate": 0.8, "ci_low": 0.7, "ci_high": 0.9}) == format_ci(block0)
     block = {"estimate": 0.5, "ci_low": 0.25, "ci_high": 0.75}
     assert env.from_string("{{ b|ci(2) }}").render(b=block) == format_ci(block, 2) == "0.50 (0.25 to 0.75)"
 
