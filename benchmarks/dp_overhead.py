@@ -119,18 +119,20 @@ class Runner:
         model.train()
         self.model, self.optimizer, self.device = model, optimizer, device
 
+    clock = staticmethod(time.perf_counter)
+
     def step(self) -> float:
         xb, yb = self.batches[self.i % len(self.batches)]
         self.i += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.optimizer.zero_grad(set_to_none=True)
         forward_backward(self.model, xb, yb, masked_bce, engine=self.engine, units=self.units)
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) * 1000
+        return (self.clock() - t0) * 1000
 
 
 def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_labels: int, args, device):
@@ -169,8 +171,9 @@ def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     shape = "x".join([str(size)] * dims)
     print(f"# {name}: {arch} {dims}D, width {width} ({n_params / 1e6:.2f}M parameters), input 1x{shape}, "
-          f"batch {batch} ({units.count} patients in the -patient modes); median of {len(times[runners[0].mode])} steps after {args.warmup} warm-up, {rounds} "
-          f"interleaved rounds; {device.type}, {threads} threads; torch {torch.__version__}", flush=True)
+          f"batch {batch} ({units.count} patients in the -patient modes); median of {len(times[runners[0].mode])} "
+          f"steps after {args.warmup} warm-up, {rounds} interleaved rounds, {args.clock} clock; {device.type}, "
+          f"{threads} threads; torch {torch.__version__}", flush=True)
 
 
 def main() -> None:
@@ -188,6 +191,9 @@ def main() -> None:
     ap.add_argument("--pdac-size", type=int, default=None, help="default: the pdac task's input edge (32)")
     ap.add_argument("--pdac-batch", type=int, default=None, help="default: the pdac task's batch size (32)")
     ap.add_argument("--skip-pdac", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: the process's CPU time (all its threads), steadier than wall time "
+                         "on a machine that other jobs load (CPU only)")
     ap.add_argument("--images-per-patient", type=float, default=3.0,
                     help="mean images per patient in the -patient modes (1 + Poisson, at most 8)")
     args = ap.parse_args()
@@ -197,6 +203,8 @@ def main() -> None:
         sys.exit(f"unknown mode {sorted(unknown)[0]!r}; use some of {', '.join(MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        Runner.clock = staticmethod(time.process_time)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -258,7 +258,7 @@ def test_poisson_sampling_of_patients_includes_each_with_probability_q_and_all_i
     q, steps, physical = 0.2, 3000, 9
     sampler = PatientSampler(units, 40, q, steps=steps, physical=physical, seed=1)
     counts = np.zeros(40)
-    logical, batch_patients = [], []
+    batch_patients = []
     for _ in range(steps):
         chosen = sampler.draw()
         counts[chosen] += 1
@@ -273,7 +273,6 @@ def test_poisson_sampling_of_patients_includes_each_with_probability_q_and_all_i
                 mine = b.items[b.units == local]
                 assert len(set(units[mine])) == 1 and len(mine) == sizes[units[mine[0]]]
         batch_patients.append(len(chosen))
-        logical.append(len(items))
     # each patient's inclusion count is Binomial(steps, q): the standardised squares sum to chi-square(40)
     chi2 = float((((counts - steps * q) ** 2) / (steps * q * (1 - q))).sum())
     assert stats.chi2.sf(chi2, df=40) > 0.01, chi2
