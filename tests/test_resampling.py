@@ -38,6 +38,8 @@ def test_draw_counts_blocks_are_reproducible_and_independent_of_the_total():
     assert np.array_equal(a[1][:, :2], b[1])        # same stream, narrower block: a prefix of the resamples
     assert np.array_equal(a[0], draw_counts(50, 10, seed=1, block=4)[0])
     assert not np.array_equal(a[0], draw_counts(50, 10, seed=2, block=4)[0])
+    threaded = draw_counts(50, 10, seed=1, block=4, workers=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, threaded))  # threads do not change the draw
     with pytest.raises(ValueError):
         draw_counts(0, 5, seed=0)
 

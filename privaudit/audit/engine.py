@@ -18,8 +18,8 @@ from privaudit._version import __version__
 from privaudit.audit import stats
 from privaudit.audit._cells import (count_units, identifier_like, suppress_groups, suppress_table, suppressed,
                                     units_of)
-from privaudit.audit.fairness import (SELECTION_METRICS, gap_change_verdict, holm, macro_disparate_impact,
-                                      pearson_r, pearson_r_bootstrap, selection_metrics)
+from privaudit.audit.fairness import (SELECTION_METRICS, SINGLE_RUNS_WARNING, gap_change_verdict, holm,
+                                      macro_disparate_impact, pearson_r, pearson_r_bootstrap, selection_metrics)
 from privaudit.audit.studywide import aggregates_over_seeds, sweep_groups, trade_offs_of
 from privaudit.audit.results import SCHEMA_VERSION, AuditReport
 from privaudit.audit.utility import Resampler, paired_p_value, percentile_ci, weighted_auroc
@@ -825,7 +825,9 @@ def _compare(study: _Study, name: str, ref: str) -> dict:
             fair.setdefault(attr, {})[lab] = {"parity_gap_change": changes, "verdict": verdict}
         idx = [i for i in family if rows[i]["attr"] == attr]
         summary[attr] = _verdict(rows, idx, adjusted, cfg, family_size=len(family))
-        study.warnings.extend(f"{name} vs {ref}: {w}" for w in summary[attr]["warnings"])
+        # one warning for every comparison of single runs; the others name their comparison
+        study.warnings.extend(w if w == SINGLE_RUNS_WARNING else f"{name} vs {ref}: {w}"
+                              for w in summary[attr]["warnings"])
     out["fairness"] = fair
     out["fairness_verdict"] = summary
     out["privacy_gap"], out["privacy_gap_verdict"] = _privacy_gap(study, name, ref)

@@ -249,6 +249,9 @@ def holm(p_values: Sequence[float | None] | np.ndarray) -> np.ndarray:
     return adjusted
 
 
+SINGLE_RUNS_WARNING = ("comparisons of single training runs: the intervals and the verdict cover the sampling of "
+                       "test patients only, not training randomness (another seed gives another model); train "
+                       "two or more seeds per setting to cover it")
 P_VALUE_RULE = ("normal approximation with bootstrap standard errors (Student's t with Satterthwaite df over seeds), "
                 "so that Holm over m tests can reach alpha/m whatever the number of resamples")
 
@@ -283,7 +286,7 @@ def gap_change_verdict(changes: Sequence[dict], *, margin: float = 0.02, alpha: 
     Returns ``answer, margin, alpha, p_value_adjusted, reason, p_value_method, resolution_limited,
     minimum_detectable_change, covers_training_randomness, warnings`` (sentences for the study's warnings).
     """
-    from privaudit.audit.stats import NO_TRAINING_RANDOMNESS, minimum_detectable_change
+    from privaudit.audit.stats import minimum_detectable_change
 
     k = len(changes)
     names = [f"change {i}" for i in range(k)] if names is None else list(names)
@@ -319,7 +322,7 @@ def gap_change_verdict(changes: Sequence[dict], *, margin: float = 0.02, alpha: 
             f"p-values come from the normal approximation and the resamples cannot check the tail they rest on; "
             f"use at least {int(np.ceil(m / alpha))} resamples (n_boot) to check them by resampling")
     if k and not covers:
-        out["warnings"].append(f"the verdict compares single training runs: {NO_TRAINING_RANDOMNESS}")
+        out["warnings"].append(SINGLE_RUNS_WARNING)
     if k == 0:
         out["reason"] = "there are no parity-gap changes to judge."
         return out

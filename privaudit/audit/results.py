@@ -109,7 +109,8 @@ _SIDE_KEYS = {"ci_low", "ci_high", "n", "n_boot", "ci_method", "n_pos", "p_value
               "sd", "min", "max", "privileged", "reason", "method", "confidence", "x", "y", "n_members",
               "n_nonmembers", "n_boot_used", "delta", "alpha", "margin", "threshold", "noise_multiplier",
               "max_grad_norm", "sample_rate", "steps", "m", "r", "v", "share", "n_unknown"}
-_SKIP = {"curves", "run", "flags", "note", "models", "epsilons", "reference", "kind", "answer"}
+_SKIP = {"curves", "run", "flags", "note", "models", "epsilons", "reference", "kind", "answer",
+         "family_size", "power", "alpha_holm"}  # a verdict's settings, not figures
 
 
 def _is_number(v) -> bool:
