@@ -40,9 +40,13 @@ $(VENV)/.installed-tf: $(VENV)/.installed
 	touch $@
 
 # The tests cover the tf backend and the models extra (torchvision, timm, onnxruntime) too, so the test set-up
-# installs them. torch stays the one installed above: the extra pins torchvision to its build.
+# installs them. torch stays the one installed above: the extra pins torchvision to its build. JAX-Privacy is the
+# reference for the one-run bounds; without its declared requirements (JAX), which that comparison does not use.
+JAX_PRIVACY ?= jax-privacy==2.0.0
+
 $(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-tf
 	$(PIP) install --quiet -e ".[test,models]" "$(TORCH)"
+	$(PIP) install --quiet --no-deps $(JAX_PRIVACY)
 	$(PY) -c 'import sys, torch; v = torch.__version__.split("+")[0]; want = "$(TORCH)".split("==")[-1]; sys.exit(0 if v == want else f"torch {torch.__version__} replaced torch {want}")'
 	touch $@
 

@@ -13,6 +13,12 @@ state and data, starting with no gradients held (CUDA: the allocator's peak; CPU
 high-water mark, after returning freed memory to the system). The CXR lines come first, one per mode:
 
     fast      281.0 ms/step    1.86x   peak    412 MiB
+
+The ``-patient`` modes clip per patient (patient-level DP): the same images, grouped into patients of 1 to 8
+images, about 3 on average (``--images-per-patient``), each patient's gradient the sum of its images', clipped
+as one (hooks mode: per-sample rows summed by patient; fast: exact per-patient norms with the cross-image
+terms). Their ratio is to the same non-private step on the same images; the goal for ``fast-patient`` on the
+default CXR model is at most 1.5x.
 """
 
 from __future__ import annotations
@@ -25,16 +31,29 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss, forward_backward
+from privaudit.backends.fastdp import FastPrivacyEngine, PerSampleLoss, Units, forward_backward
 from privaudit.backends.opacus_backend import masked_bce
 from privaudit.backends.torch_models import create_model
 from privaudit.errors import PrivauditError
 from privaudit.tasks import create_task
 
-MODES = ("non-dp", "hooks", "ew", "ghost", "fast")
+MODES = ("non-dp", "hooks", "ew", "ghost", "fast", "hooks-patient", "fast-patient")
+
+
+def patient_units(n: int, mean: float, seed: int = 0) -> Units:
+    """n images as patients of 1 to 8 images (1 + Poisson(mean - 1), capped at 8: a long tail), scattered
+    through the batch."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(min(8, 1 + rng.poisson(mean - 1))))
+    sizes[-1] -= sum(sizes) - n
+    index = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    return Units(torch.from_numpy(index), len(sizes))
 
 
 class PeakMemory:
@@ -79,8 +98,10 @@ class PeakMemory:
 class Runner:
     """One mode's model, optimizer and step."""
 
-    def __init__(self, mode: str, model, batches, device, batch: int):
+    def __init__(self, mode: str, model, batches, device, batch: int, units: Units | None = None):
         self.mode, self.batches, self.i = mode, batches, 0
+        self.units = units.to(device) if mode.endswith("-patient") else None
+        mode = mode.removesuffix("-patient")
         model = copy.deepcopy(model).to(device)
         optimizer = torch.optim.NAdam(model.parameters(), lr=1e-3)
         self.engine = None
@@ -93,6 +114,8 @@ class Runner:
                                            criterion=PerSampleLoss(masked_bce), noise_multiplier=1.0,
                                            max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode=mode)
             model, optimizer = out[0], out[1]
+            if self.units is not None:
+                optimizer.expected_batch_size = self.units.count   # patient-level DP divides by patients
         model.train()
         self.model, self.optimizer, self.device = model, optimizer, device
 
@@ -103,7 +126,7 @@ class Runner:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        forward_backward(self.model, xb, yb, masked_bce, engine=self.engine)
+        forward_backward(self.model, xb, yb, masked_bce, engine=self.engine, units=self.units)
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -116,7 +139,8 @@ def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch, 1, *[size] * dims, generator=gen).to(device),
                 torch.randint(0, 2, (batch, n_labels), generator=gen).float().to(device)) for _ in range(3)]
-    runners = [Runner(m, model, batches, device, batch) for m in args.modes]
+    units = patient_units(batch, args.images_per_patient)
+    runners = [Runner(m, model, batches, device, batch, units) for m in args.modes]
     times = {r.mode: [] for r in runners}
     for r in runners:
         for _ in range(args.warmup):
@@ -138,14 +162,14 @@ def bench(name: str, arch: str, dims: int, size: int, width: int, batch: int, n_
     base = med.get("non-dp")
     for r in runners:
         ratio = f"{med[r.mode] / base:7.2f}x" if base else "      -"
-        fell_back = r.engine is not None and r.engine.grad_sample_mode != r.mode
+        fell_back = r.engine is not None and r.engine.grad_sample_mode != r.mode.removesuffix("-patient")
         note = f"   (fell back to {r.engine.grad_sample_mode})" if fell_back else ""
-        print(f"{r.mode:<7}{med[r.mode]:9.1f} ms/step {ratio}   peak {peaks[r.mode]:6.0f} MiB{note}", flush=True)
+        print(f"{r.mode:<13}{med[r.mode]:9.1f} ms/step {ratio}   peak {peaks[r.mode]:6.0f} MiB{note}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     shape = "x".join([str(size)] * dims)
     print(f"# {name}: {arch} {dims}D, width {width} ({n_params / 1e6:.2f}M parameters), input 1x{shape}, "
-          f"batch {batch}; median of {len(times[runners[0].mode])} steps after {args.warmup} warm-up, {rounds} "
+          f"batch {batch} ({units.count} patients in the -patient modes); median of {len(times[runners[0].mode])} steps after {args.warmup} warm-up, {rounds} "
           f"interleaved rounds; {device.type}, {threads} threads; torch {torch.__version__}", flush=True)
 
 
@@ -164,6 +188,8 @@ def main() -> None:
     ap.add_argument("--pdac-size", type=int, default=None, help="default: the pdac task's input edge (32)")
     ap.add_argument("--pdac-batch", type=int, default=None, help="default: the pdac task's batch size (32)")
     ap.add_argument("--skip-pdac", action="store_true")
+    ap.add_argument("--images-per-patient", type=float, default=3.0,
+                    help="mean images per patient in the -patient modes (1 + Poisson, at most 8)")
     args = ap.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)

@@ -8,7 +8,9 @@ The Python API (the same functions the CLI calls; nothing is printed unless ``pr
     res = privaudit.audit({"mine": df}, attributes=["sex"], n_boot=200)
 
 ``train``, ``audit``, ``train_and_audit``, ``sweep``, ``attack``, ``report`` and ``load_audit``; ``privaudit.audit``
-is also the audit package (``privaudit.audit.run_audit``), callable as the API function.
+is also the audit package (``privaudit.audit.run_audit``), callable as the API function. ``audit_model`` audits a
+model trained elsewhere (an ``nn.Module``, a callable, an ``.onnx`` file or library weights), with a
+preprocessing card from ``load_preprocess_card``.
 Importing the package imports neither torch nor tensorflow; the backends load them lazily.
 """
 
@@ -26,8 +28,11 @@ import types as _types  # noqa: E402
 
 from privaudit import audit  # noqa: E402  (the audit package, made callable below)
 from privaudit.audit.results import AuditReport  # noqa: E402
+from privaudit.byom import audit_model  # noqa: E402  (imports neither torch nor onnxruntime until it runs)
 from privaudit.config import AuditConfig, DPConfig, TrainConfig  # noqa: E402
-from privaudit.study.api import attack, load_audit, report, sweep, train, train_and_audit  # noqa: E402
+from privaudit.preprocess import load_preprocess_card  # noqa: E402
+from privaudit.study.api import (attack, load_audit, report, sweep, train, train_and_audit,  # noqa: E402
+                                 verify_dp)
 from privaudit.study.data import DataSpec  # noqa: E402
 from privaudit.study.dirs import RunDir, StudyDir  # noqa: E402
 from privaudit.study.api import audit as _audit_api  # noqa: E402
@@ -45,5 +50,6 @@ class _CallableModule(_types.ModuleType):
 
 audit.__class__ = _CallableModule
 
-__all__ = ["__version__", "train", "audit", "train_and_audit", "sweep", "attack", "report", "load_audit",
+__all__ = ["__version__", "train", "audit", "train_and_audit", "sweep", "attack", "report", "load_audit", "verify_dp",
+           "audit_model", "load_preprocess_card",
            "TrainConfig", "DPConfig", "AuditConfig", "DataSpec", "RunDir", "StudyDir", "AuditReport"]

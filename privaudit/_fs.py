@@ -167,8 +167,8 @@ def check_out_dir(out: Path, *, force: bool, what: str = "--out") -> None:
     kind = is_privaudit_dir(out)
     if not force:
         if kind:
-            raise OutputExistsError(f"{what} {out} already holds a {kind} privaudit wrote; choose a new directory or "
-                                    "pass --force to replace it")
+            raise OutputExistsError(f"{what} {out} already holds a run or other output privaudit wrote (a {kind}); "
+                                    "choose a new directory or pass --force to replace it")
         raise OutputExistsError(f"{what} {out} already holds files; choose a new directory (--force replaces only "
                                 "a folder privaudit wrote)")
     if kind is None:
@@ -346,7 +346,7 @@ def staged_dir(out: Path, *, force: bool = False, kind: str = "run", inputs=(), 
     """Yield a private staging folder beside ``out``; move it to ``out`` only when the block succeeds.
 
     * ``out`` must not be, or contain, ``/``, the home folder, the working directory or any of ``inputs``
-      (the data paths the command reads);
+      (the data paths the command reads), nor lie below a regular file (:func:`privaudit.limits.check_out_parent`);
     * an existing non-empty ``out`` is refused, unless ``force`` is set and privaudit wrote it
       (:func:`is_privaudit_dir`); a symbolic link or a file at ``out`` is always refused;
     * the whole staging holds the lock of ``out`` (:func:`output_lock`): a second process on the same ``out``
@@ -358,6 +358,9 @@ def staged_dir(out: Path, *, force: bool = False, kind: str = "run", inputs=(), 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; use one of {', '.join(KINDS)}")
+    from privaudit.limits import check_out_parent
+
+    check_out_parent(Path(out), option=what)   # a file where a parent folder should be: one line, not ENOTDIR
     out = Path(out).absolute()
     check_target(out, inputs=inputs, what=what)
     check_out_dir(out, force=force, what=what)

@@ -258,9 +258,10 @@ def audit_model(model, data, *, task: str = "cxr", preprocess=None, out=None, co
     preds, info = predict_any(model, manifest, task=task, arch=arch, preprocess=card, image_size=image_size,
                               batch_size=batch_size)
     data_info = {"manifest": str(manifest.source)}
-    run = {"backend": None, "architecture": info.get("architecture") or info.get("model"), "task": task,
-           "seed": None, "dp": False}
-    report = run_audit({name: preds}, runs={name: run}, config=config, task=task, data=data_info)
+    run = {"backend": info.get("backend"), "architecture": info.get("architecture") or info.get("model"),
+           "task": task, "seed": None, "dp": False}
+    report = run_audit({name: preds}, runs={name: run}, config=config, task=task, data=data_info,
+                       provenance={"command": command} if command else None)
     report.data["warnings"].extend(f"{name}: {w}" for w in info.get("warnings", []))
     report.data["warnings"].append(ELSEWHERE_WARNING)
     if out is not None:

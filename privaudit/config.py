@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privaudit.errors import ConfigError
+from privaudit.limits import check_limit
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 # How per-sample gradients are clipped (opacus backend): Opacus' hooks, expanded weights (ew) and ghost
@@ -21,6 +22,22 @@ CLIPPING_MODES = ("hooks", "ew", "ghost", "fast")
 # DPConfig fields that TrainConfig.for_task takes by their own names; options whose default is the task's.
 DP_OPTIONS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant", "poisson_sampling")
 TASK_DEFAULTS = ("epochs", "batch_size", "width", "lr")
+# What DP protects (privaudit.backends._plan.resolve_unit): a patient with all its images, or one image.
+PRIVACY_UNITS = ("patient", "image")
+
+
+def patient_unit_refusal(backend: str, clipping: str, *, torchrun: bool = False) -> str | None:
+    """Why patient-level DP cannot run with these settings (one line with the fix), or None when it can."""
+    if backend != "opacus":
+        return (f"privacy_unit 'patient' is not available on the {backend} backend yet (its DP optimizer clips "
+                "each image on its own); use the opacus backend, or privacy_unit 'image'")
+    if clipping in ("ew", "ghost"):
+        return (f"privacy_unit 'patient' needs a patient's image gradients summed before clipping, which clipping "
+                f"{clipping!r} cannot do; use clipping 'fast' or 'hooks', or privacy_unit 'image'")
+    if torchrun:
+        return ("privacy_unit 'patient' is not available under torchrun yet (the distributed Poisson sampler draws "
+                "images, not patients); train in one process, or use privacy_unit 'image'")
+    return None
 
 
 def default_delta(n_train: int) -> float:
@@ -59,30 +76,44 @@ class DPConfig:
             raise ConfigError("give epsilon or noise_multiplier, not both: one determines the other")
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ConfigError(f"epsilon must be a positive number, got {self.epsilon}; use dp=False for no privacy")
-        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
-            raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier} (0 clips without "
-                              "noise: a clip-only baseline that earns no epsilon)")
+        sigma = self.noise_multiplier
+        if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+            raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier} (0 clips "
+                              "without noise: a clip-only baseline that earns no epsilon)")
         if self.delta is not None and not (0 < self.delta < 1):
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm}")
         if not self.poisson_sampling:
             raise ConfigError(
                 "DP training without Poisson sampling is refused: the accountants' epsilon assumes each sample "
                 "joins each batch independently, so the reported epsilon would not be earned"
             )
 
-    def resolve_delta(self, n_train: int) -> "DPConfig":
-        """Fix delta for a training set of ``n_train`` samples and check delta < 1/N."""
+    def resolve_delta(self, n_train: int, unit: str = "samples") -> "DPConfig":
+        """Fix delta for a training set of ``n_train`` privacy units (``unit``: "samples" or "patients") and
+        check delta < 1/N."""
         if not self.enabled:
             return self
         delta = default_delta(n_train) if self.delta is None else self.delta
         if delta >= 1.0 / n_train:
             raise ConfigError(
-                f"delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training samples); "
+                f"delta {delta:g} is not below 1/N = {1 / n_train:.3g} (N = {n_train} training {unit}); "
                 "a delta that large allows leaking whole records; use a smaller delta, e.g. the default 1/N^1.1"
             )
         return dataclasses.replace(self, delta=delta)
+
+
+def _size_limit(task: str) -> str:
+    """The limit on ``task``'s image size: MAX_VOLUME_SIZE for a 3D task, else MAX_IMAGE_SIZE."""
+    from privaudit.errors import RegistryError
+    from privaudit.tasks import create_task
+
+    try:
+        dims = create_task(task).spatial_dims
+    except RegistryError:
+        dims = 2   # an unknown task is refused where the task is looked up, with the valid names
+    return "MAX_VOLUME_SIZE" if dims == 3 else "MAX_IMAGE_SIZE"
 
 
 @dataclass(frozen=True)
@@ -95,7 +126,7 @@ class TrainConfig:
     width: int = 32                    # channels of the first stage
     image_size: int | None = None      # None: the task's input size
     epochs: int = 5
-    batch_size: int = 64               # logical (expected) batch size
+    batch_size: int = 64               # logical (expected) batch size, in privacy units (patients or images)
     physical_batch_size: int = 64      # memory limit per forward/backward
     lr: float = 2e-3
     seed: int = 0
@@ -104,6 +135,8 @@ class TrainConfig:
     canaries: int = 0                  # canaries for the one-run empirical epsilon (each included w.p. 1/2)
     clipping: str = "hooks"            # per-sample clipping engine: one of CLIPPING_MODES
     dp: DPConfig = field(default_factory=DPConfig)
+    privacy_unit: str | None = None    # None: "patient" when a patient has several training images, else "image"
+    max_images_per_patient: int | None = None  # keep at most this many training images per patient (seeded)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -123,8 +156,21 @@ class TrainConfig:
         if self.clipping != "hooks" and self.backend != "opacus":
             raise ConfigError(f"clipping {self.clipping} is an option of the opacus backend, not of "
                               f"{self.backend!r}; leave clipping at hooks")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("epochs", "batch_size", "physical_batch_size", "width", "canaries"):
+            check_limit(name, getattr(self, name))
+        if self.image_size is not None:
+            check_limit("image_size", self.image_size, const=_size_limit(self.task))
+        if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(f"unknown privacy_unit {self.privacy_unit!r}; use patient or image (or leave it out: "
+                              "patient whenever a patient has several training images)")
+        if self.max_images_per_patient is not None and self.max_images_per_patient < 1:
+            raise ConfigError(f"max_images_per_patient must be at least 1, got {self.max_images_per_patient}; "
+                              "leave it out to keep every image")
+        why = patient_unit_refusal(self.backend, self.clipping) if self.privacy_unit == "patient" else None
+        if why:
+            raise ConfigError(why)
 
     @classmethod
     def for_task(cls, task: str = "cxr", **options) -> "TrainConfig":
@@ -201,6 +247,7 @@ class AuditConfig:
     def __post_init__(self):
         if self.n_boot < 1:
             raise ConfigError(f"n_boot must be at least 1, got {self.n_boot}")
+        check_limit("n_boot", self.n_boot)
         if not 0 < self.ci < 1:
             raise ConfigError(f"ci must be in (0, 1), got {self.ci}")
         if self.ci_method not in ("percentile", "bca"):
@@ -215,18 +262,34 @@ class AuditConfig:
             object.__setattr__(self, "threshold", t)
         if not 0 < self.specificity < 1:
             raise ConfigError(f"specificity must be in (0, 1), got {self.specificity}")
-        if not self.margin > 0:
-            raise ConfigError(f"margin must be > 0, got {self.margin}")
+        if not (self.margin > 0 and math.isfinite(self.margin)):
+            raise ConfigError(f"margin must be a finite number > 0, got {self.margin}")
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 1:
             raise ConfigError(f"min_cell must be a whole number of patients, at least 1, got {self.min_cell!r}")
 
 
-def load_toml(path: Path) -> dict:
+MAX_TOML_BYTES = 1 << 20   # a configuration, policy or model-card file is a few hundred bytes
+
+
+def load_toml(path: Path, what: str = "configuration file") -> dict:
+    """A TOML file as a dict; every way it can fail (missing, a folder, unreadable, too large, not UTF-8, not
+    TOML) is one ConfigError line naming the file. ``what`` names the kind of file in those lines."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a {what}; give a TOML file")
     try:
+        size = path.stat().st_size
+        if size > MAX_TOML_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a {what} (TOML)")
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        raise ConfigError(f"{path}: not valid TOML ({str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML nested too deeply for a {what}") from None

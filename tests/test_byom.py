@@ -491,3 +491,88 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, error, match, manifes
         byom.audit_model(model, manifest, task="cxr", preprocess=preprocess, arch=arch, out=out)
     assert isinstance(e.value, PrivauditError) and "\n" not in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 2, res.output + (res.stderr or "")
+    err = res.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
+
+
+def test_cli_audits_an_onnx_file_with_a_card_as_the_module_predicts(manifest, densenet, reference, tmp_path):
+    import privaudit
+    from conftest import invoke
+
+    _, d = densenet
+    card = tmp_path / "card.toml"
+    card.write_text(f"[input]\nsize = {SIZE}\n[output.map]\ncardiomegaly = 0\npleural_effusion = 2\n")
+    out = tmp_path / "audit"
+    res = invoke("audit", "--checkpoint", d / "densenet.onnx", "--data", manifest.source, "--preprocess", card,
+                 "--out", out, "--n-boot", "20")
+    assert res.exit_code == 0, res.output + (res.stderr or "")
+    written = pd.read_csv(out / "predictions.csv")
+    assert list(written["sample_id"]) == list(manifest.frame["sample_id"])
+    assert np.abs(_probs(written, ["cardiomegaly", "pleural_effusion"]) - reference[:, [0, 2]]).max() < 1e-5
+    assert not any(c.endswith("congestion") for c in written.columns)   # left out, not filled
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["study"]["labels"] == ["cardiomegaly", "pleural_effusion"]
+    assert any(w.startswith("model: label congestion") and "left out" in w for w in doc["warnings"])
+    assert any("trained elsewhere" in w for w in doc["warnings"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["checkpoint"]["architecture"] == "onnx" and config["checkpoint"]["backend"] == "onnxruntime"
+    assert config["command"].startswith("privaudit ")   # in-process, sys.argv is pytest's
+    assert (out / "report.html").is_file()
+    # the Python API takes the same path
+    api_out = tmp_path / "api"
+    report = privaudit.audit(checkpoint=d / "densenet.onnx", data=manifest.source, preprocess=card, out=api_out,
+                             n_boot=20)
+    pd.testing.assert_frame_equal(pd.read_csv(api_out / "predictions.csv"), written)
+    assert report.data["study"]["labels"] == doc["study"]["labels"]
+
+
+@pytest.mark.parametrize("command", ["train", "train-and-audit", "sweep", "audit"])
+def test_cli_refuses_an_unknown_library_name_before_reading_data(command, tmp_path):
+    from conftest import invoke
+
+    out = tmp_path / "out"
+    if command == "audit":
+        args = ["audit", "--checkpoint", tmp_path / "w.pt", "--data", tmp_path / "manifest.csv"]
+    else:
+        args = [command, "cxr", "--n-samples", "20", "--image-size", "16"]
+    err = _one_line_error(invoke(*args, "--arch", "timm:resnt18", "--out", out))
+    assert "unknown timm architecture 'resnt18'; did you mean timm:resnet18" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_preprocess_errors_are_one_line_and_write_nothing(manifest, tmp_path):
+    from conftest import invoke
+
+    onnx_path = _tiny_onnx(tmp_path / "tiny.onnx")
+    card = tmp_path / "card.toml"
+    card.write_text(f'[input]\nsize = {SIZE}\n[output.map]\npleural_effusion = "Effusion"\n')
+    out = tmp_path / "out"
+    err = _one_line_error(invoke("audit", "--checkpoint", onnx_path, "--data", manifest.source, "--preprocess",
+                                 card, "--out", out, "--n-boot", "20"))
+    assert "[output.map] names output 'Effusion'" in err   # the card's table names survive the console's markup
+    err = _one_line_error(invoke("audit", "--predictions", tmp_path / "p.csv", "--preprocess", card, "--out", out))
+    assert "--preprocess describes a model trained elsewhere; give it with --checkpoint" in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_trains_a_timm_model_with_dp_and_records_the_batchnorm_replacement(tmp_path):
+    from conftest import invoke
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    res = invoke("train", "cxr", "--arch", "timm:test_resnet", "--n-samples", "40", "--image-size", str(SIZE),
+                 "--epochs", "1", "--batch-size", "8", "--noise-multiplier", "1.0", "--delta", "1e-3", "--out", out,
+                 "--quiet")
+    assert res.exit_code == 0, res.output + (res.stderr or "")
+    tj = json.loads((out / "train.json").read_text())
+    assert tj["dp"] is True and tj["architecture"] == "timm:test_resnet"
+    assert tj["epsilon"] == pytest.approx(_accountant_epsilon(tj), rel=1e-9)
+    assert any(c["kind"] == "batchnorm" and "GroupNorm" in c["to"] for c in tj["model_changes"]["changes"])
+    assert "warning: timm:test_resnet was changed" in res.stderr and "ModelChangedWarning" not in res.stderr

@@ -15,8 +15,21 @@ from conftest import invoke
 TRAIN = ["--image-size", "32", "--epochs", "1", "--width", "4", "--batch-size", "16", "--epsilon", "8", "--quiet"]
 
 
+def one_image_per_patient(cohort: Path, folder: Path) -> Path:
+    """The cohort with every image its own patient, so that one process and torchrun (where patient-level DP
+    is not available yet) both train image-level DP."""
+    import pandas as pd
+
+    frame = pd.read_csv(cohort, dtype=str)
+    frame = frame.assign(patient_id=frame["sample_id"], path=[str(cohort.parent / p) for p in frame["path"]])
+    folder.mkdir()
+    frame.to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
 def test_two_process_torchrun_matches_single_process(cohort, tmp_path):
     pytest.importorskip("torch.distributed")
+    cohort = one_image_per_patient(cohort, tmp_path / "data")
     single = tmp_path / "single"
     res = invoke("train", "cxr", "--data", cohort, *TRAIN, "--out", single)
     assert res.exit_code == 0, res.output + (res.stderr or "")
@@ -42,11 +55,33 @@ def test_two_process_torchrun_matches_single_process(cohort, tmp_path):
     assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-9)
     assert two["accountant_history"] == one["accountant_history"]
     assert two["history"][-1]["steps"] == two["steps"]
+    assert two["privacy_unit"] == one["privacy_unit"] == "image" and two["warnings"] == []
     # only rank 0 wrote: one run directory, nothing half-written beside it, the other rank's scratch gone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single", "tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ddp", "single", "tmp"]
     assert (ddp / "predictions.csv").is_file() and (ddp / "model" / "weights.pt").is_file()
     assert not [p for p in scratch.iterdir() if p.name.startswith("privaudit-")]
     assert proc.stdout.count("run written to") == 1
+
+
+def test_auto_unit_under_torchrun_is_the_image_with_a_warning(cohort, monkeypatch):
+    """Patient-level DP is not available under torchrun yet: left unset, the unit is the image, with a warning
+    that says why; asked for, it is refused with one line."""
+    from privaudit.backends._plan import plan_training
+    from privaudit.config import DPConfig, TrainConfig
+    from privaudit.data.manifest import load_manifest
+    from privaudit.errors import ConfigError
+    from privaudit.tasks import create_task
+
+    task = create_task("cxr")
+    manifest = load_manifest(cohort, task=task)
+    assert manifest.split("train")["patient_id"].duplicated().any()   # several images per patient
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    plan = plan_training(manifest, TrainConfig(batch_size=16, dp=DPConfig()), task, 32)
+    assert plan.privacy_unit == "image" and plan.n_units == plan.n_train
+    assert len(plan.warnings) == 1 and "not available under torchrun yet" in plan.warnings[0]
+    with pytest.raises(ConfigError, match="not available under torchrun yet"):
+        plan_training(manifest, TrainConfig(batch_size=16, dp=DPConfig(), privacy_unit="patient"), task, 32)
 
 
 def test_data_parallel_step_equals_single_process_step(tmp_path):

@@ -395,7 +395,7 @@ def test_two_processes_on_one_out(tmp_path):
     assert (out / "who.txt").read_text() == "first" and not _leftovers(tmp_path, "out")
     third = _holder(out, "third", 0.0)   # later, without --force: refused, the first result intact
     _, err = third.communicate(timeout=60)
-    assert third.returncode != 0 and "already holds a run privaudit wrote" in err
+    assert third.returncode != 0 and "already holds a run or other output privaudit wrote" in err
     assert (out / "who.txt").read_text() == "first"
 
 

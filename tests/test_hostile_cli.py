@@ -192,7 +192,6 @@ def test_an_existing_out_folder_keeps_its_mode(tmp_path):
 
 
 # ---- wired with issue 13 -------------------------------------------------------------------------------------
-@pytest.mark.skip(reason="wired with issue 13")
 class TestWiredWithIssue13:
     """Options and wiring that NOTES.md asks issue 13's CLI to add; unskip when it lands."""
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from privaudit.audit import run_audit
+from privaudit.audit import run_audit, stats
 from privaudit.audit.fairness import pearson_r_bootstrap, weighted_pearson_r
 from privaudit.audit.stats import delong_test
 from privaudit.audit.utility import Resampler
@@ -173,3 +173,73 @@ def test_age_error_r_gets_a_patient_bootstrap_and_parity_counts_its_resamples():
     gaps = doc["models"]["m"]["fairness"]["sex"]["a"]["groups"]
     assert set(parity) == set(gaps)
     assert roc_auc_score(y, p) > 0.5  # the model is informative, so the gaps are defined
+
+
+def _sweep_frames(seeds, settings=("8", "inf"), n=300):
+    """An epsilon sweep in-process: per setting and seed one prediction table on the same 300 test patients.
+    Each seed has its own signal strength (training randomness), so the seeds' AUROCs (about 0.70 to 0.92) vary far
+    more than the test-set noise of one model (bootstrap SD about 0.02)."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, n)
+    base = pd.DataFrame({"sample_id": [f"s{i}" for i in range(n)], "split": "test", "y_a": y,
+                         "patient_id": [f"p{i}" for i in range(n)], "sex": rng.choice(["F", "M"], n)})
+    frames, runs = {}, {}
+    for setting in settings:
+        for s in seeds:
+            strength = {0: 1.0, 1: 2.0, 2: 3.0}[s] * (0.8 if setting != "inf" else 1.0)
+            df = base.copy()
+            df["p_a"] = 1 / (1 + np.exp(-(strength * (y - 0.5) + rng.normal(0, 1, n))))
+            name = f"eps{setting}_seed{s}"
+            frames[name] = df
+            runs[name] = ({"dp": False, "seed": s} if setting == "inf"
+                          else {"dp": True, "target_epsilon": float(setting), "seed": s, "epsilon": float(setting),
+                                "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.0, "sample_rate": 0.01,
+                                "steps": 100, "max_grad_norm": 1.0, "poisson_sampling": True})
+    return frames, runs
+
+
+def test_sweep_aggregates_cover_training_randomness_with_seeds():
+    frames, runs = _sweep_frames([2, 0, 1])  # out of seed order: the aggregates sort by train.json's seed
+    rep = run_audit(frames, runs=runs, is_sweep=True, config=AuditConfig(n_boot=200))
+    agg = rep.data["study"]["aggregates"]
+    assert agg["8"]["models"] == ["eps8_seed0", "eps8_seed1", "eps8_seed2"]
+    macro = agg["8"]["macro_auroc"]
+    assert macro["covers_training_randomness"] is True and macro["n_seeds"] == 3 and macro["warning"] is None
+    assert macro["var_between"] > macro["var_shared_test"] > 0
+    assert macro["ci_low"] < macro["mean"] < macro["ci_high"]
+    # wider than any seed's test-patients-only interval (and so than that of the mean of the seeds' resamples)
+    widest_single = max(m["utility"]["macro_auroc"]["ci_high"] - m["utility"]["macro_auroc"]["ci_low"]
+                        for n, m in rep.data["models"].items() if n.startswith("eps8"))
+    assert macro["ci_high"] - macro["ci_low"] > 2 * widest_single
+    vs = agg["8"]["vs_reference"]
+    assert vs["reference"] == "inf" and vs["paired"] is True
+    assert vs["macro_auroc"]["covers_training_randomness"] and vs["macro_auroc"]["estimate"] < 0
+    assert vs["macro_auroc"]["n_seeds"] == 3 or vs["macro_auroc"]["n_seeds"] == [3, 3]
+    fair = agg["8"]["fairness_vs_reference"]
+    assert fair["fairness_verdict"]["sex"]["covers_training_randomness"] is True
+    row = fair["fairness"]["sex"]["a"]["parity_gap_change"]
+    assert len(row) == 1 and next(iter(row.values()))["minimum_detectable_change"] is not None
+    assert "inf" not in agg or "vs_reference" not in agg["inf"]
+    assert not any(stats.NO_TRAINING_RANDOMNESS in w for w in rep.warnings)
+    rep.validate()
+
+
+def test_sweep_with_one_seed_says_it_covers_test_patients_only():
+    frames, runs = _sweep_frames([0])
+    rep = run_audit(frames, runs=runs, is_sweep=True, config=AuditConfig(n_boot=200))
+    macro = rep.data["study"]["aggregates"]["8"]["macro_auroc"]
+    assert macro["covers_training_randomness"] is False and macro["warning"] == stats.NO_TRAINING_RANDOMNESS
+    assert macro["ci_low"] < macro["mean"] < macro["ci_high"]
+    assert f"sweep: {stats.NO_TRAINING_RANDOMNESS}" in rep.warnings
+    rep.validate()
+
+
+def test_sweep_trend_over_settings_with_seeds():
+    frames, runs = _sweep_frames([0, 1, 2], settings=("1", "8", "inf"))
+    rep = run_audit(frames, runs=runs, is_sweep=True, config=AuditConfig(n_boot=100))
+    trend = rep.data["study"]["trade_offs"]["trend"]
+    assert trend["settings"] == ["1", "8"] and trend["paired"] is True
+    t = trend["macro_auroc"]
+    assert t["covers_training_randomness"] is True and t["slope"] is not None and t["slope_ci_low"] < t["slope_ci_high"]
+    assert 0 < t["p_value"] <= 1
+    rep.validate()

@@ -96,7 +96,9 @@ def test_epsilon_grows_with_steps_and_matches_opacus_recomputed(cohort, tmp_path
         acc = create_accountant(tj["accountant"])
         acc.history = [(tj["noise_multiplier"], tj["sample_rate"], tj["steps"])]
         assert acc.get_epsilon(delta=tj["delta"]) == pytest.approx(tj["epsilon"], rel=1e-9)
-        assert tj["sample_rate"] == pytest.approx(8 / tj["n_train"], rel=0.2)  # 1 / number of batches
+        # the cohort has patients with several images: the unit is the patient, q = batch / training patients
+        assert tj["privacy_unit"] == "patient" and tj["n_units"] < tj["n_train"]
+        assert tj["sample_rate"] == pytest.approx(8 / tj["n_units"], rel=1e-12)
         assert tj["poisson_sampling"] is True and tj["max_grad_norm"] == 1.0
 
 
@@ -197,8 +199,8 @@ def test_clipping_modes_train_the_same_model_with_the_same_epsilon(cohort, tmp_p
     """Opacus' hooks, ew and ghost modes and the fast engine: same Poisson batches (physical batches of 4 in
     logical batches of 8), same clipping, same noise draws, so the same epsilon and, up to rounding, the same
     weights; train.json records the mode."""
-    runs = {m: _train(cohort, tmp_path, epochs=1, clipping=m, dp={"accountant": "rdp"})
-            for m in ("hooks", "ew", "ghost", "fast")}
+    runs = {m: _train(cohort, tmp_path, epochs=1, clipping=m, privacy_unit="image", dp={"accountant": "rdp"})
+            for m in ("hooks", "ew", "ghost", "fast")}   # ew and ghost clip images, not patients
     ref_json, ref_dir = runs["hooks"]
     ref = load_state_dict(ref_dir / "model" / "weights.pt")
     for mode, (tj, run) in runs.items():

@@ -253,7 +253,7 @@ def test_chexpert_label_mapping_and_attributes(tmp_path):
     train = [
         chexpert_row(1, Cardiomegaly=1.0, Edema=-1.0, Pneumonia=0.0, Consolidation=0.0, Atelectasis=0.0),
         chexpert_row(2, Pneumonia=-1.0, Consolidation=1.0, Edema=0.0, **{"Pleural Effusion": 1.0}),
-        chexpert_row(3, Pneumonia=0.0, **{"No Finding": 1.0}),  # blank Consolidation stays unknown
+        chexpert_row(3, Pneumonia=0.0, **{"No Finding": 1.0}),  # No Finding = 1: blank findings are negative
         chexpert_row(4, Pneumonia=0.0, Consolidation=-1.0, Cardiomegaly=0.0),
     ]
     train[3]["Sex"] = "Unknown"
@@ -264,8 +264,11 @@ def test_chexpert_label_mapping_and_attributes(tmp_path):
     # cardiomegaly, congestion, pleural_effusion, pneumonic_infiltrates, atelectasis
     assert_same(labels_of(m, "patient00001/study1/view1_frontal"), [1, NAN, NAN, 0, 0])
     assert_same(labels_of(m, "patient00002/study1/view1_frontal"), [NAN, 0, 1, 1, NAN])
-    assert_same(labels_of(m, "patient00003/study1/view1_frontal"), [NAN, NAN, NAN, NAN, NAN])
+    assert_same(labels_of(m, "patient00003/study1/view1_frontal"), [0, 0, 0, 0, 0])
     assert_same(labels_of(m, "patient00004/study1/view1_frontal"), [0, NAN, NAN, NAN, NAN])
+    # With the No Finding rule off, blank findings stay unknown there.
+    off = load_data(folder, task=TASK, no_finding="ignore")
+    assert_same(labels_of(off, "patient00003/study1/view1_frontal"), [NAN, NAN, NAN, NAN, NAN])
     frame = m.frame.set_index("sample_id")
     assert frame.loc["patient00001/study1/view1_frontal", "patient_id"] == "patient00001"
     assert frame["sex"].tolist()[:3] == ["F", "M", "F"] and pd.isna(frame["sex"].iloc[3])
@@ -499,7 +502,7 @@ def test_mimic_joins_labels_splits_and_patients(tmp_path):
     # cardiomegaly, congestion, pleural_effusion, pneumonic_infiltrates, atelectasis
     assert_same(labels_of(m, "d1"), [1, NAN, 0, 0, NAN])
     assert_same(labels_of(m, "d3"), [0, NAN, 1, 1, 1])
-    assert_same(labels_of(m, "d4"), [NAN] * 5)  # No Finding does not fill blanks
+    assert_same(labels_of(m, "d4"), [0] * 5)  # No Finding = 1 makes blank findings negative
     assert_same(labels_of(m, "d5"), [NAN] * 5)  # study missing from the label file
     assert frame.loc["d1", "sex"] == "F" and frame.loc["d3", "sex"] == "M"
     assert frame.loc["d1", "age"] == 52 and frame.loc["d3", "age"] == 86

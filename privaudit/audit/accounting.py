@@ -293,3 +293,25 @@ def cross_checks(*, noise_multiplier: float, sample_rate: float, steps: int, del
             warns.append(f"accountant {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                          "its cross-check is null")
     return out, warns
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float] | None:
+    """What an (epsilon, delta)-DP guarantee per record says about a group of ``k`` records (a patient with
+    ``k`` images under image-level DP): ``(k epsilon, k e^((k-1) epsilon) delta)``, the standard group-privacy
+    bound, from chaining the guarantee over the k neighbouring data sets between the two groups.
+
+    Returns None when that delta reaches 1: the bound then promises nothing.
+    """
+    import math
+
+    if not (isinstance(k, int) or float(k).is_integer()) or int(k) < 1:
+        raise ValueError(f"k must be a whole number of records >= 1, got {k}")
+    if not (epsilon >= 0 and math.isfinite(epsilon)) or not 0 <= delta < 1:
+        raise ValueError(f"need a finite epsilon >= 0 and delta in [0, 1), got ({epsilon}, {delta})")
+    k = int(k)
+    if delta == 0:
+        return k * epsilon, 0.0
+    log_delta = math.log(k) + (k - 1) * epsilon + math.log(delta)   # in logs: e^((k-1) eps) overflows early
+    if log_delta >= 0:
+        return None
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta

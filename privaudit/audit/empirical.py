@@ -172,16 +172,56 @@ def one_run_audit(scores, included, *, delta: float = 0.0, confidence: float = 0
             "k_plus": kp, "k_minus": km, "selection": "split-half"}
 
 
+def p_value_at_least(r: int, v: int, eps: float, delta: float = 0.0, m: int | None = None) -> float:
+    """inf over eps' >= eps of ``one_run_p_value(r, v, eps', delta, m)``: the p-value of the claim "(eps, delta)-DP".
+
+    A run that is (eps, delta)-DP is (eps', delta)-DP for every eps' >= eps, so each of those p-values bounds
+    P[V >= v] and so does their infimum. It is the p-value that matches ``one_run_lower_bound``: it is below a
+    level exactly when the bound at that level exceeds eps (up to the scan's resolution). With delta = 0 the
+    p-value increases with eps and the infimum is at eps itself. Otherwise the delta term can fall as eps grows;
+    past the point where the binomial tail alone reaches the p-value at eps nothing lower is possible, so the
+    p-value is scanned up to there and the smallest grid value refined with a bounded scalar minimisation.
+    """
+    _check_counts(r, v, delta, m)
+    p0 = one_run_p_value(r, v, eps, delta, m)
+    if delta == 0 or v == 0 or p0 >= 1.0:
+        return p0
+
+    def tail(e: float) -> float:
+        return float(binom.sf(v - 1, r, expit(e))) - p0
+
+    if tail(eps) >= 0:
+        return p0
+    stop = EPS_MAX if tail(EPS_MAX) < 0 else brentq(tail, eps, EPS_MAX, xtol=1e-12)
+    if stop <= eps:
+        return p0
+    grid = np.linspace(eps, stop, SCAN_POINTS)
+    ps = _p_values(r, v, grid, delta, m)
+    i = int(np.argmin(ps))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    best = min(p0, float(ps[i]))
+    if hi > lo:
+        from scipy.optimize import minimize_scalar
+
+        res = minimize_scalar(lambda e: one_run_p_value(r, v, e, delta, m), bounds=(lo, hi), method="bounded",
+                              options={"xatol": 1e-10})
+        best = min(best, float(res.fun))
+    return best
+
+
 def soundness(eps_accountant: float, r: int, v: int, delta: float, m: int, confidence: float = 0.99) -> dict:
     """Whether a one-run audit contradicts the accountant's epsilon.
 
-    ``p_value`` = ``one_run_p_value(r, v, eps_accountant, delta, m)`` bounds the chance of v or more correct
-    guesses if the run really were (eps_accountant, delta)-DP; ``violated`` when it is below 1 - confidence, i.e.
-    the attack guessed too well for the claimed epsilon (a bug in training or accounting, or canaries that were
-    not included independently with probability 1/2).
+    ``p_value`` = ``p_value_at_least(r, v, eps_accountant, delta, m)``, the infimum of the one-run p-value over
+    every eps' >= eps_accountant, bounds the chance of v or more correct guesses if the run really were
+    (eps_accountant, delta)-DP; ``violated`` when it is below 1 - confidence, i.e. the attack guessed too well for
+    the claimed epsilon (a bug in training or accounting, or canaries that were not included independently with
+    probability 1/2). This is the same test as "``one_run_lower_bound`` at ``confidence`` exceeds the accountant's
+    epsilon".
     """
-    p = one_run_p_value(r, v, eps_accountant, delta, m)
-    return {"violated": bool(p < 1 - confidence), "p_value": p, "confidence": confidence}
+    p = p_value_at_least(r, v, eps_accountant, delta, m)
+    return {"violated": bool(p < 1 - confidence), "p_value": p, "confidence": confidence,
+            "p_value_over": "every epsilon' >= the accountant's epsilon (infimum)"}
 
 
 def clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:

@@ -31,6 +31,7 @@ from privaudit.tasks import age_group, create_task, list_tasks
 
 PRIVACY_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "max_grad_norm", "sample_rate", "steps",
                 "poisson_sampling")
+MIN_CLASS_N = 10        # below this many known positives or negatives in the test split a label's AUROC is flagged
 MAX_BCA_UNITS = 5000    # BCa needs one jackknife AUROC per unit left out
 PRIVILEGED = {"sex": "M", "comorbidity": "0"}  # aif360 needs a privileged group; others: the largest group
 ROC_POINTS = 101
@@ -323,11 +324,32 @@ def _utility(study: _Study, name: str) -> dict:
             "youden": {"threshold": thr if np.isfinite(thr) else None, "threshold_source": source,
                        **{k: rates[k] for k in ("sensitivity", "specificity", "accuracy")}},
         }
+        labels[lab]["unreliable"] = _unreliable(study, lab, n, n_pos)
         curves[lab] = _curves(y, p, W)
     point = float(np.mean(points))
     b = _nan_mean([study.boots[(name, lab, None, None)][1] for lab in study.labels])
     study.boots[(name, "macro", None, None)] = (point, b)
-    return {"labels": labels, "macro_auroc": _est(point, b, ci, n_boot=True), "n": study.n}, curves
+    macro = _est(point, b, ci, n_boot=True)
+    flagged = [lab for lab in study.labels if labels[lab]["unreliable"]["flag"]]
+    macro["includes_unreliable"] = flagged   # the macro is over every label; these are flagged
+    reliable = [lab for lab in study.labels if lab not in flagged]
+    if flagged and reliable:
+        rp = float(np.mean([study.boots[(name, lab, None, None)][0] for lab in reliable]))
+        rb = _nan_mean([study.boots[(name, lab, None, None)][1] for lab in reliable])
+        macro["without_unreliable"] = {**_est(rp, rb, ci, n_boot=True), "labels": reliable}
+    return {"labels": labels, "macro_auroc": macro, "n": study.n}, curves
+
+
+def _unreliable(study: _Study, lab: str, n: int, n_pos: int) -> dict:
+    """Whether the test split has too few known positives or negatives of ``lab`` for its AUROC to mean much
+    (fewer than MIN_CLASS_N of either); a flagged label's AUROC is still reported, with a warning."""
+    n_neg = n - n_pos
+    flag = min(n_pos, n_neg) < MIN_CLASS_N
+    if flag:
+        study.warnings.append(f"label {lab}: the test split has {n_pos} known positive(s) and {n_neg} known "
+                              f"negative(s), fewer than {MIN_CLASS_N} of one class, so its AUROC is unreliable "
+                              "(flagged in the audit and the report; the macro AUROC includes it)")
+    return {"flag": bool(flag), "n_pos": n_pos, "n_neg": n_neg, "min": MIN_CLASS_N}
 
 
 def _curves(y, p, W) -> dict:
@@ -734,8 +756,16 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
         raise DataError(f"model {name!r}: the canary table needs 'included' and a 'loss' for every canary")
     dp = bool(run and run.get("dp"))
     delta = float(run["delta"]) if dp else 0.0
-    res = one_run_audit(-canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool),
-                        delta=delta, confidence=0.95, seed=seed)
+    scores, included = -canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool)
+    res = one_run_audit(scores, included, delta=delta, confidence=0.95, seed=seed)
+    # Beside Steinke et al.'s bound, the f-DP one (Mahloujifar et al.), one-sided over every threshold with a
+    # Bonferroni correction. It needs delta > 0: a non-private run is read at the delta DP would use for its N.
+    from privaudit.audit.onerun import FDP, one_run_epsilon
+    from privaudit.config import default_delta
+
+    fdp_delta = delta if dp else (default_delta(int(run["n_train"])) if run and run.get("n_train") else None)
+    res["fdp"] = (None if not fdp_delta else
+                  one_run_epsilon(scores, included, delta=fdp_delta, confidence=0.95, method=FDP, thresholds="all"))
     block["empirical_epsilon"] = res
     if dp:
         check = soundness(float(run["epsilon"]), res["r"], res["v"], delta, res["m"], confidence=0.99)
@@ -754,9 +784,14 @@ def _privacy(run: dict | None, name: str, df: pd.DataFrame, study: _Study, *,
     block = {"accountant": None, "attacks": attacks, "empirical_epsilon": None, "soundness": None,
              "exposure": _exposure(study, name, attacks)}
     _empirical(block, canaries, run, name, warnings, seed)
+    if run:   # what training warned about (a fallback to image-level DP, patient ids a preset derived, ...)
+        warnings.extend(f"{name}: {w}" for w in run.get("warnings") or [])
     if not run or not run.get("dp"):
         return block
     acc = {k: run.get(k) for k in PRIVACY_KEYS}
+    # the privacy unit (patient or image; null: not recorded, an image-level run from before units) and, for an
+    # image-level run, what it guarantees a patient with k images
+    acc.update({k: run.get(k) for k in ("privacy_unit", "n_units", "group_privacy")})
     from privaudit.audit.accounting import cross_checks
 
     checks, warns = cross_checks(noise_multiplier=acc["noise_multiplier"], sample_rate=acc["sample_rate"],

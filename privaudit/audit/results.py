@@ -22,6 +22,63 @@ def load_schema() -> dict:
     return json.loads(resources.files("privaudit.audit").joinpath("audit.schema.json").read_text())
 
 
+MAX_AUDIT_BYTES = 512 * 1024 ** 2   # an audit.json holds aggregates; a sweep of hundreds of models is a few MB
+
+
+def _describe(error) -> str:
+    """One short line for a jsonschema error: what the schema wanted, never a dump of the whole value."""
+    from privaudit._console import one_line
+
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    got = kinds.get(type(error.instance), type(error.instance).__name__)
+    if error.validator == "type":
+        want = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"expected {' or '.join(map(str, want))}, got {got}"
+    if error.validator == "const":
+        return f"must be {json.dumps(error.validator_value)}"
+    if error.validator in ("oneOf", "anyOf"):
+        return f"{got} that matches none of the allowed forms"
+    text = one_line(error.message)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def validate_document(data, name: str = "audit.json") -> None:
+    """Validate an audit document against the shipped JSON Schema; raise one :class:`DataError` line naming
+    ``name``, the first failing JSON path and what the schema expected there."""
+    import jsonschema
+    from jsonschema.exceptions import best_match
+
+    from privaudit._console import one_line
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    try:
+        error = best_match(validator.iter_errors(data))
+        while error is not None and error.validator in ("oneOf", "anyOf") and error.context:
+            # the form meant is the one of the value's own type: report what is wrong inside it
+            inner = [e for e in error.context if e.validator != "type" or e.relative_path] or error.context
+            error = best_match(inner)
+    except RecursionError:
+        raise DataError(f"{name}: nested too deeply to be an audit.json") from None
+    if error is not None:
+        raise DataError(f"{name}: not a valid audit.json: at {one_line(error.json_path)}: {_describe(error)}; "
+                        "write it again with privaudit audit (or fix that entry)")
+    # what a schema cannot say: the points of a curve come in pairs
+    for model, m in data["models"].items():
+        for kind, curves in (("curves", {k: (c or {}).get("roc") for k, c in (m.get("curves") or {}).items()}),
+                             ("privacy.attacks", {k: (a or {}).get("roc") for k, a in
+                                                  ((m["privacy"].get("attacks") or {}).items())})):
+            for key, roc in curves.items():
+                if not roc:
+                    continue
+                sizes = {f: len(roc[f]) for f in ("fpr", "tpr", "tpr_low", "tpr_high") if roc.get(f) is not None}
+                if len(set(sizes.values())) > 1:
+                    raise DataError(f"{name}: not a valid audit.json: at $.models.{one_line(model)}.{kind}."
+                                    f"{one_line(key)}.roc: its arrays differ in length "
+                                    f"({', '.join(f'{f} {n}' for f, n in sizes.items())}); write it again with "
+                                    "privaudit audit")
+
+
 @dataclass(frozen=True)
 class AuditReport:
     """One study's audit: ``data`` follows the ``audit.json`` contract (ARCHITECTURE.md) exactly."""
@@ -48,21 +105,34 @@ class AuditReport:
 
     @classmethod
     def from_json(cls, source) -> "AuditReport":
-        """Read an ``audit.json`` path (or a JSON string); refuse a newer schema than this version knows."""
+        """Read an ``audit.json`` path (or a JSON string), validated against the shipped schema; refuse a newer
+        schema than this version knows. Anything else raises one :class:`DataError` line naming the file and,
+        for a document that breaks the schema, the first JSON path that does."""
         text = source
         name = "audit.json text"
         if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
             name = str(source)
+            path = Path(source)
+            if path.is_dir():
+                raise DataError(f"{source}: a folder, not an audit.json; give the file or its study directory")
             try:
-                text = Path(source).read_text(encoding="utf-8")
+                size = path.stat().st_size
+                if size > MAX_AUDIT_BYTES:
+                    raise DataError(f"{source}: {size:,} bytes, above the {MAX_AUDIT_BYTES:,} an audit.json can "
+                                    "hold; is it an audit.json?")
+                text = path.read_text(encoding="utf-8")
             except OSError as e:
                 raise DataError(f"{source}: cannot read ({e.strerror})") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{source}: not UTF-8 text (byte {e.start}); this is not an audit.json") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}); is the file truncated?") from None
+        except RecursionError:
+            raise DataError(f"{name}: JSON nested too deeply to be an audit.json") from None
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise DataError(f"{name}: no integer 'schema_version'; this is not an audit.json")
         if version > SCHEMA_VERSION:
             raise DataError(f"{name}: schema_version {version} is newer than this privaudit understands "
@@ -70,6 +140,7 @@ class AuditReport:
         if version not in READABLE_VERSIONS:
             raise DataError(f"{name}: schema_version {version} is not one privaudit writes "
                             f"({', '.join(map(str, READABLE_VERSIONS))}); this is not an audit.json")
+        validate_document(data, name)
         return cls(data)
 
     def validate(self) -> None:
@@ -109,8 +180,8 @@ _SIDE_KEYS = {"ci_low", "ci_high", "n", "n_boot", "ci_method", "n_pos", "p_value
               "sd", "min", "max", "privileged", "reason", "method", "confidence", "x", "y", "n_members",
               "n_nonmembers", "n_boot_used", "delta", "alpha", "margin", "threshold", "noise_multiplier",
               "max_grad_norm", "sample_rate", "steps", "m", "r", "v", "share", "n_unknown"}
-_SKIP = {"curves", "run", "flags", "note", "models", "epsilons", "reference", "kind", "answer",
-         "family_size", "power", "alpha_holm"}  # a verdict's settings, not figures
+_SKIP = {"curves", "run", "flags", "note", "models", "epsilons", "reference", "kind", "answer", "unreliable",
+         "family_size", "power", "alpha_holm"}  # a verdict's settings and a label's flags, not figures
 
 
 def _is_number(v) -> bool:

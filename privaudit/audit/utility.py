@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from privaudit import limits
+from privaudit.errors import ConfigError
+
 # Keep a (resamples x samples) float64 block below this many bytes.
 _BLOCK_BYTES = 256 * 2**20
 
@@ -125,6 +128,11 @@ class Resampler:
     """
 
     def __init__(self, n: int, *, n_boot: int, seed: int, clusters=None, cluster: bool = True):
+        limits.check_limit("n_boot", n_boot)
+        if n_boot * n > limits.MAX_BOOTSTRAP_CELLS:   # the weights below are an (n_boot, n) float64 matrix
+            raise ConfigError(f"n_boot {n_boot} resamples of {n} test samples need {n_boot * n:.2g} bootstrap "
+                              f"weights, above the limit {limits.MAX_BOOTSTRAP_CELLS:.2g}; give n_boot at most "
+                              f"{max(1, limits.MAX_BOOTSTRAP_CELLS // max(n, 1))}")
         self.n = n
         self.n_boot = n_boot
         self.seed = seed

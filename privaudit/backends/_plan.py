@@ -1,34 +1,87 @@
-"""What every backend shares before and around training: canaries, the training-set size, delta and the
-sample rate (so that the opacus and tf backends refuse the same inputs with the same messages), the progress
-bars, and file hashes. Framework-free.
+"""What every backend shares before and around training: canaries, the privacy unit (patient or image) and the
+per-patient image cap, the training-set size, delta and the sample rate (so that the opacus and tf backends
+refuse the same inputs with the same messages), the progress bars, and file hashes. Framework-free.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from privaudit.config import DPConfig, TrainConfig
+from privaudit.config import DPConfig, TrainConfig, patient_unit_refusal
 from privaudit.errors import ConfigError
 
 CANARY_SEED_OFFSET = 7919
+CAP_SEED_OFFSET = 104729    # the max_images_per_patient choice: its own stream, apart from training's
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    train_mask: np.ndarray      # rows of the manifest in the training split
+    train_mask: np.ndarray      # rows of the manifest trained on: the training split, after max_images_per_patient
     canaries: tuple | None      # (images, labels, included) from make_canaries, or None
-    n_train: int                # training samples, included canaries counted
-    dp: DPConfig                # with delta resolved for n_train when DP is on
-    sample_rate: float          # expected batch / n_train
+    n_train: int                # training images, included canaries counted
+    dp: DPConfig                # with delta resolved for n_units when DP is on
+    sample_rate: float          # expected batch / n_units
+    privacy_unit: str | None = None   # "patient" or "image" under DP; None without DP
+    n_units: int = 0            # what DP counts: training patients (an included canary is one) or images
+    # The unit (0 .. n_units-1) of each training item, in the order the backends lay them out: the kept
+    # training rows in manifest order, then the included canaries. None unless the unit is the patient.
+    units: np.ndarray | None = None
+    images_per_patient: dict = field(default_factory=dict)   # {max, median} over training patients
+    patient_ids: str = "given"  # "derived" when the preset invented them (one per file or case)
+    images_left_out: int = 0    # training images that max_images_per_patient left out
+    warnings: tuple[str, ...] = ()
+    extra_rows: tuple | None = None   # (images, labels) appended to the training set: verify-dp's gradient canaries
 
 
-def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPlan:
-    """Make the canaries and check the batch against the training set; raise ConfigError with the fix."""
-    train_mask = (manifest.frame["split"] == "train").to_numpy()
+def cap_images(patient_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """A mask keeping at most ``k`` rows per patient: a seeded uniform choice, made before training and
+    independent of the model, so the cap itself uses no data beyond the patient ids."""
+    keys = np.random.default_rng(seed + CAP_SEED_OFFSET).random(len(patient_ids))
+    rank = pd.Series(keys).groupby(np.asarray(patient_ids, dtype=object)).rank(method="first").to_numpy()
+    return rank <= k
+
+
+def resolve_unit(config: TrainConfig, several: bool, *, torchrun: bool) -> tuple[str, list[str]]:
+    """The privacy unit of a DP run, and warnings. Left unset, it is the patient whenever a patient has more
+    than one training image (otherwise the two units are one mechanism) and patient-level DP runs here; where it
+    cannot (tf backend, ew or ghost clipping, torchrun), the image, with a warning. Asked for, it is refused there."""
+    why = patient_unit_refusal(config.backend, config.clipping, torchrun=torchrun)
+    if config.privacy_unit == "patient" and why:
+        raise ConfigError(why)
+    if config.privacy_unit is not None:
+        return config.privacy_unit, []
+    if not several:
+        return "image", []
+    if why:
+        reason = why.split(";")[0].replace("privacy_unit 'patient' ", "patient-level DP ")
+        return "image", [f"privacy unit: image, since {reason}: the guarantee covers one image, and a patient with "
+                         "several images is covered only by group privacy (see group_privacy)"]
+    return "patient", []
+
+
+def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows: tuple | None = None) -> TrainingPlan:
+    """Make the canaries, fix the privacy unit and check the batch against the training set; raise ConfigError
+    with the fix.
+
+    ``extra_rows`` = (images, labels) join the training set as ordinary units (each its own patient), counted in
+    n_train and n_units (so in delta and the sample rate): ``privaudit verify-dp`` adds its gradient canaries
+    this way."""
+    frame = manifest.frame
+    train_mask = (frame["split"] == "train").to_numpy()
+    pids = frame["patient_id"].astype(str).to_numpy()
+    left_out = 0
+    if config.max_images_per_patient is not None:
+        rows = np.flatnonzero(train_mask)
+        keep = cap_images(pids[rows], config.max_images_per_patient, config.seed)
+        train_mask = train_mask.copy()
+        train_mask[rows[~keep]] = False
+        left_out = int((~keep).sum())
     canaries = None
     if config.canaries:
         from privaudit.data.canaries import make_canaries
@@ -38,17 +91,77 @@ def plan_training(manifest, config: TrainConfig, task, size: int) -> TrainingPla
                               "without canaries (the loss and LiRA/RMIA attacks still audit membership)")
         canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
                                  seed=config.seed + CANARY_SEED_OFFSET)
-    # Included canaries are training samples: the sample rate and delta account for them.
-    n_train = int(train_mask.sum()) + (int(canaries[2].sum()) if canaries is not None else 0)
-    if config.batch_size > n_train:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({n_train} samples); "
-                          "use a smaller batch size")
-    dp = config.dp.resolve_delta(n_train) if config.dp.enabled else config.dp
-    sample_rate = config.batch_size / n_train
+    # Included canaries are training samples (each its own patient): the sample rate and delta account for them.
+    n_canaries = (int(canaries[2].sum()) if canaries is not None else 0) + (
+        len(extra_rows[0]) if extra_rows is not None else 0)
+    n_train = int(train_mask.sum()) + n_canaries
+    codes, uniq = pd.factorize(pids[train_mask])
+    counts = np.bincount(codes, minlength=len(uniq))
+    per_patient = {"max": int(counts.max()), "median": float(np.median(counts))} if len(counts) else {}
+    unit, warns = None, []
+    if config.dp.enabled:
+        from privaudit.backends.distributed import launch_env
+
+        unit, warns = resolve_unit(config, bool(len(counts)) and counts.max() > 1, torchrun=launch_env() is not None)
+    n_units = len(uniq) + n_canaries if unit == "patient" else n_train
+    what = "patients" if unit == "patient" else "samples"
+    if config.batch_size > n_units:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({n_units} {what}"
+                          + ("; under privacy_unit 'patient' the batch counts patients" if unit == "patient" else "")
+                          + "); use a smaller batch size")
+    units = None
+    if unit == "patient":
+        big = int(counts.argmax())
+        if counts[big] > config.physical_batch_size:
+            raise ConfigError(
+                f"patient {uniq[big]!r} has {counts[big]} training images, more than physical_batch_size "
+                f"{config.physical_batch_size}, and a patient's images must share one physical batch; raise "
+                f"physical_batch_size to {counts.max()} or cap them with max_images_per_patient "
+                f"{config.physical_batch_size}")
+        units = np.concatenate([codes, len(uniq) + np.arange(n_canaries)]).astype(np.int64)
+    dp = config.dp.resolve_delta(n_units, what) if config.dp.enabled else config.dp
+    sample_rate = config.batch_size / n_units
     if dp.enabled and sample_rate >= 1:
-        raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_train} samples) must be "
+        raise ConfigError(f"sample rate {sample_rate:.3g} (batch {config.batch_size} / {n_units} {what}) must be "
                           "below 1 for DP amplification by sampling; use a smaller batch_size")
-    return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate)
+    id_source = getattr(manifest, "patient_ids", "given")
+    if id_source == "derived" and dp.enabled:
+        warns.append("the patient ids were derived by the data preset (one per case or file), not given: two scans of "
+                     "one person count as two patients, so a per-patient guarantee may cover less than a person")
+    return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate, unit, n_units, units, per_patient, id_source,
+                        left_out, tuple(warns), extra_rows)
+
+
+def unit_record(plan: TrainingPlan, config: TrainConfig, privacy: dict) -> tuple[dict, dict, list[str]]:
+    """train.json's privacy-unit fields: (fields of the privacy block, top-level fields, warnings).
+
+    The privacy block gains ``privacy_unit``, ``n_units``, ``unit_gradient`` (what is clipped, for the patient
+    unit) and, for an image-level run that earned an epsilon,
+    ``group_privacy``: what the guarantee says about a patient with k images at k = the median (rounded up) and
+    the maximum number of training images per patient, by :func:`privaudit.audit.accounting.group_privacy`;
+    an entry whose delta reaches 1 holds nulls and ``guarantee: false``, with a warning.
+    """
+    from privaudit.audit.accounting import group_privacy
+
+    warns = list(plan.warnings)
+    block = {"privacy_unit": plan.privacy_unit, "n_units": plan.n_units if plan.privacy_unit else None,
+             "unit_gradient": "sum of the patient's image loss gradients, clipped as one"
+             if plan.privacy_unit == "patient" else None, "group_privacy": None}
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    if plan.privacy_unit == "image" and privacy.get("dp") and eps is not None and plan.images_per_patient:
+        block["group_privacy"] = {}
+        for where in ("median", "max"):
+            k = int(math.ceil(plan.images_per_patient[where]))
+            got = group_privacy(eps, delta, k)
+            block["group_privacy"][where] = {"k": k, "epsilon": got[0] if got else None,
+                                             "delta": got[1] if got else None, "guarantee": got is not None}
+            if got is None:
+                warns.append(f"no guarantee for a patient with {k} images ({where} images per patient): image-level "
+                             f"DP at epsilon {eps:.3g}, delta {delta:.3g} gives by group privacy a delta of 1 or more "
+                             "for them; train with privacy_unit 'patient' to protect patients")
+    top = {"images_per_patient": plan.images_per_patient or None, "patient_ids": plan.patient_ids,
+           "max_images_per_patient": config.max_images_per_patient, "images_left_out": plan.images_left_out}
+    return block, top, warns
 
 
 def sha256(path: Path) -> str:

@@ -34,16 +34,18 @@ def _missing(name: str) -> MissingDependencyError:
 @functools.cache
 def import_tf():
     """TensorFlow, with Keras 2 behind ``tf.keras`` and its C++ start-up chatter quietened."""
+    from privaudit._quiet import quiet_imports
+
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # oneDNN / CPU-feature notices on every start
-    try:
-        import tensorflow as tf
-    except ModuleNotFoundError as e:
-        raise _missing(e.name or "tensorflow") from None
-    try:
-        import tf_keras  # noqa: F401
-    except ModuleNotFoundError:
-        raise _missing("tf_keras") from None
+    with quiet_imports():   # absl's oneDNN / CPU-feature notices on every start; TF_CPP_MIN_LOG_LEVEL=2 too
+        try:
+            import tensorflow as tf
+        except ModuleNotFoundError as e:
+            raise _missing(e.name or "tensorflow") from None
+        try:
+            import tf_keras  # noqa: F401
+        except ModuleNotFoundError:
+            raise _missing("tf_keras") from None
     if not tf.keras.__name__.startswith("tf_keras"):
         raise ConfigError(LEGACY_KERAS_FIX.format(value=os.environ.get("TF_USE_LEGACY_KERAS", "<unset>")))
     return tf

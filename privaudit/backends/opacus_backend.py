@@ -1,8 +1,20 @@
-"""PyTorch + Opacus backend: DP-SGD with Poisson sampling, per-sample clipping and a PRV/RDP/GDP accountant."""
+"""PyTorch + Opacus backend: DP-SGD with Poisson sampling, per-sample clipping and a PRV/RDP/GDP accountant.
+
+**Patient-level DP** (``privacy_unit="patient"``, the default when a patient has several training images):
+each step Poisson-samples patients at rate ``q = batch_size / training patients`` and takes every training
+image of a sampled patient (``backends._units``); physical batches hold whole patients. A patient's gradient
+is the **sum** of its images' loss gradients, clipped to C as one unit. The sum, not the mean, because then C
+bounds exactly what one patient adds to the noisy sum, whatever its number of images, and a patient's image
+weighs in the update as much as any other image (the mean would make an image of a patient with k images
+count 1/k). Opacus' noise is ``sigma C``; the sum is divided by the expected number of patients, ``q N``; the
+accountant counts patient steps at rate q. Hooks mode sums the per-sample gradient rows by patient before
+Opacus' optimizer clips them; the fast engine computes each patient's norm exactly (``fastdp._layers``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import pickle
 import platform
 import time
@@ -20,6 +32,7 @@ from privaudit.backends import distributed
 from privaudit.backends._device import pick_device
 from privaudit.backends.torch_models import create_model
 from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
+                                     unit_record,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -145,6 +158,34 @@ def _predict(model: nn.Module, x: np.ndarray, y: np.ndarray, device, batch: int 
     return np.concatenate(probs), np.concatenate(losses)
 
 
+class _PatientLoader:
+    """Patient-level DP's batches for one epoch after another: ``(x, y, units, last)`` per physical batch, whole
+    patients each (``backends._units.PatientSampler``), read by a DataLoader (worker processes on CUDA)."""
+
+    def __init__(self, sampler, dataset, device, ddp):
+        from privaudit.backends._units import EmptySafeCollate
+        from privaudit.data.cache import loader_options
+
+        self.sampler, self.dataset = sampler, dataset
+        x0, y0 = dataset[0]
+        self.collate = EmptySafeCollate(tuple(x0.shape), tuple(y0.shape))
+        self.options = loader_options(device, local_world_size=ddp.local_world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)   # logical steps per epoch
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        from privaudit.backends.fastdp import Units
+
+        batches = self.sampler.epoch()
+        data = DataLoader(self.dataset, batch_sampler=[b.items for b in batches], collate_fn=self.collate,
+                          **self.options)
+        for b, (xb, yb) in zip(batches, data):
+            yield xb, yb, Units(torch.from_numpy(b.units), b.n_units), b.last
+
+
 class OpacusBackend:
     name = "opacus"
 
@@ -153,7 +194,11 @@ class OpacusBackend:
             t = prog.add_task("loading images", total=len(manifest.frame), info="")
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
-    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
+    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False,
+              instrument=None) -> dict:
+        """Train and write the run directory ``out``. ``instrument`` is verify-dp's white-box hook
+        (``privaudit.backends.verify_dp``): it adds its gradient canaries to the training set and watches the
+        optimizer; None (always, outside verify-dp) leaves training untouched."""
         from torch.utils.data import DataLoader
 
         from privaudit.data.cache import ArrayDataset, loader_options
@@ -162,8 +207,14 @@ class OpacusBackend:
         arch = config.arch or task.default_arch
         size = config.image_size or task.input_size
         frame = manifest.frame
-        plan = plan_training(manifest, config, task, size)
+        # verify-dp's gradient canaries join the training set as ordinary rows
+        extra_rows = instrument.rows(task=task, size=size, n_labels=len(manifest.labels)) if instrument else None
+        plan = plan_training(manifest, config, task, size, extra_rows=extra_rows)
         train_mask, canaries, n_train, dp = plan.train_mask, plan.canaries, plan.n_train, plan.dp
+        patient = dp.enabled and plan.privacy_unit == "patient"
+        if console is not None and not quiet:
+            for w in plan.warnings:
+                console.print(f"[yellow]warning:[/] {w}")
 
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -195,7 +246,7 @@ class OpacusBackend:
         model = distributed.wrap_model(model, ddp, dp=dp.enabled)   # DPDDP under DP, DDP otherwise
 
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
-        extra = None
+        extra = plan.extra_rows
         if canaries is not None:
             cx, cy, included = canaries
             extra = (cx[included], cy[included])
@@ -210,7 +261,13 @@ class OpacusBackend:
                             **loader_options(device, local_world_size=ddp.local_world_size))
         optimizer = torch.optim.NAdam(model.parameters(), lr=config.lr)
 
-        engine = None
+        engine = patients = None
+        if patient:
+            from privaudit.backends._units import PatientSampler
+
+            patients = PatientSampler(plan.units, plan.n_units, plan.sample_rate, physical=config.physical_batch_size,
+                                     steps=math.ceil(plan.n_units / config.batch_size),
+                                     seed=distributed.sampling_seed(config.seed, ddp))
         if dp.enabled:
             # Opacus' PrivacyEngine plus grad_sample_mode="fast" (privaudit.backends.fastdp); ghost clipping
             # needs the criterion, as one loss per sample.
@@ -224,14 +281,21 @@ class OpacusBackend:
                 warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
                 engine = FastPrivacyEngine(accountant=dp.accountant)
                 warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
-                if dp.epsilon is not None:
+                if patient:
+                    model, optimizer = self._make_patient_private(engine, dp, config, patients, common)
+                elif dp.epsilon is not None:
                     made = engine.make_private_with_epsilon(
                         target_epsilon=dp.epsilon, target_delta=dp.delta, epochs=config.epochs, **common)
                 else:
                     made = engine.make_private(noise_multiplier=dp.noise_multiplier, **common)
-                model, optimizer, loader = made[0], made[1], made[-1]   # ghost also returns its loss wrapper
-        if engine is not None:
+                if not patient:
+                    model, optimizer, loader = made[0], made[1], made[-1]   # ghost also returns its loss wrapper
+        if patient:
+            loader = _PatientLoader(patients, dataset, device, ddp)
+        elif engine is not None:
             loader = distributed.after_make_private(loader, optimizer, ddp, seed=config.seed)   # torchrun only
+        if instrument is not None:   # verify-dp: inject at the per-sample gradients, observe the noised sums
+            instrument.attach(model=model, optimizer=optimizer, loader=loader, engine=engine, ddp=ddp)
 
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer see inputs that need no gradient; torch warns, harmlessly.
@@ -270,7 +334,8 @@ class OpacusBackend:
             # Clip-only baseline: per-sample clipping and Poisson sampling as under DP, but no noise, so no
             # epsilon is claimed (dp false); the clipping is recorded to separate its cost from the noise's.
             privacy = {**privacy, "noise_multiplier": 0.0, "max_grad_norm": dp.max_grad_norm,
-                       "sample_rate": float(loader.sample_rate), "poisson_sampling": True, "clip_only": True,
+                       "sample_rate": plan.sample_rate if patient else float(loader.sample_rate),
+                       "poisson_sampling": True, "clip_only": True,
                        "clipping": "flat", "grad_sample_mode": engine.grad_sample_mode}
         elif engine is not None:
             history_acc = engine.accountant.history  # [(noise_multiplier, sample_rate, steps)]
@@ -282,6 +347,11 @@ class OpacusBackend:
                 "target_epsilon": dp.epsilon, "accountant_history": [list(h) for h in history_acc],
                 "clipping": "flat", "grad_sample_mode": engine.grad_sample_mode, "secure_mode": False,
             }
+        unit_block, unit_top, unit_warnings = unit_record(plan, config, privacy)
+        privacy.update(unit_block)
+        if console is not None and not quiet:
+            for w in unit_warnings[len(plan.warnings):]:
+                console.print(f"[yellow]warning:[/] {w}")
         train_json = {
             "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
             "privacy": privacy, "history": history,
@@ -290,7 +360,7 @@ class OpacusBackend:
             "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
             "epochs": config.epochs, "device": str(device), "train_seconds": round(train_seconds, 2),
             "init": init_info, "canaries": canary_info, "versions": versions(), "distributed": ddp.describe(),
-            "peak_memory": peak_memory(device),
+            "peak_memory": peak_memory(device), **unit_top, "warnings": unit_warnings,
         }
         if zoo is not None:   # every change made to the library's network, and a warning that it changed
             train_json["model_changes"] = zoo.record()
@@ -298,6 +368,25 @@ class OpacusBackend:
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)
         return train_json
+
+    @staticmethod
+    def _make_patient_private(engine, dp, config, sampler, common):
+        """Opacus' make_private for patient-level DP: the loader stays ours (patients, not images, are Poisson
+        sampled), so the noise is calibrated, the optimizer's denominator set and the accountant's hook
+        attached at the patient sample rate q here, rather than from the loader's length."""
+        from opacus.accountants.utils import get_noise_multiplier
+
+        q, steps = sampler.sample_rate, len(sampler) * config.epochs
+        nm = dp.noise_multiplier
+        if nm is None:
+            nm = get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=q, steps=steps,
+                                      accountant=dp.accountant)
+        made = engine.make_private(noise_multiplier=nm, **{**common, "poisson_sampling": False})
+        model, optimizer = made[0], made[1]
+        model.forbid_grad_accumulation()   # one backward pass per optimizer.step(), as under Poisson sampling
+        optimizer.expected_batch_size = config.batch_size   # q * patients: the expected number of patients
+        optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+        return model, optimizer
 
     def _fit(self, model, optimizer, loader, engine, dp, config, x, y, frame, device, console, quiet):
         """The training loop: Poisson batches split into physical batches under DP, plain batches otherwise."""
@@ -311,7 +400,9 @@ class OpacusBackend:
                 model.train()
                 st = prog.add_task(f"epoch {epoch + 1}", total=len(loader), info="")
                 losses = []
-                if dp.enabled:
+                if isinstance(loader, _PatientLoader):
+                    ctx = contextlib.nullcontext(loader)   # whole patients per physical batch, skips signalled
+                elif dp.enabled:
                     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
                     ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
@@ -321,14 +412,17 @@ class OpacusBackend:
                 from privaudit.backends.fastdp import forward_backward   # each grad-sample mode's backward pass
 
                 with ctx as batches:
-                    for xb, yb in batches:
-                        xb, yb = xb.to(device), yb.to(device)
+                    for batch in batches:
+                        xb, yb = batch[0].to(device), batch[1].to(device)
+                        units = batch[2] if len(batch) > 2 else None
                         optimizer.zero_grad(set_to_none=True)
                         # The mean per-sample loss, as sum / max(1, n): defined for the empty batches that Poisson
                         # sampling can draw (the step then adds noise only, as the accountant assumes).
-                        batch_loss = forward_backward(model, xb, yb, masked_bce, engine=engine)
+                        batch_loss = forward_backward(model, xb, yb, masked_bce, engine=engine, units=units)
                         if batch_loss is not None:
                             losses.append(batch_loss)
+                        if units is not None:
+                            optimizer.signal_skip_step(do_skip=not batch[3])   # step after a logical batch's last
                         optimizer.step()
                         if dp.enabled and optimizer._is_last_step_skipped:
                             continue

@@ -38,6 +38,7 @@ from privaudit.backends._device import pick_device
 from privaudit.backends._tf_env import import_dp_query, import_keras, import_tf
 from privaudit.backends._tf_env import versions as tf_versions
 from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
+                                     unit_record,
                                      write_canaries)
 from privaudit.config import TrainConfig
 from privaudit.data.inputs import load_inputs
@@ -442,6 +443,8 @@ class TfBackend:
                 "dp_query": "tensorflow_privacy NormalizedQuery(GaussianSumQuery)",
                 "grad_sample_mode": "tf.vectorized_map", "secure_mode": False,
             }
+        unit_block, unit_top, unit_warnings = unit_record(plan, config, privacy)   # image-level: group privacy
+        privacy.update(unit_block)
         train_json = {
             "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
             "privacy": privacy, "history": history,
@@ -452,6 +455,7 @@ class TfBackend:
             "init": init_info, "canaries": canary_info, "versions": versions(),
             "peak_memory": peak_memory(device),
             "distributed": None,  # one process (the opacus backend's torchrun block; no multi-worker TF here)
+            **unit_top, "warnings": unit_warnings,
         }
         train_json.update(privacy)  # the privacy block also sits at the top level, as the contract reads it
         write_json(out / "train.json", train_json)

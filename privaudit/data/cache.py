@@ -22,6 +22,11 @@ and the image size: same parameters, every sample_id present with the same path,
 :class:`StaleCacheWarning` saying why and how to rebuild it; the images are then read as usual.
 ``PRIVAUDIT_IMAGE_CACHE=off`` turns the cache off.
 
+A cache is trusted by its location, each file's size and modification time, and the manifest's
+(sample_id, path) table: training never re-reads the files behind it. A cache copied from elsewhere, or a
+file rewritten with its old size and time, is not noticed. ``privaudit data cache ... --verify``
+(:func:`verify_cache`) decodes every file again and compares the pixels with the cache.
+
 The cache holds patient images: its folder is created readable by its owner only. Deleting it is always safe.
 
 :class:`ArrayDataset` is the torch dataset over such an array (or any in-memory one) that the opacus
@@ -46,13 +51,15 @@ import pandas as pd
 
 from privaudit._fs import is_privaudit_dir
 from privaudit.errors import ConfigError, DataError, OutputExistsError
+from privaudit.limits import check_limit, check_out_parent
 
 CACHE_FORMAT = 1
 CACHE_ENV = "PRIVAUDIT_IMAGE_CACHE"
 WORKERS_ENV = "PRIVAUDIT_LOADER_WORKERS"
 DEFAULT_DIRNAME = ".privaudit-cache"
 # What the cached values are; a change to read_image's output must change this text (and so every key).
-READER = "privaudit.data.images.read_image: grey float32 in [0, 1], PIL bilinear resize to size x size"
+READER = ("privaudit.data.images.read_image: grey float32 in [0, 1] (16-bit of either byte order over 65535, "
+          "DICOM palette colour through its LUT), PIL bilinear resize to size x size")
 _CHUNK = 64   # at most this many images per task when decoding in worker processes
 
 
@@ -120,7 +127,10 @@ def build_cache(manifest, size: int, out: Path | None = None, *, force: bool = F
         raise ConfigError(f"--image-size {size} is too small; use at least 16")
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    check_limit("image_size", size)
+    check_limit("jobs", jobs)
     out = Path(out) if out is not None else default_cache_dir(manifest, size)
+    check_out_parent(out)
     frame = manifest.frame
     if out.is_dir() and not force and _is_cache_dir(out):
         state = check_cache(out, manifest, size)
@@ -288,6 +298,129 @@ def open_cache(manifest, size: int) -> np.ndarray | None:
                       f"with: privaudit data cache {manifest.source} --image-size {size}"
                       f"{'' if not named else f' --out {folder}'}", StaleCacheWarning, stacklevel=3)
     return None
+
+
+# ---- verifying ----------------------------------------------------------------------------------------------
+class CacheVerification:
+    """The outcome of :func:`verify_cache`.
+
+    ``folder``: the cache checked; ``stale``: why it does not fit the manifest (then nothing was compared, and
+    training ignores it anyway); ``n_checked``: images decoded and compared; ``mismatches``: one dict per image
+    whose cached pixels differ from a fresh decode (``sample_id``, ``path``, ``max_abs_diff``);
+    ``unreadable``: one dict per image that cannot be decoded now (``sample_id``, ``path``, ``error``).
+    """
+
+    def __init__(self, folder: Path, *, stale: str = "", n_checked: int = 0, mismatches=(), unreadable=(),
+                 atol: float = 0.0):
+        self.folder, self.stale, self.n_checked = Path(folder), stale, n_checked
+        self.mismatches, self.unreadable, self.atol = list(mismatches), list(unreadable), atol
+
+    @property
+    def ok(self) -> bool:
+        return not self.stale and not self.mismatches and not self.unreadable
+
+    def summary(self) -> str:
+        """One line for the user."""
+        if self.stale:
+            return f"image cache {self.folder} is stale ({self.stale}); training does not use it; rebuild it"
+        if self.ok:
+            return f"image cache {self.folder}: all {self.n_checked} images match a fresh decode of their files"
+        parts = []
+        if self.mismatches:
+            first = self.mismatches[0]
+            parts.append(f"{len(self.mismatches)} image(s) differ from their files (first: {first['path']}, "
+                         f"largest difference {first['max_abs_diff']:.3g})")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} file(s) cannot be read (first: {self.unreadable[0]['error']})")
+        return (f"image cache {self.folder}: " + "; ".join(parts) + f" of {self.n_checked}; rebuild it with --force")
+
+
+def _compare_chunk(args) -> list[tuple[int, float | None, str | None]]:
+    """(position, largest absolute difference or None, error or None) for each (position, path, cache row)."""
+    from privaudit.data.images import read_image
+
+    npy, items, size = args
+    cached = np.load(npy, mmap_mode="r", allow_pickle=False)
+    out = []
+    for pos, path, row in items:
+        try:
+            fresh = read_image(Path(path), size)
+        except DataError as e:
+            out.append((pos, None, str(e)))
+            continue
+        out.append((pos, float(np.max(np.abs(np.asarray(cached[row, 0]) - fresh))), None))
+    return out
+
+
+def find_cache(manifest, size: int) -> Path | None:
+    """The cache folder that training would try first for ``manifest`` at ``size`` (one holding cache.json)."""
+    for folder, _ in _candidates(manifest, size):
+        if (folder / "cache.json").exists():
+            return folder
+    return None
+
+
+def verify_cache(manifest, image_size: int, folder: Path | None = None, *, jobs: int = 1, atol: float = 0.0,
+                 progress: Callable[[int], None] | None = None) -> CacheVerification:
+    """Compare the cached pixels of every manifest image with a fresh decode of its file.
+
+    Training trusts a cache by its location, each file's size and modification time, and the manifest's
+    (sample_id, path) table: it never re-reads the files. This is the check that does, for a cache copied
+    from elsewhere or files rewritten with their old size and time. ``folder``: the cache (default: the one
+    training would use, see :func:`open_cache`). An image differs when some pixel differs by more than
+    ``atol`` (the cache holds exactly what decoding gives, so 0 by default; a different Pillow version may
+    resize slightly differently). Decodes in ``jobs`` processes, like :func:`build_cache`.
+    """
+    check_limit("image_size", image_size)
+    check_limit("jobs", jobs)
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if folder is None:
+        folder = find_cache(manifest, image_size)
+        if folder is None:
+            looked = [str(f) for f, _ in _candidates(manifest, image_size)]
+            where = f"in {', '.join(looked)}" if looked else f"({CACHE_ENV}=off)"
+            raise DataError(f"no image cache at {image_size} px for {manifest.source} {where}; build one with: "
+                            f"privaudit data cache {manifest.source} --image-size {image_size}")
+    folder = Path(folder)
+    if not (folder / "cache.json").is_file():
+        raise DataError(f"{folder}: not an image cache (no cache.json); give the folder 'privaudit data cache' wrote")
+    state = check_cache(folder, manifest, image_size)
+    if not state.valid:
+        return CacheVerification(folder, stale=state.reason, atol=atol)
+    npy = str(folder / "images.npy")
+    try:
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        return CacheVerification(folder, stale=f"images.npy is unreadable ({type(e).__name__})", atol=atol)
+    if (arr.dtype != np.float32 or arr.shape[1:] != (1, image_size, image_size)
+            or len(arr) <= state.rows.max(initial=-1)):
+        return CacheVerification(folder, stale=f"images.npy has shape {arr.shape}", atol=atol)
+    del arr
+    paths = [str(p) for p in manifest.image_paths()]
+    items = list(zip(range(len(paths)), paths, state.rows.tolist()))
+    step = max(1, min(_CHUNK, -(-len(items) // (4 * jobs))))
+    chunks = [(npy, items[i:i + step], image_size) for i in range(0, len(items), step)]
+    pool = None
+    if jobs > 1 and len(chunks) > 1:
+        pool = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=mp.get_context("spawn"))
+    results = pool.map(_compare_chunk, chunks) if pool is not None else map(_compare_chunk, chunks)
+    ids = manifest.frame["sample_id"].astype(str).tolist()
+    mismatches, unreadable, done = [], [], 0
+    try:
+        for block in results:
+            for pos, diff, error in block:
+                if error is not None:
+                    unreadable.append({"sample_id": ids[pos], "path": paths[pos], "error": error})
+                elif diff > atol:
+                    mismatches.append({"sample_id": ids[pos], "path": paths[pos], "max_abs_diff": diff})
+            done += len(block)
+            if progress is not None:
+                progress(done)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return CacheVerification(folder, n_checked=done, mismatches=mismatches, unreadable=unreadable, atol=atol)
 
 
 # ---- reading for training -----------------------------------------------------------------------------------

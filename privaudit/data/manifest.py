@@ -29,6 +29,9 @@ class Manifest:
     root: Path            # folder that ``path`` is relative to
     source: Path          # the manifest file (or the preset folder it came from)
     labels: tuple[str, ...]
+    # "given" when patient_id names real patients; "derived" when a preset invented one per case or file (MSD),
+    # so that two scans of one person may count as two patients. Training records it (train.json patient_ids).
+    patient_ids: str = "given"
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name]

@@ -33,10 +33,27 @@ atelectasis            Atelectasis                      Atelectasis
 Where a label has several source findings they combine as: 1 if any source is 1; 0 if every source is 0;
 unknown (blank, masked out of loss and metrics) otherwise.
 
-CheXpert and MIMIC-CXR labels are 1 (positive), 0 (negative), -1 (uncertain) or blank (not mentioned).
-Uncertain and blank both become unknown. Following torchxrayvision, a positive ``No Finding`` does *not*
-turn blank findings into negatives: blank stays unknown. NIH labels are definite: a finding listed in
-``Finding Labels`` (pipe-separated, e.g. ``Cardiomegaly|Effusion``) is 1, every other finding is 0, and
+CheXpert and MIMIC-CXR-JPG labels come from the CheXpert labeler: 1 (positive), 0 (negative, the report says
+the finding is absent), -1 (uncertain) or blank (the report does not mention the finding). How they become task
+labels is a :class:`LabelPolicy` of three choices, options of the ``chexpert`` and ``mimic`` presets (refused by
+the others):
+
+* ``uncertain`` (what -1 becomes): ``"ignore"`` (default; U-Ignore of Irvin et al. 2019: unknown, masked out of
+  the loss and the metrics), ``"zeros"`` (U-Zeros: 0) or ``"ones"`` (U-Ones: 1).
+* ``blank`` (what a blank becomes): ``"unknown"`` (default) or ``"negative"`` (0).
+* ``no_finding``: ``"negative"`` (default) makes a blank finding 0 on a row whose ``No Finding`` is 1, as
+  torchxrayvision's ``CheX_Dataset`` and ``MIMIC_Dataset`` do (they set the pathologies of such rows to 0,
+  then make -1 unknown); ``"ignore"`` leaves ``No Finding`` unread, so blank follows ``blank``. The labeler
+  sets ``No Finding`` only when no pathology is positive or uncertain; should a row say ``No Finding`` = 1 and
+  also 1 or -1 for a finding, the explicit value is kept (torchxrayvision would overwrite it with 0) and a
+  warning counts such rows. With ``blank="unknown"`` and ``no_finding="negative"`` the ``No Finding`` column
+  is required.
+
+The defaults (U-Ignore, blank unknown unless ``No Finding`` is 1) read the labels as torchxrayvision does, a
+widely used reading of these datasets. Each policy applies to every source finding
+before findings are combined into a task label. A MIMIC image whose study has no row in the label file keeps
+unknown labels whatever the policy: nothing about it was labelled. NIH labels are definite: a finding listed
+in ``Finding Labels`` (pipe-separated, e.g. ``Cardiomegaly|Effusion``) is 1, every other finding is 0, and
 ``No Finding`` makes all of them 0.
 
 Other documented choices:
@@ -76,6 +93,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -129,6 +147,49 @@ MIMIC_PATIENTS = "patients.csv"
 
 VIEWS = ("frontal", "all")
 FRONTAL_POSITIONS = ("PA", "AP")
+
+# How CheXpert-labeler values (1, 0, -1, blank) become task labels: see the module docstring.
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")   # U-Ignore, U-Zeros, U-Ones (Irvin et al. 2019)
+BLANK_POLICIES = ("unknown", "negative")
+NO_FINDING_POLICIES = ("negative", "ignore")
+NO_FINDING = "No Finding"
+LABEL_POLICY_OPTIONS = ("uncertain", "blank", "no_finding")
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """How the chexpert and mimic presets read CheXpert-labeler values; the defaults read them as
+    torchxrayvision does (uncertain unknown, blank unknown unless ``No Finding`` is 1)."""
+
+    uncertain: str = "ignore"
+    blank: str = "unknown"
+    no_finding: str = "negative"
+
+    def __post_init__(self):
+        for name in LABEL_POLICY_OPTIONS:
+            check_policy(name, getattr(self, name))
+
+    @classmethod
+    def of(cls, uncertain: str | None = None, blank: str | None = None, no_finding: str | None = None):
+        """The policy with the given choices over the defaults (None: the default)."""
+        given = {"uncertain": uncertain, "blank": blank, "no_finding": no_finding}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return {"uncertain": self.uncertain, "blank": self.blank, "no_finding": self.no_finding}
+
+    @property
+    def reads_no_finding(self) -> bool:
+        return self.blank == "unknown" and self.no_finding == "negative"
+
+
+def check_policy(name: str, value) -> str:
+    """``value`` if it is one of the choices of label policy ``name``, else a ConfigError naming them."""
+    allowed = {"uncertain": UNCERTAIN_POLICIES, "blank": BLANK_POLICIES, "no_finding": NO_FINDING_POLICIES}[name]
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
 
 CHEXPERT_TEST_FRACTION = 0.2   # of train.csv patients, when valid.csv provides val
 NIH_VAL_FRACTION = 0.1         # of train_val_list.txt patients
@@ -216,22 +277,38 @@ def load_data(
     check_files: bool = True,
     controls: Path | None = None,
     label_from: str | None = None,
+    uncertain: str | None = None,
+    blank: str | None = None,
+    no_finding: str | None = None,
 ) -> Manifest:
     """Load a manifest CSV or a dataset folder as a validated :class:`Manifest` (see the module docstring).
 
-    ``controls`` and ``label_from`` are options of the presets that take them (``msd``); given to another
-    preset they are refused rather than ignored.
+    ``controls`` and ``label_from`` are options of the presets that take them (``msd``), the label policies
+    ``uncertain``, ``blank`` and ``no_finding`` options of ``chexpert`` and ``mimic`` (None: the
+    :class:`LabelPolicy` default); given to another preset they are refused rather than ignored.
     """
     path = Path(path)
     name = preset if preset is not None else detect_preset(path)
     chosen = create_preset(name)
-    extra = {k: v for k, v in {"controls": controls, "label_from": label_from}.items() if v is not None}
+    given = {"controls": controls, "label_from": label_from, "uncertain": uncertain, "blank": blank,
+             "no_finding": no_finding}
+    extra = {k: v for k, v in given.items() if v is not None}
     for option in extra:
         if option not in chosen.options:
             takers = [p.name for p in _PRESETS.values() if option in p.options] or ["no"]
-            raise ConfigError(f"--{option.replace('_', '-')} applies to the {' and '.join(takers)} preset, but {path} "
-                              f"is read with preset {name!r}; drop the option or name the preset with --preset")
+            raise ConfigError(f"--{option.replace('_', '-')} applies to the {' and '.join(takers)} "
+                              f"preset{'s' if len(takers) > 1 else ''}, but {path} is read with preset {name!r}; "
+                              "drop the option or name the preset with --preset")
     return chosen.load(path, task=task, labels=labels, views=views, seed=seed, check_files=check_files, **extra)
+
+
+def label_policy(path: Path, preset: str | None = None, **given) -> LabelPolicy | None:
+    """The label policy a load of ``path`` applies (the ``given`` choices over the defaults) when its preset
+    reads CheXpert-labeler values, else None. Detects the preset when it is not named."""
+    name = preset if preset is not None else detect_preset(Path(path))
+    if not set(LABEL_POLICY_OPTIONS) <= set(create_preset(name).options):
+        return None
+    return LabelPolicy.of(**{k: given.get(k) for k in LABEL_POLICY_OPTIONS})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,21 +412,44 @@ def _source_findings(mapping: Mapping[str, tuple[str, ...]], labels: tuple[str, 
 
 
 def _chexpert_labels(
-    frame: pd.DataFrame, mapping: Mapping[str, tuple[str, ...]], labels: tuple[str, ...], source: Path, hint: str
+    frame: pd.DataFrame, mapping: Mapping[str, tuple[str, ...]], labels: tuple[str, ...], source: Path, hint: str,
+    policy: LabelPolicy,
 ) -> pd.DataFrame:
-    """Task labels from CheXpert-labeler columns (CheXpert and MIMIC-CXR): 1/0 kept, -1 and blank -> NaN."""
+    """Task labels from CheXpert-labeler columns (CheXpert and MIMIC-CXR) under ``policy``: 1 and 0 kept,
+    -1 by ``policy.uncertain``, blank by ``policy.blank`` and, on rows with ``No Finding`` = 1, ``no_finding``."""
     columns = _source_findings(mapping, labels)
-    _require(frame, columns, source, hint)
-    findings: dict[str, pd.Series] = {}
-    for column in columns:
+    read_nf = policy.reads_no_finding
+    _require(frame, columns + ([NO_FINDING] if read_nf else []), source,
+             hint + (f"; or pass no_finding='ignore' to read a table without {NO_FINDING!r}" if read_nf else ""))
+    values: dict[str, pd.Series] = {}
+    for column in columns + ([NO_FINDING] if read_nf else []):
         raw = frame[column]
         num = pd.to_numeric(raw, errors="coerce")
-        blank = _blank(raw)
-        bad = ~blank & ~num.isin([1, 0, -1])
+        bad = ~_blank(raw) & ~num.isin([1, 0, -1])
         if bad.any():
             raise _bad_value(source, column, raw, bad, "CheXpert labels are 1, 0, -1 (uncertain) or blank")
-        # Uncertain (-1) is treated like "not mentioned": unknown, masked out of loss and metrics.
-        findings[column] = num.where(num.isin([0, 1]))
+        values[column] = num.where(~_blank(raw))   # 1, 0, -1 or NaN (blank)
+    healthy = values[NO_FINDING].eq(1) if read_nf else pd.Series(False, index=frame.index)
+    uncertain = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[policy.uncertain]
+    findings: dict[str, pd.Series] = {}
+    for column in columns:
+        num = values[column]
+        out = num.where(num.isin([0, 1]))
+        out[num.eq(-1)] = uncertain
+        blank = num.isna()
+        if policy.blank == "negative":
+            out[blank] = 0.0
+        else:
+            out[blank & healthy] = 0.0   # torchxrayvision's rule: No Finding = 1 makes the pathologies 0
+        findings[column] = out
+    if read_nf:
+        contradicted = healthy & pd.concat([values[c].isin([1, -1]) for c in columns], axis=1).any(axis=1)
+        if contradicted.any():
+            row = int(frame.index[contradicted.to_numpy()][0]) + 2
+            warnings.warn(
+                f"{source}: {int(contradicted.sum())} row(s) say {NO_FINDING!r} = 1 and also 1 or -1 for one of "
+                f"{', '.join(columns)} (first at row {row}); their explicit values are kept (torchxrayvision would "
+                "make them 0)", UserWarning, stacklevel=4)
     return _map_findings(findings, mapping, labels)
 
 
@@ -405,7 +505,8 @@ def _chexpert_paths(paths: pd.Series, folder: Path) -> pd.Series:
     return paths.where(first.map(keep), stripped)
 
 
-def _read_chexpert_csv(table: Path, folder: Path, *, labels: tuple[str, ...], views: str) -> pd.DataFrame:
+def _read_chexpert_csv(table: Path, folder: Path, *, labels: tuple[str, ...], views: str,
+                       policy: LabelPolicy) -> pd.DataFrame:
     """One CheXpert CSV as manifest rows (without split), paths relative to ``folder``."""
     frame = read_csv(table, dtype={"Path": str, "Sex": str, "Frontal/Lateral": str})
     _require(frame, ["Path"], table, _CHEXPERT_HINT)
@@ -430,22 +531,24 @@ def _read_chexpert_csv(table: Path, folder: Path, *, labels: tuple[str, ...], vi
         out["sex"] = _recode(frame["Sex"], {"Female": "F", "Male": "M", "Unknown": None}, "Sex", table)
     if "Age" in frame.columns:
         out["age"] = frame["Age"]
-    return out.join(_chexpert_labels(frame, CHEXPERT_LABEL_MAP, labels, table, _CHEXPERT_HINT))
+    return out.join(_chexpert_labels(frame, CHEXPERT_LABEL_MAP, labels, table, _CHEXPERT_HINT, policy))
 
 
 def _load_chexpert(
-    path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool
+    path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool,
+    uncertain: str | None = None, blank: str | None = None, no_finding: str | None = None,
 ) -> Manifest:
     """CheXpert: a folder with ``train.csv`` (+ optional ``valid.csv``), or one CheXpert CSV file."""
     path = Path(path)
+    policy = LabelPolicy.of(uncertain, blank, no_finding)
     labels = _resolve_labels(task, labels, CHEXPERT_LABEL_MAP, "chexpert")
     folder = path if path.is_dir() else path.parent
     table = path / "train.csv" if path.is_dir() else path
-    frame = _read_chexpert_csv(table, folder, labels=labels, views=views)
+    frame = _read_chexpert_csv(table, folder, labels=labels, views=views, policy=policy)
     valid = folder / "valid.csv"
     if path.is_dir() and valid.is_file():
         frame["split"] = _split_two_ways(frame, seed=seed, first_fraction=1 - CHEXPERT_TEST_FRACTION, second="test")
-        val = _read_chexpert_csv(valid, folder, labels=labels, views=views).assign(split="val")
+        val = _read_chexpert_csv(valid, folder, labels=labels, views=views, policy=policy).assign(split="val")
         frame = pd.concat([frame, val], ignore_index=True)
     # Without valid.csv the split column is absent and validate_manifest makes seeded patient-level splits.
     return validate_manifest(
@@ -582,10 +685,12 @@ _MIMIC_IDS = {"dicom_id": str, "subject_id": str, "study_id": str}
 
 
 def _load_mimic(
-    path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool
+    path: Path, *, task: TaskSpec, labels: tuple[str, ...] | None, views: str, seed: int, check_files: bool,
+    uncertain: str | None = None, blank: str | None = None, no_finding: str | None = None,
 ) -> Manifest:
     """MIMIC-CXR-JPG: metadata, CheXpert labels, official split and (optional) MIMIC-IV patients.csv."""
     path = Path(path)
+    policy = LabelPolicy.of(uncertain, blank, no_finding)
     labels = _resolve_labels(task, labels, MIMIC_LABEL_MAP, "mimic")
     folder = path if path.is_dir() else path.parent
     meta_file = _mimic_file(folder, MIMIC_METADATA)
@@ -601,7 +706,7 @@ def _load_mimic(
         raise _bad_value(label_file, "study_id", label_table["study_id"], dup, "each study must have one row of labels")
     study_labels = pd.DataFrame(
         {"patient_id": label_table["subject_id"], "study_id": label_table["study_id"]}
-    ).join(_chexpert_labels(label_table, MIMIC_LABEL_MAP, labels, label_file, _MIMIC_LABELS_HINT))
+    ).join(_chexpert_labels(label_table, MIMIC_LABEL_MAP, labels, label_file, _MIMIC_LABELS_HINT, policy))
 
     frame = pd.DataFrame(
         {
@@ -660,14 +765,15 @@ register_preset(
     looks_for="a .csv file in the canonical format, or a folder with manifest.csv",
 )
 register_preset(
-    "chexpert", _load_chexpert, detect=_detect_chexpert,
+    "chexpert", _load_chexpert, detect=_detect_chexpert, options=LABEL_POLICY_OPTIONS,
     looks_for="a folder with train.csv (+ valid.csv) whose header has Path, Sex, Age, Frontal/Lateral",
 )
 register_preset(
     "nih", _load_nih, detect=_detect_nih, looks_for=f"a folder with {' or '.join(NIH_TABLES)}",
 )
 register_preset(
-    "mimic", _load_mimic, detect=_detect_mimic, looks_for=f"a folder with {MIMIC_METADATA}[.gz]",
+    "mimic", _load_mimic, detect=_detect_mimic, options=LABEL_POLICY_OPTIONS,
+    looks_for=f"a folder with {MIMIC_METADATA}[.gz]",
 )
 
 
@@ -852,6 +958,7 @@ def _load_msd(
         case = Path(image).name.split(".")[0]
         rows.append({"sample_id": f"msd/{case}", "path": image, "patient_id": case, "pdac": 1.0, "site": MSD_SITE})
     frame = pd.DataFrame(rows)
+    invented = [frame["patient_id"]]   # a case id is no patient id: demographics.csv may give the real ones
     frame = _demographics(folder, frame, frame["path"])
 
     parts = [frame]
@@ -874,6 +981,7 @@ def _load_msd(
         if check_files:
             for f in files:
                 volume_shape(f)  # each control must be a 3D NIfTI volume
+        invented.append(ctrl["patient_id"])
         parts.append(_demographics(controls, ctrl, rel_to_controls))
     out = pd.concat(parts, ignore_index=True)
     if out["pdac"].nunique() < 2:
@@ -887,8 +995,12 @@ def _load_msd(
                       "absent or partly unknown and the audit cannot compare them; put one (image, sex, age) in "
                       "each source folder to add them", UserWarning, stacklevel=3)
     warnings.warn(SOURCE_SHORTCUT_WARNING, UserWarning, stacklevel=3)
-    return validate_manifest(out, task=task, source=source, root=folder, labels=labels, seed=seed,
-                             check_files=check_files)
+    manifest = validate_manifest(out, task=task, source=source, root=folder, labels=labels, seed=seed,
+                                 check_files=check_files)
+    # MSD has no patient ids: a case (a control file) is its own patient unless demographics.csv gives its
+    # patient_id. Training records "derived" and warns that one person's scans may count as several patients.
+    derived = any((part["patient_id"].to_numpy() == ids.to_numpy()).any() for part, ids in zip(parts, invented))
+    return dataclasses.replace(manifest, patient_ids="derived") if derived else manifest
 
 
 register_preset(

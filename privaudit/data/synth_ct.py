@@ -50,6 +50,7 @@ from privaudit._version import __version__ as PRIVAUDIT_VERSION
 from privaudit._fs import atomic_write_bytes, atomic_write_csv, write_json
 from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
+from privaudit.limits import check_limit
 from privaudit.tasks import AGE_GROUPS, age_group
 
 GENERATOR = "privaudit.data.synth_ct"
@@ -170,6 +171,9 @@ def _check_args(n: int, seed: int, image_size: int | None = None, layout: str = 
         raise ConfigError(f"seed={seed} must be >= 0")
     if image_size is not None and int(image_size) < 16:
         raise ConfigError(f"image_size={image_size} is too small; use at least 16 voxels")
+    check_limit("n", n)
+    if image_size is not None:
+        check_limit("image_size", image_size, const="MAX_VOLUME_SIZE")
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
 

@@ -52,6 +52,7 @@ from privaudit._version import __version__ as PRIVAUDIT_VERSION
 from privaudit._fs import atomic_write_csv, write_json
 from privaudit.data.manifest import splits_from_order
 from privaudit.errors import ConfigError
+from privaudit.limits import check_limit
 from privaudit.tasks import AGE_GROUPS, age_group, create_task
 
 GENERATOR = "privaudit.data.synth_cxr"
@@ -510,6 +511,9 @@ def _check_args(n: int, seed: int, image_size: int | None = None) -> None:
         raise ConfigError(f"seed={seed} must be >= 0")
     if image_size is not None and int(image_size) < 16:
         raise ConfigError(f"image_size={image_size} is too small; use at least 16 pixels")
+    check_limit("n", n)
+    if image_size is not None:
+        check_limit("image_size", image_size, const="MAX_IMAGE_SIZE")
 
 
 def _prevalence(frame: pd.DataFrame) -> dict[str, dict]:

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privaudit import limits
 from privaudit.errors import ConfigError, DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -64,6 +67,16 @@ class Preprocessing:
     def __post_init__(self):
         if self.size < 2:
             raise ConfigError(f"volume size {self.size} is too small; use at least 16 voxels")
+        limits.check_limit("image_size", self.size, const="MAX_VOLUME_SIZE")
+        if not (math.isfinite(self.fov_mm) and self.fov_mm > 0):
+            raise ConfigError(f"fov_mm {self.fov_mm} must be a positive number of mm")
+        if self.spacing is not None and not all(math.isfinite(v) and v > 0 for v in self.spacing):
+            raise ConfigError(f"spacing {self.spacing} must be positive numbers of mm")
+        fov = self.fov_voxels
+        if fov[0] * fov[1] * fov[2] > limits.MAX_VOLUME_VOXELS:
+            raise ConfigError(f"a field of view of {self.fov_mm:g} mm at {self.target_spacing[0]:g} mm spacing is "
+                              f"{'x'.join(map(str, fov))} voxels, above the limit of {limits.MAX_VOLUME_VOXELS:,}; "
+                              "use a coarser spacing or a smaller field of view")
         if not self.window[1] > self.window[0]:
             raise ConfigError(f"CT window {self.window} must go from low to high HU")
 
@@ -107,16 +120,60 @@ def _header(path: Path):
     if not is_nifti(path):
         raise DataError(f"{path}: not a NIfTI volume (expected .nii or .nii.gz); convert it, e.g. with dcm2niix")
     try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
+        with warnings.catch_warnings():   # a degenerate affine makes nibabel warn; it is refused below instead
+            warnings.simplefilter("ignore", RuntimeWarning)
+            img = nib.load(str(path))   # reads the header only; the data stays on disk until asked for
+            shape = tuple(int(s) for s in img.shape)
+            dtype = np.dtype(img.get_data_dtype())
+            spacing = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
     except (ImageFileError, OSError, EOFError, ValueError) as e:
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}); re-export the volume or drop "
                         "its row") from None
+    except Exception as e:   # nibabel's HeaderDataError and others for a header that makes no sense
+        raise DataError(f"{path}: a NIfTI header that cannot be read ({type(e).__name__}); re-export the volume "
+                        "or drop its row") from None
     if len(shape) < 3 or (len(shape) == 3 and min(shape) == 1) or (len(shape) > 3 and any(s > 1 for s in shape[3:])):
         what = "a 2D image" if len(shape) < 3 or min(shape[:3]) == 1 else f"a {len(shape)}D series"
         raise DataError(f"{path}: {what} of shape {'x'.join(map(str, shape))} where this task needs one 3D "
                         "CT volume per file")
+    check_volume_header(path, shape, dtype, spacing)
     return img
+
+
+def check_volume_header(path: Path, shape, dtype, spacing) -> None:
+    """Refuse a volume whose header declares more voxels or bytes than the limits, or a voxel spacing that is
+    not a finite number of at least MIN_VOXEL_SPACING_MM, before nibabel allocates anything (the header is all
+    that is read)."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=object))
+    nbytes = voxels * np.dtype(dtype).itemsize
+    dims = "x".join(map(str, shape))
+    if min(shape) < 1:
+        raise DataError(f"{path}: the header declares an empty volume ({dims}); re-export the volume")
+    if voxels > limits.MAX_VOLUME_VOXELS:
+        raise DataError(f"{path}: the header declares {dims} = {voxels:,} voxels, above the limit of "
+                        f"{limits.MAX_VOLUME_VOXELS:,} (privaudit.limits.MAX_VOLUME_VOXELS); crop or downsample the "
+                        "volume, or drop its row")
+    if nbytes > limits.MAX_VOLUME_BYTES:
+        raise DataError(f"{path}: the header declares {dims} voxels of {np.dtype(dtype).name} = {nbytes:,} bytes, "
+                        f"above the limit of {limits.MAX_VOLUME_BYTES:,} (privaudit.limits.MAX_VOLUME_BYTES); "
+                        "store it as int16 or crop it, or drop its row")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing >= limits.MIN_VOXEL_SPACING_MM)):
+        raise DataError(f"{path}: the header's voxel spacing {spacing.tolist()} mm is not a CT's (at least "
+                        f"{limits.MIN_VOXEL_SPACING_MM} mm, finite); fix the affine (pixdim, qform/sform) when "
+                        "re-exporting the volume")
+
+
+def check_resample(path: Path, shape, spacing, prep: "Preprocessing") -> None:
+    """Refuse a volume that resampling to ``prep``'s spacing would blow up past MAX_VOLUME_VOXELS (a header
+    that claims metres-wide voxels)."""
+    out = [int(np.ceil(n * s / t)) for n, s, t in zip(shape[:3], spacing, prep.target_spacing)]
+    voxels = int(np.prod(out, dtype=object))
+    if voxels > limits.MAX_VOLUME_VOXELS:
+        raise DataError(f"{path}: resampled to {prep.target_spacing[0]:g} mm its {'x'.join(map(str, shape[:3]))} "
+                        f"voxels of {np.round(np.asarray(spacing), 3).tolist()} mm would need "
+                        f"{'x'.join(map(str, out))} voxels, above the limit of {limits.MAX_VOLUME_VOXELS:,}; check the "
+                        "header's voxel spacing (pixdim, qform/sform)")
 
 
 def volume_shape(path: Path) -> tuple[int, int, int]:
@@ -261,6 +318,11 @@ def build_transform(prep: Preprocessing) -> Callable:
 
 def preprocess_volume(path: Path, prep: Preprocessing) -> np.ndarray:
     """One file through the whole pipeline, without the cache: (1, S, S, S) float32 in [0, 1]."""
+    img = _header(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spacing = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+    check_resample(path, img.shape, spacing, prep)
     out = build_transform(prep)(read_volume(path))
     arr = np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
     return np.clip(arr, 0.0, 1.0)

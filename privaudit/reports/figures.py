@@ -2,15 +2,49 @@
 (never recomputed from patient rows), and returned as inline SVG strings.
 
 Figure code stays here; templates receive the finished SVG as plain data.
+
+Names come from data (a group called ``$\\foo$`` or ``_x``), so every figure is drawn with matplotlib's
+mathtext and TeX off (:data:`TEXT_RC`), and every name goes through :func:`mpl_text`: text shows as typed
+and can never crash the parser and lose the whole audit.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 
+from privaudit._console import one_line
+
 COLOURS = ("#0b6e99", "#c2410c", "#15803d", "#7c3aed", "#b91c1c", "#4b5563")
+# matplotlib settings under which every figure is drawn: no mathtext ($...$), no TeX, text kept as text
+TEXT_RC = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "none"}
+
+
+def mpl_text(s) -> str:
+    """A name from data as matplotlib text: on one line, and with a leading underscore kept visible (a legend
+    leaves out labels that start with ``_``). ``$``, ``^``, ``_`` and ``\\`` need no escape: the figures are
+    drawn with mathtext off."""
+    text = one_line(s)
+    return "\u200b" + text if text.startswith("_") else text
+
+
+def _plain_text(fn):
+    """Draw the figure under :data:`TEXT_RC`, whatever the user's matplotlibrc says."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(TEXT_RC):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _svg(fig) -> str:
@@ -29,11 +63,12 @@ def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwarg
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    plt.rcParams["svg.fonttype"] = "none"  # keep text as text: smaller, searchable, and printable
+    plt.rcParams.update(TEXT_RC)  # text as text (smaller, searchable, printable), never parsed as math
     plt.rcParams["svg.hashsalt"] = "privaudit"  # stable ids: the same audit.json draws the same SVG
     return plt.subplots(nrows, ncols, figsize=(width, height), **kwargs)
 
 
+@_plain_text
 def roc_figure(doc: dict, label: str) -> str | None:
     """ROC curves of every model for one label, each with its pointwise 95% bootstrap band."""
     curves = [(name, (m.get("curves") or {}).get(label, {}).get("roc")) for name, m in doc["models"].items()]
@@ -43,16 +78,18 @@ def roc_figure(doc: dict, label: str) -> str | None:
     fig, ax = _figure(3.6, 3.4)
     for k, (name, c) in enumerate(curves):
         colour = COLOURS[k % len(COLOURS)]
-        auc = doc["models"][name]["utility"]["labels"][label]["auroc"]["estimate"]
-        ax.plot(c["fpr"], c["tpr"], color=colour, lw=1.6, label=f"{name} (AUROC {auc:.3f})")
+        auc = doc["models"][name]["utility"]["labels"].get(label, {}).get("auroc", {}).get("estimate")
+        ax.plot(c["fpr"], c["tpr"], color=colour, lw=1.6, label=f"{mpl_text(name)} (AUROC {_num(auc)})")
         if c.get("tpr_low") is not None:
             ax.fill_between(c["fpr"], c["tpr_low"], c["tpr_high"], color=colour, alpha=0.15, lw=0)
     ax.plot([0, 1], [0, 1], color="#9ca3af", lw=0.8, ls="--")
-    ax.set(xlabel="False positive rate", ylabel="True positive rate", title=label, xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="False positive rate", ylabel="True positive rate", title=mpl_text(label), xlim=(0, 1),
+           ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7, frameon=False)
     return _svg(fig)
 
 
+@_plain_text
 def forest_figure(doc: dict, attribute: str, label: str = "macro") -> str | None:
     """Subgroup AUROC with 95% CIs for each model: one row per group, one marker colour per model."""
     rows = []
@@ -72,17 +109,19 @@ def forest_figure(doc: dict, attribute: str, label: str = "macro") -> str | None
     for g, k, name, est, lo, hi, n in rows:
         y = groups.index(g) + offsets[k]
         colour = COLOURS[k % len(COLOURS)]
-        ax.errorbar(est, y, xerr=[[est - lo], [hi - est]] if lo is not None else None, fmt="o", ms=4,
-                    color=colour, capsize=2, lw=1.2, label=None if name in seen else name)
+        xerr = [[max(0.0, est - lo)], [max(0.0, hi - est)]] if lo is not None and hi is not None else None
+        ax.errorbar(est, y, xerr=xerr, fmt="o", ms=4, color=colour, capsize=2, lw=1.2,
+                    label=None if name in seen else mpl_text(name))
         seen.add(name)
-    ax.set_yticks(range(len(groups)), [f"{g} (n={next(r[6] for r in rows if r[0] == g)})" for g in groups])
+    ax.set_yticks(range(len(groups)), [f"{mpl_text(g)} (n={next(r[6] for r in rows if r[0] == g)})" for g in groups])
     ax.invert_yaxis()
-    ax.set(xlabel=f"AUROC ({label})", title=f"{attribute}")
+    ax.set(xlabel=f"AUROC ({mpl_text(label)})", title=mpl_text(attribute))
     ax.grid(axis="x", color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=7, frameon=False, loc="best")
     return _svg(fig)
 
 
+@_plain_text
 def attack_roc_figure(doc: dict, attack: str = "loss") -> str | None:
     """Membership-inference ROC of each model on log-log axes, where the low-FPR regime that matters shows."""
     curves = [(n, ((m.get("privacy") or {}).get("attacks") or {}).get(attack)) for n, m in doc["models"].items()]
@@ -95,11 +134,11 @@ def attack_roc_figure(doc: dict, attack: str = "loss") -> str | None:
         fpr, tpr = np.asarray(a["roc"]["fpr"]), np.asarray(a["roc"]["tpr"])
         keep = fpr > 0
         ax.plot(fpr[keep], np.maximum(tpr[keep], floor), color=COLOURS[k % len(COLOURS)], lw=1.4,
-                label=f"{name} (AUC {a['auc']:.3f})")
+                label=f"{mpl_text(name)} (AUC {_num(a.get('auc'))})")
     grid = np.logspace(np.log10(floor), 0, 50)
     ax.plot(grid, grid, color="#9ca3af", lw=0.8, ls="--", label="chance")
     ax.set(xscale="log", yscale="log", xlabel="False positive rate", ylabel="True positive rate",
-           title=f"{attack} attack", xlim=(floor, 1), ylim=(floor, 1.05))
+           title=f"{mpl_text(attack)} attack", xlim=(floor, 1), ylim=(floor, 1.05))
     ax.legend(loc="lower right", fontsize=7, frameon=False)
     return _svg(fig)
 
@@ -107,6 +146,7 @@ def attack_roc_figure(doc: dict, attack: str = "loss") -> str | None:
 SPLIT_COLOURS = {"train": "#0b6e99", "val": "#9ca3af", "test": "#c2410c"}
 
 
+@_plain_text
 def composition_figure(doc: dict, attribute: str) -> str | None:
     """The cohort by one sensitive attribute: a horizontal bar per group, stacked by split, with small
     (under-represented) groups marked."""
@@ -123,10 +163,10 @@ def composition_figure(doc: dict, attribute: str) -> str | None:
         vals = np.array([comp["groups"][g][f"n_{split}"] or 0 for g in groups], dtype=float)
         ax.barh(range(len(groups)), vals, left=left, color=colour, label=split, height=0.7)
         left += vals
-    ax.set_yticks(range(len(groups)), [f"{g} *" if comp["groups"][g].get("small") or
-                                       comp["groups"][g].get("suppressed_splits") else g for g in groups])
+    ax.set_yticks(range(len(groups)), [mpl_text(f"{g} *" if comp["groups"][g].get("small") or
+                                                comp["groups"][g].get("suppressed_splits") else g) for g in groups])
     ax.invert_yaxis()
-    ax.set(xlabel="images", title=attribute)
+    ax.set(xlabel="images", title=mpl_text(attribute))
     ax.set_axisbelow(True)
     ax.grid(axis="x", color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(groups) < 4 else -0.18),
@@ -154,6 +194,7 @@ def _epsilon_axis(ax, eps) -> None:
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
 
 
+@_plain_text
 def tradeoff_utility_figure(doc: dict) -> str | None:
     """The privacy-utility curve: epsilon (log axis) against macro AUROC with its CI; the models without a
     finite epsilon (non-private, clip-only) as horizontal reference lines. Needs two finite epsilons."""
@@ -166,7 +207,8 @@ def tradeoff_utility_figure(doc: dict) -> str | None:
     lo = np.array([m["utility"]["macro_auroc"].get("ci_low") or np.nan for _, _, m in finite], dtype=float)
     hi = np.array([m["utility"]["macro_auroc"].get("ci_high") or np.nan for _, _, m in finite], dtype=float)
     x = np.array([e for _, e, _ in finite])
-    ax.errorbar(x, est, yerr=[est - lo, hi - est], fmt="o", color=COLOURS[0], ms=4, capsize=2, lw=1,
+    ax.errorbar(x, est, yerr=[np.maximum(est - lo, 0), np.maximum(hi - est, 0)], fmt="o", color=COLOURS[0], ms=4,
+                capsize=2, lw=1,
                 label="DP models (95% CI)")
     agg = doc["study"].get("aggregates") or {}
     means = sorted((v["epsilon"]["mean"], v["macro_auroc"]["mean"]) for v in agg.values()
@@ -176,7 +218,7 @@ def tradeoff_utility_figure(doc: dict) -> str | None:
         ax.plot(*zip(*means), color=COLOURS[0], lw=1, alpha=0.7, label="mean over seeds")
     for k, (name, _, m) in enumerate((n, e, m) for n, e, m in pts if e is None):
         ax.axhline(m["utility"]["macro_auroc"]["estimate"], color=COLOURS[(k + 1) % len(COLOURS)], lw=1, ls="--",
-                   label=f"{name} (no finite epsilon)")
+                   label=f"{mpl_text(name)} (no finite epsilon)")
     _epsilon_axis(ax, x)
     ax.set(xlabel="epsilon (accountant)", ylabel="macro AUROC", title="privacy-utility")
     ax.grid(color="#e5e7eb", lw=0.6)
@@ -184,6 +226,7 @@ def tradeoff_utility_figure(doc: dict) -> str | None:
     return _svg(fig)
 
 
+@_plain_text
 def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
     """The privacy-fairness curve for one attribute: epsilon against each group's performance-parity gap
     (macro AUROC) with its CI, and the non-private gap as a dashed line in the group's colour."""
@@ -207,12 +250,14 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
             if est.get("estimate") is None:
                 continue
             xs.append(e), ys.append(est["estimate"])
-            lo.append(est["estimate"] - (est.get("ci_low") if est.get("ci_low") is not None else est["estimate"]))
-            hi.append((est.get("ci_high") if est.get("ci_high") is not None else est["estimate"]) - est["estimate"])
+            lo.append(max(0.0, est["estimate"] - (est.get("ci_low") if est.get("ci_low") is not None
+                                                   else est["estimate"])))
+            hi.append(max(0.0, (est.get("ci_high") if est.get("ci_high") is not None else est["estimate"])
+                          - est["estimate"]))
         if xs:
             jitter = np.exp(0.02 * (k - len(groups) / 2))  # small multiplicative offset so bars do not overlap
             ax.errorbar(np.array(xs) * jitter, ys, yerr=[lo, hi], fmt="o-", color=colour, ms=3, capsize=2, lw=1,
-                        label=str(g))
+                        label=mpl_text(g))
             drawn += 1
         for n, e, m in pts:
             if e is None:
@@ -228,7 +273,7 @@ def tradeoff_fairness_figure(doc: dict, attribute: str) -> str | None:
     ax.axhline(0, color="#6b7280", lw=0.6)
     _epsilon_axis(ax, [e for _, e, _ in finite])
     ax.set(xlabel="epsilon (accountant)", ylabel="parity gap (macro AUROC)",
-           title=f"privacy-fairness: {attribute}")
+           title=f"privacy-fairness: {mpl_text(attribute)}")
     ax.grid(color="#e5e7eb", lw=0.6)
     ax.legend(fontsize=6, frameon=False, loc="best")
     return _svg(fig)
@@ -307,6 +352,7 @@ def _add_titles(svg: str, titles: dict[str, str]) -> str:
     return svg
 
 
+@_plain_text
 def fairness_heatmap(doc: dict, attribute: str) -> str | None:
     """One attribute's fairness at a glance: for each model (rows of panels) and metric (columns), a heatmap of
     labels (rows, macro last) by groups (columns), coloured by the estimate (diverging around no difference: 0,
@@ -394,6 +440,7 @@ def _attack_for_risk(doc: dict) -> str | None:
     return "loss" if "loss" in names else (names[0] if names else None)
 
 
+@_plain_text
 def exposure_figure(doc: dict, attribute: str, attack: str | None = None) -> str | None:
     """Who is exposed, beside who is served: per group (rows) and model (colours), three forest panels with
     95% intervals: the subgroup AUROC (macro; the fairness view), the attack's AUC (bootstrap) and its TPR at the
@@ -473,6 +520,7 @@ BUILDERS = {
 }
 
 
+@_plain_text
 def figures(doc: dict) -> dict:
     """All report figures: ``roc``, ``forest``, ``heatmap``, ``exposure``, ``composition`` and
     ``tradeoff_fairness`` (dicts of SVG by label or attribute), ``attack`` (dict by attack name) and

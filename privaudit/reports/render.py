@@ -150,17 +150,17 @@ def load_model_card(path: Path | None) -> dict | None:
     """Read an optional model card (TOML); unknown keys and wrong types are refused with the key named."""
     if path is None:
         return None
+    from privaudit._console import one_line
+    from privaudit.config import load_toml
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"--model-card {path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            card = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    card = load_toml(path, "model card")   # a folder, unreadable, not UTF-8, not TOML: one line naming the file
     for key, value in card.items():
         if key not in MODEL_CARD_FIELDS:
-            raise ConfigError(f"{path}: unknown model-card key {key!r}; known keys: {', '.join(MODEL_CARD_FIELDS)}")
+            raise ConfigError(f"{path}: unknown model-card key {one_line(key)!r}; known keys: "
+                              f"{', '.join(MODEL_CARD_FIELDS)}")
         types = MODEL_CARD_FIELDS[key]
         if not isinstance(value, types) or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
             want = "text or a list of texts" if isinstance(types, tuple) else "text"

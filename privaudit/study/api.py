@@ -28,7 +28,8 @@ from privaudit.study.data import DataSpec
 from privaudit.study.dirs import AUDIT, RunDir, StudyDir
 
 Progress = bool | Callable[[str], None]
-_DATA_OPTIONS = ("preset", "labels", "views", "n_samples", "controls", "label_from")
+_DATA_OPTIONS = ("preset", "labels", "views", "n_samples", "controls", "label_from", "uncertain", "blank",
+                 "no_finding")
 _AUDIT_OPTIONS = {f.name for f in dataclasses.fields(AuditConfig)}
 
 
@@ -101,7 +102,9 @@ def train(task: str = "cxr", *, data=None, out=None, config: TrainConfig | None 
     ``data``: a manifest.csv, a dataset folder (CheXpert, NIH, MIMIC-CXR-JPG, MSD), a DataSpec, or None for a
     synthetic cohort of ``n_samples``. ``options``: the CLI's training options by name (``epsilon``, ``dp=False``,
     ``epochs``, ``batch_size``, ``image_size``, ``width``, ``clipping``, ``canaries``, ``seed``, ...) and the
-    data options (``preset``, ``labels``, ``views``, ``n_samples``, ``controls``, ``label_from``).
+    data options (``preset``, ``labels``, ``views``, ``n_samples``, ``controls``, ``label_from``, and the
+    chexpert/mimic label policies ``uncertain`` = "ignore" | "zeros" | "ones", ``blank`` = "unknown" | "negative",
+    ``no_finding`` = "negative" | "ignore").
     """
     from privaudit.study.runs import train as _train
 
@@ -159,7 +162,7 @@ def sweep(task: str = "cxr", *, epsilons="1,3,8,inf", seeds: int = 1, data=None,
 
 def audit(source=None, *, out=None, reference: str | None = None, config: AuditConfig | None = None,
           checkpoint=None, data=None, task: str = "cxr", arch: str = "resnet9-gn", backend: str | None = None,
-          image_size: int | None = None, trust_checkpoint: bool = False, force: bool = False,
+          image_size: int | None = None, trust_checkpoint: bool = False, preprocess=None, force: bool = False,
           command: str | None = None, **options):
     """Audit models and return the result (:class:`~privaudit.audit.results.AuditReport`: ``.to_frame()``,
     ``.to_json()``, ``.models``, ``.warnings``).
@@ -167,21 +170,33 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
     ``source`` is a run, study or sweep directory (audited in place, as ``privaudit audit DIR``), or prediction
     tables keyed by model name (pandas DataFrames or paths in the predictions.csv schema; written to ``out``
     only when it is given), or a list of prediction files (named by their stems). ``checkpoint`` + ``data``
-    audit weights trained elsewhere into the run directory ``out``. ``options``: ``n_boot``, ``ci``, ``seed``,
-    ``attributes``, ``age_bins``, ``threshold``, ``margin``, ``cluster``, ``ci_method``, ...
+    audit weights trained elsewhere into the run directory ``out``: a state_dict or ``.safetensors`` of
+    ``arch`` (privaudit's own, or ``torchvision:<model>``, ``timm:<model>``, ``monai:<model>``), an ``.onnx``
+    file, TorchScript (``trust_checkpoint=True``) or a ``.keras`` file; ``preprocess`` (a TOML path, a dict or a
+    PreprocessCard) says how an ONNX or library model reads its inputs and which output is which label.
+    ``options``: ``n_boot``, ``ci``, ``seed``, ``attributes``, ``age_bins``, ``threshold``, ``margin``,
+    ``cluster``, ``ci_method``, ...; with a checkpoint also the data options of :func:`train` (``preset``,
+    ``labels``, ``uncertain``, ``blank``, ``no_finding``, ...).
     """
     from privaudit.study import runs
 
+    data_opts = {k: options.pop(k) for k in _DATA_OPTIONS if k in options}
     cfg = _audit_config(config, options)
+    if preprocess is not None and checkpoint is None:
+        raise ConfigError("preprocess (a preprocessing card) applies to a checkpoint audit: give checkpoint= and "
+                          "data=")
+    if data_opts and checkpoint is None:
+        raise ConfigError(f"{next(iter(data_opts))} is a data option: it applies to a checkpoint audit, whose data "
+                          "are loaded; a run directory is audited on the data it recorded")
     if checkpoint is not None:
         if source is not None:
             raise ConfigError("give a source or a checkpoint, not both")
         if out is None:
             raise ConfigError("a checkpoint audit needs out: the run directory it writes")
-        spec = data if isinstance(data, DataSpec) else DataSpec(path=data, seed=cfg.seed)
+        spec = _data_spec(data, data_opts, cfg.seed)
         return runs.audit_checkpoint(Path(checkpoint), spec, Path(out), task=task, arch=arch, backend=backend,
                                      image_size=image_size, trust=trust_checkpoint, config=cfg, force=force,
-                                     command=command)
+                                     command=command, preprocess=preprocess)
     if isinstance(source, pd.DataFrame):
         source = {"model": source}
     if isinstance(source, (list, tuple)):
@@ -200,7 +215,7 @@ def audit(source=None, *, out=None, reference: str | None = None, config: AuditC
 
 def attack(name: str, run, *, shadows: int | None = None, references: int | None = None, offline: bool = False,
            jobs: int | None = None, executor: str = "local", ray_address: str | None = None, seed: int = 0,
-           n_boot: int = 1000, config: AuditConfig | None = None, progress: Progress = False,
+           n_boot: int = 1000, min_cell: int = 10, config: AuditConfig | None = None, progress: Progress = False,
            command: str | None = None):
     """Train shadow (``lira``) or reference (``rmia``) models with the run's own backend, configuration and
     exactly its data, add the attack to the run's audit, and return that audit."""
@@ -214,7 +229,7 @@ def attack(name: str, run, *, shadows: int | None = None, references: int | None
     if not Path(run).is_dir():
         raise ConfigError(f"{run}: not a run directory")
     console, quiet = _progress(progress)
-    cfg = config or AuditConfig(n_boot=n_boot, seed=seed)
+    cfg = config or AuditConfig(n_boot=n_boot, seed=seed, min_cell=min_cell)
     return run_attack(Path(run), name, k or 0, offline=offline, jobs=jobs, executor=executor,
                       ray_address=ray_address, seed=seed, audit_config=cfg, command=command, console=console,
                       quiet=quiet)
@@ -232,13 +247,33 @@ def load_audit(source):
     return AuditReport.from_json(path)
 
 
-def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None, template=None) -> list[Path]:
+def report(source, *, fmt: str = "html", out=None, policy=None, model_card=None, template=None,
+           force: bool = False) -> list[Path]:
     """Render report.html and/or report.pdf from an audit.json (or a study directory) alone; returns the paths."""
+    from privaudit.limits import check_out_parent
     from privaudit.reports import write_report
 
+    if out is not None:
+        check_out_parent(Path(out))
     path = Path(source)
     path = path / AUDIT if path.is_dir() else path
     load_audit(path)
     return write_report(path, Path(out) if out else None, template_dir=Path(template) if template else None,
                         fmt=fmt, policy=Path(policy) if policy else None,
-                        model_card=Path(model_card) if model_card else None)
+                        model_card=Path(model_card) if model_card else None, force=force)
+
+
+def verify_dp(task: str = "cxr", *, data=None, out=None, gradient_canaries: int = 1000, confidence: float = 0.99,
+              canary_seed: int = 0, config: TrainConfig | None = None, progress: Progress = False,
+              **options) -> dict:
+    """White-box test of the DP pipeline in one run (``privaudit verify-dp``): returns verify.json's content,
+    whose ``verdict`` is "violation" or "no violation detected". ``options`` are :func:`train`'s."""
+    from privaudit.study.runs import verify
+
+    options, data_opts, _ = _split(dict(options))
+    cfg = _train_config(task, config, options)
+    console, quiet = _progress(progress)
+    if out is None:
+        raise ConfigError("out: give a folder for verify.json")
+    return verify(cfg, _data_spec(data, data_opts, cfg.seed), Path(out), gradient_canaries=gradient_canaries,
+                  confidence=confidence, canary_seed=canary_seed, console=console, quiet=quiet)

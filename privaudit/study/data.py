@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from privaudit._fs import private_mkdir
+from privaudit._fs import private_mkdir, write_marker
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.dirs import DATA_DIR
 from privaudit.tasks import create_task
 
 PUBLIC_COHORT_DOC = "synthetic 'public' chest radiographs, a separate cohort from the private one"
+# How the chexpert and mimic presets read labels before the policies were options (and recorded)
+LEGACY_LABEL_POLICY = {"uncertain": "ignore", "blank": "unknown", "no_finding": "ignore"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,23 @@ class DataSpec:
     seed: int = 0
     controls: Path | None = None   # msd preset: folder of tumour-free control volumes
     label_from: str | None = None  # msd preset: segmentation (default) or dataset
+    uncertain: str | None = None   # chexpert/mimic presets: ignore (default), zeros or ones (what -1 becomes)
+    blank: str | None = None       # chexpert/mimic presets: unknown (default) or negative (what blank becomes)
+    no_finding: str | None = None  # chexpert/mimic presets: negative (default: No Finding = 1 zeroes blanks) or ignore
 
     def __post_init__(self):
+        if self.n_samples is not None:
+            from privaudit.limits import check_limit
+
+            check_limit("n_samples", self.n_samples)
+        for name, value in self.label_policies().items():
+            if value is not None:
+                from privaudit.data.presets import check_policy
+
+                check_policy(name, value)
+                if self.path is None:
+                    raise ConfigError(f"{name} is a label policy of the chexpert and mimic presets, and the synthetic "
+                                      "cohort's labels are definite; drop it, or give data")
         if self.path is not None:
             object.__setattr__(self, "path", Path(self.path))
         if self.controls is not None:
@@ -54,7 +71,23 @@ class DataSpec:
         """The loader options that decide which samples and labels are read (recorded, and used to reload)."""
         return {"preset": self.preset, "labels": list(self.labels) if self.labels else None, "views": self.views,
                 "controls": str(Path(self.controls).absolute()) if self.controls else None,
-                "label_from": self.label_from}
+                "label_from": self.label_from, "uncertain": self.uncertain, "blank": self.blank,
+                "no_finding": self.no_finding}
+
+    def label_policies(self) -> dict:
+        """The label policies given (None: the preset's default)."""
+        return {"uncertain": self.uncertain, "blank": self.blank, "no_finding": self.no_finding}
+
+    def with_label_policy(self) -> "DataSpec":
+        """This spec with every label policy its preset applies written out (defaults included), so that what is
+        recorded and compared does not depend on defaults; unchanged for data whose preset has no policies
+        (a manifest, NIH, MSD, a synthetic cohort)."""
+        from privaudit.data.presets import label_policy
+
+        if self.path is None:
+            return self
+        policy = label_policy(Path(self.path), self.preset, **self.label_policies())
+        return dataclasses.replace(self, **policy.to_dict()) if policy is not None else self
 
 
 @dataclass(frozen=True)
@@ -80,7 +113,8 @@ def load_manifest(spec: DataSpec, task: str, *, record: list[str] | None = None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = load_data(Path(spec.path), task=create_task(task), preset=spec.preset, labels=spec.labels,
-                             views=spec.views, seed=spec.seed, controls=spec.controls, label_from=spec.label_from)
+                             views=spec.views, seed=spec.seed, controls=spec.controls, label_from=spec.label_from,
+                             **spec.label_policies())
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if record is not None:
@@ -102,7 +136,12 @@ def synthesize(task: str, out: Path, *, n: int, image_size: int, seed: int, publ
         raise ConfigError(f"layout {layout} exists for task pdac only; {task} cohorts use the manifest layout")
     if public and task != "cxr":
         raise ConfigError("public (a pretraining cohort) exists for task cxr only")
+    from privaudit.limits import check_limit
+
+    check_limit("n", n)   # before anything is written (the synthesizers check again)
+    check_limit("image_size", image_size, const="MAX_VOLUME_SIZE" if task == "pdac" else "MAX_IMAGE_SIZE")
     private_mkdir(out)
+    write_marker(out, "cohort")
     with Progress(console=console, disable=quiet or console is None) as prog:
         t = prog.add_task(f"writing {'public' if public else 'synthetic'} cohort", total=n)
         if task == "pdac":
@@ -134,7 +173,7 @@ def prepare_data(task: str, data: DataSpec, workdir: Path | None, *, image_size:
         spec = dataclasses.replace(data, path=manifest_path.absolute(), preset="manifest")
         info = {"manifest": f"{DATA_DIR}/manifest.csv", "synthetic": True, "n_samples": n, "seed": data.seed}
     else:
-        spec = dataclasses.replace(data, path=Path(data.path).absolute())
+        spec = dataclasses.replace(data, path=Path(data.path).absolute()).with_label_policy()
         info = {"manifest": str(spec.path), "synthetic": False}
     info.update({k: v for k, v in spec.options().items() if v is not None})
     info.setdefault("seed", data.seed)
@@ -164,12 +203,21 @@ def resolve_manifest(info: dict, run_dir: Path) -> Path:
 def spec_from_info(info: dict, run_dir: Path) -> DataSpec:
     """The DataSpec that reloads the data a run recorded in its config.json."""
     synthetic = bool(info.get("synthetic"))
-    return DataSpec(path=resolve_manifest(info, Path(run_dir)).absolute(),
+    spec = DataSpec(path=resolve_manifest(info, Path(run_dir)).absolute(),
                     preset="manifest" if synthetic else info.get("preset"),
                     labels=tuple(info["labels"]) if info.get("labels") else None,
                     views=info.get("views") or "frontal", seed=int(info.get("seed") or 0),
                     controls=Path(info["controls"]) if info.get("controls") else None,
-                    label_from=info.get("label_from"))
+                    label_from=info.get("label_from"), uncertain=info.get("uncertain"), blank=info.get("blank"),
+                    no_finding=info.get("no_finding"))
+    if not synthetic and not any(k in info for k in LEGACY_LABEL_POLICY):
+        # recorded before the label policies existed: the chexpert and mimic presets then read -1 and blank as
+        # unknown and left No Finding unread
+        from privaudit.data.presets import label_policy
+
+        if label_policy(spec.path, spec.preset) is not None:
+            spec = dataclasses.replace(spec, **LEGACY_LABEL_POLICY)
+    return spec
 
 
 def reload_data(info: dict, run_dir: Path, task: str, *, labels=None) -> PreparedData:

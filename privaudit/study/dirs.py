@@ -39,8 +39,8 @@ def _write_once(path: Path, obj) -> None:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """One training run (or one audited model) on disk."""
+class _Folder:
+    """A folder of privaudit's outputs: a path-like object whose files are named by the contract."""
 
     path: Path
 
@@ -52,6 +52,11 @@ class RunDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+
+@dataclass(frozen=True)
+class RunDir(_Folder):
+    """One training run (or one audited model) on disk."""
 
     @property
     def name(self) -> str:
@@ -128,19 +133,8 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class StudyDir:
+class StudyDir(_Folder):
     """A study (``train-and-audit``) or sweep directory: run directories audited together as one study."""
-
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
 
     def is_sweep(self) -> bool:
         return self.file(SWEEP).is_file()

@@ -111,6 +111,10 @@ class LocalExecutor(Executor):
     def __init__(self, jobs: int | None = None, *, use_gpus: bool = True):
         if jobs is not None and jobs < 1:
             raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+        if jobs is not None:
+            from privaudit.limits import check_limit
+
+            check_limit("jobs", jobs)
         self.gpus = local_gpu_count() if use_gpus else 0
         self.jobs = jobs or self.gpus or _cpu_count()
         self.slots = self.jobs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from privaudit._fs import read_json, staged_dir
+from privaudit._fs import output_lock, read_json, staged_dir, write_marker
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.data import PUBLIC_COHORT_DOC, DataSpec, PreparedData, prepare_data, synthesize
@@ -26,7 +26,7 @@ def say(console, quiet: bool, text: str) -> None:
     if quiet or console is None:
         return
     if callable(getattr(console, "print", None)):
-        console.print(text)
+        console.print(text, markup=False)   # the text may quote names from data: never parsed as markup
     elif callable(console):
         console(text)
 
@@ -60,6 +60,7 @@ def train_run(data: PreparedData, config: TrainConfig, out: Path, *, command: st
     train = config.to_dict()
     train["init"] = relative_init(config, root or Path(out).parent)
     RunDir(out).write_config(train, data.info, command=command, **extra)
+    write_marker(out, "run")
     return backend.train(data.manifest, config, Path(out), console=_console_of(console), quiet=quiet)
 
 
@@ -71,11 +72,17 @@ def train(config: TrainConfig, data: DataSpec, out: Path, *, force: bool = False
 
     create_task(config.task)
     create_backend(config.backend)  # fail on an unknown backend before any work
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, kind="run", inputs=_inputs(data, config)) as tmp:
         prepared = prepare_data(config.task, data, tmp, image_size=config.image_size, console=_console_of(console),
                                 quiet=quiet)
         info = train_run(prepared, config, tmp, command=command, root=tmp, console=console, quiet=quiet)
     return None if info.get("written") is False else RunDir(Path(out))
+
+
+def _inputs(data: DataSpec, config: TrainConfig | None = None, *more) -> tuple:
+    """Every path a command reads: an output may neither be nor contain one of them (staged_dir refuses)."""
+    paths = [data.path, data.controls, config.init if config is not None else None, *more]
+    return tuple(Path(p) for p in paths if p)
 
 
 # ---- auditing -------------------------------------------------------------------------------------------------
@@ -143,6 +150,11 @@ def audit_dir(path: Path, *, config: AuditConfig, command: str | None = None):
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a directory; give a run or study directory, or audit a prediction file")
+    with output_lock(path):  # the same lock as a training into that folder: one writer at a time
+        return _audit_dir(path, config=config, command=command)
+
+
+def _audit_dir(path: Path, *, config: AuditConfig, command: str | None):
     if StudyDir(path).is_sweep():
         return audit_sweep(path, config=config, command=command)
     run = RunDir(path)
@@ -176,17 +188,21 @@ def audit_frames(predictions: dict[str, pd.DataFrame | Path | str], *, config: A
     report = run_audit(frames, reference=reference, config=config,
                        provenance={"command": command} if command else None)
     if out is not None:
-        with staged_dir(out, force=force) as tmp:
+        files = tuple(Path(p) for p in predictions.values() if not isinstance(p, pd.DataFrame))
+        with staged_dir(out, force=force, kind="study", inputs=files) as tmp:
             write_audit(report, tmp)
     return report
 
 
 def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, arch: str, backend: str | None,
                      image_size: int | None, trust: bool, config: AuditConfig, force: bool = False,
-                     command: str | None = None):
+                     command: str | None = None, preprocess=None):
     """Predict with a checkpoint trained elsewhere, then audit it: writes a run directory at ``out``.
 
     ``backend=None`` picks it from the file name: ``.keras`` files go to the tf backend, others to opacus.
+    ``.onnx`` files and the weights of a library architecture (``arch`` = ``torchvision:<model>``,
+    ``timm:<model>`` or ``monai:<model>``) go through :func:`privaudit.byom.audit_model`, with the
+    preprocessing card ``preprocess`` (a TOML path, a dict or a PreprocessCard; None: privaudit's own).
     """
     from privaudit.audit import run_audit
     from privaudit.backends import create_backend
@@ -195,17 +211,38 @@ def audit_checkpoint(checkpoint: Path, data: DataSpec, out: Path, *, task: str, 
 
     if data.path is None:
         raise ConfigError("a checkpoint needs data (a manifest): the samples to score the model on")
+    is_onnx, is_zoo = Path(checkpoint).suffix == ".onnx", ":" in (arch or "")
+    if is_onnx or is_zoo:
+        from privaudit.byom import audit_model
+        from privaudit.preprocess import as_card
+
+        card = as_card(preprocess)   # a bad card fails before any data is read
+        if not is_onnx:
+            from privaudit.backends.zoo import check_zoo_name
+
+            if backend not in (None, "opacus"):
+                raise ConfigError(f"backend {backend!r} does not load library architectures ({arch}); they load "
+                                  "with PyTorch: leave out backend")
+            check_zoo_name(arch, spatial_dims=create_task(task).spatial_dims)
+        return audit_model(Path(checkpoint), load_manifest(data, task), task=task, arch=None if is_onnx else arch,
+                           preprocess=card, image_size=image_size, config=config, out=out, force=force,
+                           command=command)
+    if preprocess is not None:
+        raise ConfigError("preprocess (a preprocessing card) applies to .onnx files and library architectures "
+                          "(torchvision:, timm:, monai:); privaudit's own architectures use its own preprocessing")
     backend = backend or ("tf" if Path(checkpoint).suffix == ".keras" else "opacus")
     be = create_backend(backend)
+    data = data.with_label_policy()
     manifest = load_manifest(data, task)
-    with staged_dir(out, force=force) as tmp:
+    data_block = {"manifest": str(data.path), **{k: v for k, v in data.label_policies().items() if v is not None}}
+    with staged_dir(out, force=force, kind="run", inputs=_inputs(data, None, checkpoint)) as tmp:
         preds, info = be.predict_checkpoint(Path(checkpoint), manifest, task=task, arch=arch, image_size=image_size,
                                             trust=trust)
         write_predictions(preds, tmp / "predictions.csv")
-        RunDir(tmp).write_config(None, {"manifest": str(data.path)}, command=command, checkpoint=info)
+        RunDir(tmp).write_config(None, data_block, command=command, checkpoint=info)
         run = {"backend": backend, "architecture": info.get("architecture"), "task": task, "seed": None, "dp": False}
         report = run_audit({"model": preds}, runs={"model": run}, config=config, task=task,
-                           data={"manifest": str(data.path)}, provenance={"command": command},
+                           data=dict(data_block), provenance={"command": command},
                            warnings=["model trained elsewhere: privaudit cannot see how it was trained, so no DP "
                                      "guarantee is reported for it"])
         write_audit(report, tmp)
@@ -232,6 +269,24 @@ def audit_sweep(out: Path, *, config: AuditConfig, executor_info: dict | None = 
     return report
 
 
+def verify(config: TrainConfig, data: DataSpec, out: Path, *, gradient_canaries: int = 1000,
+           confidence: float = 0.99, canary_seed: int = 0, console=None, quiet: bool = True) -> dict:
+    """``privaudit verify-dp``: train the pipeline once with gradient canaries (privaudit.backends.verify_dp) on
+    the data as ``train`` prepares it, and write ``verify.json`` and ``verify_scores.csv`` into ``out``."""
+    from privaudit._fs import private_mkdir
+    from privaudit.backends.verify_dp import verify_dp
+
+    create_task(config.task)
+    if data.path is None:
+        raise ConfigError("verify-dp needs data (a manifest or a dataset folder); make a synthetic cohort with "
+                          "'privaudit data synth' first")
+    prepared = prepare_data(config.task, data, None)
+    private_mkdir(out)
+    return verify_dp(prepared.manifest, config, Path(out), gradient_canaries=gradient_canaries,
+                     confidence=confidence, seed=canary_seed,
+                     progress=None if quiet else (lambda msg: say(console, quiet, msg)))
+
+
 # ---- the main job ---------------------------------------------------------------------------------------------
 def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline: bool = True,
                     pretrain: bool = False, pretrain_epochs: int = 3, audit: AuditConfig | None = None,
@@ -249,7 +304,8 @@ def train_and_audit(config: TrainConfig, data: DataSpec, out: Path, *, baseline:
     if pretrain and config.task != "cxr":
         raise ConfigError("pretrain needs a synthetic public cohort, which exists for cxr only")
     bars = _console_of(console)
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, kind="study",
+                    inputs=_inputs(data, config, *([model_card] if isinstance(model_card, (str, Path)) else []))) as tmp:
         prepared = prepare_data(config.task, data, tmp, image_size=config.image_size, console=bars, quiet=quiet)
         data_info = dict(prepared.info)
         if pretrain:

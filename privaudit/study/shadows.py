@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from privaudit._fs import private_mkdir, read_json, write_json
+from privaudit._fs import atomic_write_csv, output_lock, private_mkdir, read_json, write_json
 from privaudit.config import TrainConfig
 from privaudit.errors import ConfigError, DataError
 from privaudit.study.dirs import ATTACK_SCORES, SHADOWS, RunDir
@@ -68,10 +67,7 @@ def _train_shadow(spec_path: str) -> str:
     stats = pd.DataFrame({"sample_id": preds["sample_id"], "in": preds["sample_id"].isin(inside).astype(int),
                           "logit_confidence": logit_confidence(preds, manifest.labels),
                           "true_prob": true_label_probability(preds, manifest.labels)})
-    fd, tmp_out = tempfile.mkstemp(prefix=".stats-", suffix=".csv", dir=spec_path.parent)
-    with os.fdopen(fd, "w") as f:
-        stats.to_csv(f, index=False)
-    os.replace(tmp_out, spec_path.with_name("stats.csv"))  # its presence marks the job done
+    atomic_write_csv(spec_path.with_name("stats.csv"), stats, index=False)  # its presence marks the job done
     return str(spec_path.parent)
 
 
@@ -156,21 +152,25 @@ def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, job
     from privaudit.config import AuditConfig
     from privaudit.study.runs import audit_dir
 
-    if create_attack(attack, **({"offline": offline} if attack == "lira" else {})).models is None:
+    from privaudit.limits import check_limit
+
+    kind = create_attack(attack, **({"offline": offline} if attack == "lira" else {})).models
+    if kind is None:
         raise ConfigError(f"attack {attack!r} needs no shadow models: every audit already runs it; the attacks "
                           f"that train models are: {', '.join(list_attacks(trained=True))}")
+    # "shadows" or "references" (another registered attack's kind counts as shadows): refused before any training
+    check_limit(kind, k, **({} if kind in ("shadows", "references") else {"const": "MAX_SHADOWS"}))
+    if jobs is not None:
+        check_limit("jobs", jobs)
     run_dir = Path(run_dir)
-    folders = train_shadows(run_dir, k, jobs=jobs, executor=executor, ray_address=ray_address, seed=seed,
-                            console=console, quiet=quiet)
-    scores = score_attack(run_dir, attack, folders, offline=offline)
-    path = run_dir / ATTACK_SCORES
-    if path.is_file():  # keep the other attacks' scores
-        old = pd.read_csv(path, dtype={"sample_id": str})
-        scores = old.drop(columns=[c for c in scores.columns if c != "sample_id" and c in old.columns]).merge(
-            scores, on="sample_id", how="outer")
-    fd, tmp = tempfile.mkstemp(prefix=".attack_scores-", suffix=".csv", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        scores.to_csv(f, index=False)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    with output_lock(run_dir):  # shadows/ and attack_scores.csv: one writer at a time
+        folders = train_shadows(run_dir, k, jobs=jobs, executor=executor, ray_address=ray_address, seed=seed,
+                                console=console, quiet=quiet)
+        scores = score_attack(run_dir, attack, folders, offline=offline)
+        path = run_dir / ATTACK_SCORES
+        if path.is_file():  # keep the other attacks' scores
+            old = pd.read_csv(path, dtype={"sample_id": str})
+            scores = old.drop(columns=[c for c in scores.columns if c != "sample_id" and c in old.columns]).merge(
+                scores, on="sample_id", how="outer")
+        atomic_write_csv(path, scores, index=False)
     return audit_dir(run_dir, config=audit_config or AuditConfig(), command=command)

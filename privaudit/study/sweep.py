@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privaudit._fs import holds_run, private_mkdir, read_json, staged_dir, write_json
+from privaudit._fs import holds_run, output_lock, private_mkdir, read_json, staged_dir, write_json, write_marker
 from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import ConfigError, DataError, OutputExistsError
-from privaudit.study.data import DataSpec, PreparedData, prepare_data
+from privaudit.study.data import LEGACY_LABEL_POLICY, DataSpec, PreparedData, prepare_data
 from privaudit.study.dirs import NON_PRIVATE, SWEEP, RunDir, StudyDir
 from privaudit.study.runs import _console_of, audit_runs, audit_sweep, say, train_run
 
@@ -100,9 +99,11 @@ def _identity(base: TrainConfig, data) -> dict:
     train.pop("seed")
     dp = train.pop("dp")
     train.update({f"dp.{k}": dp[k] for k in ("delta", "max_grad_norm", "accountant", "poisson_sampling")})
+    data = data.with_label_policy()   # the policies the preset applies, defaults written out
     spec = {"path": str(Path(data.path).absolute()) if data.path else None, "preset": data.preset,
             "labels": list(data.labels) if data.labels else None, "views": data.views, "seed": data.seed,
-            "controls": str(Path(data.controls).absolute()) if data.controls else None, "label_from": data.label_from}
+            "controls": str(Path(data.controls).absolute()) if data.controls else None, "label_from": data.label_from,
+            **data.label_policies()}
     if data.path is None:
         spec["n_samples"] = data.cohort_size(base.task)
     return {"task": base.task, "train": train, "data": spec}
@@ -138,6 +139,8 @@ def check_sweep_dir(out: Path, base: TrainConfig, data) -> dict | None:
                           "choose another --out (its finished runs are kept)")
     for section in ("train", "data"):
         was, now = old["identity"].get(section) or {}, new[section]
+        if section == "data" and now.get("uncertain") and not any(k in was for k in LEGACY_LABEL_POLICY):
+            was = {**was, **LEGACY_LABEL_POLICY}   # a sweep from before the label policies were recorded
         for key in sorted(set(was) | set(now)):
             if was.get(key) != now.get(key):
                 raise ConfigError(f"--out {out} holds a sweep trained with {_option(key)} {was.get(key)}, not "
@@ -165,7 +168,7 @@ def train_job(spec: dict) -> dict:
     data = PreparedData(data.manifest, data.spec, spec["data_info"])
     run_dir = sweep_dir / spec["name"]
     private_mkdir(run_dir.parent)
-    with staged_dir(run_dir, force=True) as tmp:  # force: a leftover incomplete folder is not a finished run
+    with staged_dir(run_dir, force=True, kind="run") as tmp:  # force: an unfinished run of this sweep is redone
         info = train_run(data, config, tmp, command=spec["command"], root=sweep_dir,
                          sweep={"run": spec["name"], "epsilon": spec["label"]})
         report = audit_runs({spec["name"]: RunDir(tmp)}, config=spec["audit"])
@@ -184,10 +187,17 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
     from privaudit.study.executors import create_executor
     from privaudit.tasks import create_task
 
+    from privaudit.limits import check_limit, check_out_parent
+
     if not points:
         raise ConfigError("epsilons is empty; give a comma-separated list such as 1,3,8,inf")
+    check_limit("epsilons", len(points))   # a sweep trains points x seeds models: absurd counts fail up front
+    check_limit("seeds", seeds)
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if jobs is not None:
+        check_limit("jobs", jobs)
+    check_out_parent(Path(out))
     create_task(base.task)
     create_backend(base.backend)
     audit = audit or AuditConfig(seed=base.seed)
@@ -199,43 +209,45 @@ def run_sweep(base: TrainConfig, data: DataSpec, out: Path, *, points: list[Swee
     runs = {run_name(p, s): (p, s) for p in points for s in seed_list}
     todo = [name for name in runs if not is_complete(out / name)]
 
-    with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
-        private_mkdir(out)
-        # sweep.json is the sweep's plan: a resumed sweep may add settings or seeds, so it lists every run asked for
-        write_json(out / SWEEP_FILE, {
-            "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
-            "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
-            "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
-        # one data-preparation path: a synthetic cohort is written once into out/data (kept on resume)
-        prepared = prepare_data(base.task, data, out, image_size=base.image_size, console=_console_of(console),
-                                quiet=quiet)
-        for name in todo:  # folders left by a run that was killed mid-way
-            for partial in (out / name).parent.glob(f".{Path(name).name}.partial-*"):
-                shutil.rmtree(partial, ignore_errors=True)
-        specs = [{"name": name, "label": runs[name][0].label, "sweep_dir": str(out),
-                  "config": point_config(base, *runs[name]), "data_info": prepared.info, "audit": audit,
-                  "command": command}
-                 for name in todo]
-        reused = len(runs) - len(todo)
-        say(console, quiet, f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
-                            f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
-                            f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one sweep at a time on --out (each run also locks its own folder)
+        with create_executor(executor, jobs=jobs, address=ray_address, use_gpus=base.device != "cpu") as ex:
+            private_mkdir(out)
+            write_marker(out, "sweep")
+            # sweep.json is the sweep's plan: a resumed sweep may add settings or seeds, so it lists every run asked for
+            write_json(out / SWEEP_FILE, {
+                "kind": SWEEP_KIND, "identity": _identity(base, data), "epsilons": [p.label for p in points],
+                "seeds": seed_list, "runs": list(runs), "base_config": base.to_dict(),
+                "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
+            # one data-preparation path: a synthetic cohort is written once into out/data (kept on resume)
+            prepared = prepare_data(base.task, data, out, image_size=base.image_size, console=_console_of(console),
+                                    quiet=quiet)
+            specs = [{"name": name, "label": runs[name][0].label, "sweep_dir": str(out),
+                      "config": point_config(base, *runs[name]), "data_info": prepared.info, "audit": audit,
+                      "command": command}
+                     for name in todo]
+            reused = len(runs) - len(todo)
+            say(console, quiet, f"sweep: {len(runs)} runs ({len(points)} epsilon settings x {seeds} seed(s)); "
+                                f"{len(todo)} to train on {ex.name} ({ex.slots} at once"
+                                f"{f', {ex.gpus} GPU(s)' if ex.gpus else ''}){f', {reused} finished run(s) reused' if reused else ''}")
 
-        def done(i, res):
-            eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
-            say(console, quiet, f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
+            def done(i, res):
+                eps = f"ε = {res['epsilon']:.2f}" if res["epsilon"] is not None else "no ε"
+                say(console, quiet, f"  {res['name']}: {res['steps']} steps, {eps}, {res['seconds']:.0f} s")
 
-        t0 = time.perf_counter()
-        ex.run(train_job, specs, labels=todo, on_done=done)
-        executor_info = {**ex.describe(), "trained": len(todo), "reused": reused,
-                         "train_seconds": round(time.perf_counter() - t0, 2)}
-    audit_sweep(out, config=audit, executor_info=executor_info, command=command)
+            t0 = time.perf_counter()
+            ex.run(train_job, specs, labels=todo, on_done=done)
+            executor_info = {**ex.describe(), "trained": len(todo), "reused": reused,
+                             "train_seconds": round(time.perf_counter() - t0, 2)}
+        audit_sweep(out, config=audit, executor_info=executor_info, command=command)
     return StudyDir(out)
 
 
 def summary_table(doc: dict):
     """A rich table of the study's aggregates: per epsilon setting, the mean and sd over seeds."""
     from rich.table import Table
+
+    from privaudit._console import plain
 
     def ms(a):
         if not a or a.get("mean") is None:
@@ -247,8 +259,8 @@ def summary_table(doc: dict):
             s += f" ({a['ci_low']:.3f} to {a['ci_high']:.3f})"
         return s
 
-    table = Table(title=f"privaudit sweep: {doc['study'].get('task')} (mean ± sd over seeds, 95% bootstrap CI "
-                        "of the mean)")
+    table = Table(title=plain(f"privaudit sweep: {doc['study'].get('task')} (mean ± sd over seeds, 95% bootstrap "
+                              "CI of the mean)"))
     for col in ("epsilon setting", "seeds", "ε (accountant)", "macro AUROC"):
         table.add_column(col)
     for label, agg in (doc["study"].get("aggregates") or {}).items():
@@ -256,5 +268,5 @@ def summary_table(doc: dict):
         eps_text = "∞ (no DP)" if label == NON_PRIVATE else "none (clip only)" if label == CLIP_ONLY else (
             f"{eps['mean']:.2f}" + (f" ± {eps['sd']:.2f}" if eps.get("sd") is not None else "")
             if eps.get("mean") is not None else "n/a")
-        table.add_row(label, str(agg.get("n_seeds")), eps_text, ms(agg.get("macro_auroc")))
+        table.add_row(plain(label), plain(str(agg.get("n_seeds"))), plain(eps_text), plain(ms(agg.get("macro_auroc"))))
     return table

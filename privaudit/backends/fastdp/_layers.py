@@ -12,6 +12,14 @@ and :func:`use_ghost` picks the cheaper one per layer (Li et al. 2022; Bu et al.
 clipping). Once every layer's norms are known, the clipped sum ``sum_i c_i W_i`` is either the weighted sum
 of the materialised ``W_i`` or, for ghost layers, one matrix product of the re-weighted output gradients
 with the activations (book-keeping), so no second backward pass is run.
+
+**Units (patient-level DP).** With :class:`Units`, the clipped unit is a group of samples (a patient's images)
+and its gradient the sum of theirs, ``W_P = sum_{i in P} B_i^T A_i``. Per-image norms do not add up to its
+norm; the cross-image terms are needed: ``||W_P||^2 = sum_{i, j in P} <A_i A_j^T, B_i B_j^T>``, which is the
+ghost norm of the patient's positions laid side by side, ``A_P = [A_i; A_j; ...]`` (``(k T)^2 (p + d)`` work
+for k images). Materialised layers sum their per-sample gradients by unit instead (``index_add``); the cost
+rule weighs both, with ``T^2`` scaled by the mean unit size an image sees. The clipped sum gives every sample its
+unit's clip factor.
 """
 
 from __future__ import annotations
@@ -39,54 +47,129 @@ ClippedSum = Callable[[torch.Tensor], dict]
 
 
 class LayerTerms:
-    """One layer's share of one batch: squared per-sample norms, and how to form its clipped sum."""
+    """One layer's share of one batch: squared per-unit norms, and how to form its clipped sum. A unit is a
+    sample, or with :class:`Units` a group of samples (a patient) whose gradients are summed."""
 
     __slots__ = ("sq_norms", "clipped_sum", "mode")
 
     def __init__(self, sq_norms: torch.Tensor, clipped_sum: ClippedSum, mode: str):
-        self.sq_norms = sq_norms          # (n,) sum over the layer's trainable parameters
-        self.clipped_sum = clipped_sum    # coef (n,) -> {param: sum_i coef_i * grad_i(param)}
+        self.sq_norms = sq_norms          # (units,) sum over the layer's trainable parameters
+        self.clipped_sum = clipped_sum    # coef (units,) -> {param: sum_u coef_u * grad_u(param)}
         self.mode = mode                  # "ghost" or "materialise" (for reports and tests)
 
 
-def use_ghost(n: int, t: int, p: int, d: int, groups: int, itemsize: int) -> bool:
-    """True when the ghost norm is cheaper than materialised per-sample gradients for this layer."""
+class Units:
+    """Which unit (patient) each sample of a batch belongs to: ``index`` (n,) in 0 .. count-1."""
+
+    def __init__(self, index, count: int):
+        self.index = torch.as_tensor(index, dtype=torch.long)
+        self.count = int(count)
+        if self.index.dim() != 1 or (len(self.index) and not 0 <= int(self.index.min()) <= int(self.index.max())
+                                     < self.count):
+            raise ValueError(f"unit index must be a vector of values in 0..{self.count - 1}")
+        self.sizes = torch.bincount(self.index, minlength=self.count)
+        if len(self.index) and int(self.sizes.min()) == 0:
+            raise ValueError("every unit needs at least one sample")
+        # an image's mean unit size, sum_P k_P^2 / n: how much the ghost norm's T^2 grows with units
+        self.kbar = float(self.sizes.double().square().sum()) / max(1, len(self.index))
+        self._by_size = None
+
+    def to(self, device) -> "Units":
+        if self.index.device == torch.device(device):
+            return self
+        out = Units.__new__(Units)
+        out.index, out.count, out.sizes = self.index.to(device), self.count, self.sizes.to(device)
+        out.kbar, out._by_size = self.kbar, None
+        return out
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows (n, ...) summed by unit: (count, ...)."""
+        return torch.zeros((self.count, *x.shape[1:]), dtype=x.dtype, device=x.device).index_add_(0, self.index, x)
+
+    def expand(self, coef: torch.Tensor) -> torch.Tensor:
+        """A per-unit vector as per-sample: each sample takes its unit's value."""
+        return coef[self.index]
+
+    def by_size(self) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+        """The samples ordered by (unit size, unit), and for each unit size k present: (k, where its units'
+        samples start in that order, the units (u_k,)). The samples of the units of size k are then one
+        contiguous (u_k, k) block of the order."""
+        if self._by_size is None:
+            # sort key: unit size first, then unit, then the sample's position (a stable sort keeps it)
+            key = self.sizes[self.index] * (self.count + 1) + self.index
+            order = torch.argsort(key, stable=True)
+            blocks, start = [], 0
+            for k in torch.unique(self.sizes).tolist():
+                ids = torch.nonzero(self.sizes == k).flatten()
+                blocks.append((k, start, ids))
+                start += k * len(ids)
+            self._by_size = (order, blocks)
+        return self._by_size
+
+
+def use_ghost(n: int, t: int, p: int, d: int, groups: int, itemsize: int, kbar: float = 1.0) -> bool:
+    """True when the ghost norm is cheaper than materialised per-sample gradients for this layer (``kbar``:
+    the mean unit size an image sees, 1 without units)."""
     if n * groups * p * d * itemsize > MATERIALISE_MAX_BYTES:
         return True
-    return t * t * (p + d) < GHOST_RATIO * p * d
+    return t * t * kbar * (p + d) < GHOST_RATIO * p * d
 
 
 def _sq(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(n, -1), dim=1).square()
 
 
-def _matmul_terms(a, b, weight, bias, to_weight, *, force: str | None = None, per_sample=None):
+def _ghost_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared norms of ``B_i^T A_i`` for (n, G, T, d) ``a`` and (n, G, T, p) ``b``, without forming them."""
+    if a.shape[2] == 1:
+        return (a.square().sum(-1) * b.square().sum(-1)).sum((1, 2))
+    aa = torch.matmul(a, a.transpose(-1, -2))
+    bb = torch.matmul(b, b.transpose(-1, -2))
+    return (aa * bb).sum((1, 2, 3))
+
+
+def _unit_ghost_sq(a: torch.Tensor, b: torch.Tensor, units: Units, dtype) -> torch.Tensor:
+    """Squared norms of each unit's summed gradient ``sum_{i in P} B_i^T A_i``: the ghost norm of the unit's
+    positions side by side (all the cross-image Gram blocks), units of one size k at a time."""
+    sq = torch.zeros(units.count, dtype=dtype, device=b.device)
+    _, g, t, _ = b.shape
+    order, blocks = units.by_size()
+    a, b = a[order], b[order]        # one gather: each unit size's samples are then one contiguous block
+    for k, start, ids in blocks:
+        u = len(ids)
+        ak, bk = a[start:start + u * k], b[start:start + u * k]
+        if k > 1:   # (u_k, G, k T, .): a unit's positions side by side (a view when G = 1)
+            ak = ak.view(u, k, g, t, -1).transpose(1, 2).reshape(u, g, k * t, a.shape[-1])
+            bk = bk.view(u, k, g, t, -1).transpose(1, 2).reshape(u, g, k * t, b.shape[-1])
+        sq[ids] = _ghost_sq(ak, bk).to(dtype)
+    return sq
+
+
+def _matmul_terms(a, b, weight, bias, to_weight, *, force: str | None = None, per_sample=None, units=None):
     """Norms and clipped sum of a layer whose per-sample weight gradient is ``sum_t b_t a_t^T``.
 
     ``a``: (n, G, T, d) what each of G groups read at each position; ``b``: (n, G, T, p) the output gradients
     there. ``weight``/``bias``: the parameters to produce (None when frozen); ``to_weight`` turns a (G, p, d)
     gradient into the weight's layout; the bias gradient is the sum of ``b`` over positions. ``per_sample``,
-    when given, is the (n, G, p, d) materialised weight gradient, already computed another way.
+    when given, is the (n, G, p, d) materialised weight gradient, already computed another way. ``units``:
+    norms and clip factors per unit of summed samples (:class:`Units`).
     """
     n, g, t, p = b.shape
     d = a.shape[-1] if a is not None else None
-    sq = torch.zeros(n, dtype=torch.promote_types(b.dtype, torch.float32), device=b.device)
+    u = n if units is None else units.count
+    sq = torch.zeros(u, dtype=torch.promote_types(b.dtype, torch.float32), device=b.device)
     parts = []
     mode = "ghost"
+    per_item = (lambda coef: coef) if units is None else units.expand
     if weight is not None:
-        ghost = per_sample is None and (use_ghost(n, t, p, d, g, b.element_size()) if force is None
+        kbar = 1.0 if units is None else units.kbar
+        ghost = per_sample is None and (use_ghost(n, t, p, d, g, b.element_size(), kbar) if force is None
                                          else force == "ghost")
         if ghost:
-            if t == 1:
-                sq += (a.square().sum(-1) * b.square().sum(-1)).sum((1, 2))
-            else:
-                aa = torch.matmul(a, a.transpose(-1, -2))
-                bb = torch.matmul(b, b.transpose(-1, -2))
-                sq += (aa * bb).sum((1, 2, 3))
-                del aa, bb
+            sq += _ghost_sq(a, b) if units is None else _unit_ghost_sq(a, b, units, sq.dtype)
 
             def weight_sum(coef, a=a, b=b):
-                bc = b * coef.view(n, 1, 1, 1).to(b.dtype)
+                bc = b * per_item(coef).view(n, 1, 1, 1).to(b.dtype)
                 # all samples and positions in one product: (G, p, n*T) @ (G, n*T, d)
                 w = torch.matmul(bc.permute(1, 3, 0, 2).reshape(g, p, n * t), a.transpose(0, 1).reshape(g, n * t, d))
                 return to_weight(w)
@@ -94,14 +177,18 @@ def _matmul_terms(a, b, weight, bias, to_weight, *, force: str | None = None, pe
             mode = "materialise"
             if per_sample is None:
                 per_sample = torch.matmul(b.transpose(-1, -2), a)       # (n, G, p, d)
-            sq += _sq(per_sample, n)
+            if units is not None:
+                per_sample = units.sum(per_sample)                      # (units, G, p, d)
+            sq += _sq(per_sample, u)
 
             def weight_sum(coef, per_sample=per_sample):
                 return to_weight(torch.tensordot(coef.to(per_sample.dtype), per_sample, dims=1))
         parts.append((weight, weight_sum))
     if bias is not None:
         bsum = b.sum(2).reshape(n, g * p)                            # (n, G*p)
-        sq += _sq(bsum, n)
+        if units is not None:
+            bsum = units.sum(bsum)
+        sq += _sq(bsum, u)
         parts.append((bias, lambda coef, bsum=bsum: coef.to(bsum.dtype) @ bsum))
     return LayerTerms(sq, lambda coef: {prm: fn(coef) for prm, fn in parts}, mode)
 
@@ -110,13 +197,13 @@ def _trainable(prm):
     return prm if prm is not None and prm.requires_grad else None
 
 
-def linear_terms(layer: nn.Linear, acts, grads, n: int, *, force=None) -> LayerTerms:
+def linear_terms(layer: nn.Linear, acts, grads, n: int, *, force=None, units=None) -> LayerTerms:
     d, p = layer.in_features, layer.out_features
     a = _cat([x.reshape(n, -1, d) for x in acts], 1).to(grads[0].dtype)
     b = _cat([y.reshape(n, -1, p) for y in grads], 1)
     shape = layer.weight.shape
     return _matmul_terms(a.unsqueeze(1), b.unsqueeze(1), _trainable(layer.weight), _trainable(layer.bias),
-                         lambda w: w.reshape(shape), force=force)
+                         lambda w: w.reshape(shape), force=force, units=units)
 
 
 def _cat(parts, dim):
@@ -176,7 +263,7 @@ def _grouped_is_faster(layer: nn.Module, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and math.prod(layer.kernel_size) > 1 and (x.dim() == 5 or cg >= 4)
 
 
-def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None) -> LayerTerms:
+def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None, units=None) -> LayerTerms:
     g = layer.groups
     cin, cout = layer.in_channels, layer.out_channels
     cg, kvol = cin // g, math.prod(layer.kernel_size)
@@ -184,17 +271,18 @@ def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None) -> LayerTer
     dtype = grads[0].dtype
     weight, bias = _trainable(layer.weight), _trainable(layer.bias)
     t = sum(math.prod(y.shape[2:]) for y in grads)
-    ghost = use_ghost(n, t, p, d, g, grads[0].element_size()) if force is None else force == "ghost"
+    kbar = 1.0 if units is None else units.kbar
+    ghost = use_ghost(n, t, p, d, g, grads[0].element_size(), kbar) if force is None else force == "ghost"
     b = _cat([y.reshape(n, g, p, -1) for y in grads], 3).transpose(-1, -2)          # (n, G, T, p)
     shape = layer.weight.shape
     if weight is None:
-        return _matmul_terms(None, b, None, bias, None)
+        return _matmul_terms(None, b, None, bias, None, units=units)
     if not ghost and _grouped_is_faster(layer, acts[0]):
         per_sample = _grouped_weight_grads(layer, acts[0].to(dtype), grads[0], n)
         for x, y in zip(acts[1:], grads[1:]):       # a layer used more than once: its uses add up
             per_sample += _grouped_weight_grads(layer, x.to(dtype), y, n)
         return _matmul_terms(None, b, weight, bias, lambda w: w.reshape(shape),
-                             per_sample=per_sample.view(n, g, p, d))
+                             per_sample=per_sample.view(n, g, p, d), units=units)
     # channels-last patches (n, T, K * C_in) -> (n, G, T, K * C_in / G), uses of the layer side by side along T
     a = _cat([unfold(layer, x.to(dtype)) for x in acts], 1)
     a = a.view(n, t, kvol, g, cg).permute(0, 3, 1, 2, 4).reshape(n, g, t, d)
@@ -202,10 +290,10 @@ def conv_terms(layer: nn.Module, acts, grads, n: int, *, force=None) -> LayerTer
     def to_weight(w):   # (G, p, K * cg) -> (C_out, cg, *kernel)
         return w.reshape(cout, kvol, cg).transpose(1, 2).reshape(shape)
 
-    return _matmul_terms(a, b, weight, bias, to_weight, force="ghost" if ghost else "materialise")
+    return _matmul_terms(a, b, weight, bias, to_weight, force="ghost" if ghost else "materialise", units=units)
 
 
-def group_norm_terms(layer: nn.GroupNorm, acts, grads, n: int, *, force=None) -> LayerTerms:
+def group_norm_terms(layer: nn.GroupNorm, acts, grads, n: int, *, force=None, units=None) -> LayerTerms:
     """Per-sample gradients of gamma (sum over positions of g * xhat, xhat recomputed from the input) and beta
     (sum of g), 2 C numbers per sample: always materialised."""
     c = layer.num_channels
@@ -220,17 +308,21 @@ def group_norm_terms(layer: nn.GroupNorm, acts, grads, n: int, *, force=None) ->
         if bias is not None:
             s = y3.sum(2)
             gb = s if gb is None else gb + s
-    sq = torch.zeros(n, dtype=torch.promote_types(grads[0].dtype, torch.float32), device=grads[0].device)
+    u = n if units is None else units.count
+    sq = torch.zeros(u, dtype=torch.promote_types(grads[0].dtype, torch.float32), device=grads[0].device)
     parts = []
     for prm, per_sample in ((weight, gw), (bias, gb)):
         if prm is not None:
-            sq += _sq(per_sample, n)
+            if units is not None:
+                per_sample = units.sum(per_sample)
+            sq += _sq(per_sample, u)
             parts.append((prm, per_sample))
     return LayerTerms(sq, lambda coef: {prm: coef.to(ps.dtype) @ ps for prm, ps in parts}, "materialise")
 
 
-def embedding_terms(layer: nn.Embedding, acts, grads, n: int, *, force=None) -> LayerTerms:
-    """Exact per-sample norms from the rows each sample touches (a token repeated in a sample adds up)."""
+def embedding_terms(layer: nn.Embedding, acts, grads, n: int, *, force=None, units=None) -> LayerTerms:
+    """Exact per-sample (per-unit) norms from the rows each sample (unit) touches (a token repeated in a sample,
+    or in a unit's samples, adds up)."""
     v, dim = layer.num_embeddings, layer.embedding_dim
     idx = _cat([x.reshape(n, -1) for x in acts], 1)
     g = _cat([y.reshape(n, -1, dim) for y in grads], 1)
@@ -238,16 +330,19 @@ def embedding_terms(layer: nn.Embedding, acts, grads, n: int, *, force=None) -> 
         # nn.Embedding never updates the padding row: its gradient there is zero
         g = g * (idx != layer.padding_idx).unsqueeze(-1).to(g.dtype)
     weight = _trainable(layer.weight)
-    sq = torch.zeros(n, dtype=torch.promote_types(g.dtype, torch.float32), device=g.device)
+    u = n if units is None else units.count
+    sq = torch.zeros(u, dtype=torch.promote_types(g.dtype, torch.float32), device=g.device)
     if weight is None:
         return LayerTerms(sq, lambda coef: {}, "ghost")
-    key = (torch.arange(n, device=idx.device).unsqueeze(1) * v + idx).reshape(-1)
+    owner = torch.arange(n, device=idx.device) if units is None else units.index.to(idx.device)
+    per_item = (lambda coef: coef) if units is None else units.expand
+    key = (owner.unsqueeze(1) * v + idx).reshape(-1)
     uniq, inverse = torch.unique(key, return_inverse=True)
     rows = torch.zeros(len(uniq), dim, dtype=g.dtype, device=g.device).index_add_(0, inverse, g.reshape(-1, dim))
     sq.index_add_(0, torch.div(uniq, v, rounding_mode="floor"), rows.square().sum(1).to(sq.dtype))
 
     def weight_sum(coef):
-        gc = (g * coef.view(n, 1, 1).to(g.dtype)).reshape(-1, dim)
+        gc = (g * per_item(coef).view(n, 1, 1).to(g.dtype)).reshape(-1, dim)
         return torch.zeros_like(layer.weight, dtype=g.dtype).index_add_(0, idx.reshape(-1), gc)
 
     return LayerTerms(sq, lambda coef: {weight: weight_sum(coef)}, "ghost")

@@ -9,6 +9,10 @@ the layer's output tensor receives the gradient of the loss with respect to that
 factors and forms the clipped gradient sum by book-keeping. ``FastDPOptimizer`` (an Opacus ``DPOptimizer``)
 adds Opacus' noise and steps; the accountant and ``BatchMemoryManager`` are Opacus' own.
 
+Patient-level DP: :meth:`FastGradSampleModule.set_units` before a forward pass says which patient each sample
+belongs to; that batch's norms and clip factors are then per patient, of the sum of its samples' gradients
+(``_layers.Units``).
+
 Guards that turn would-be silent errors into exceptions: a parameter of a hooked layer used outside that
 layer's ``forward`` (weight tying by hand, ``F.linear(x, self.fc.weight)``) and an activation modified in place
 after the layer read it both raise :class:`FastDPError`.
@@ -21,7 +25,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from privaudit.backends.fastdp._layers import terms_for, unsupported_reason
+from privaudit.backends.fastdp._layers import Units, terms_for, unsupported_reason
 
 FALLBACK_HINT = "use --clipping hooks (Opacus' per-sample gradients) for this model"
 
@@ -63,6 +67,7 @@ class _Batch:
         self.trainable: dict[nn.Module, bool] = {}
         self.backward_seen = False
         self.anchor: torch.Tensor | None = None
+        self.units: Units | None = None              # patient-level DP: the unit of each sample
 
 
 class _ParamUseGuard(TorchFunctionMode):
@@ -126,19 +131,27 @@ class FastGradSampleModule(AbstractGradSampleModule):
         for mod in self._layers:
             self._handles.append(mod.register_forward_pre_hook(self._pre_hook))
             self._handles.append(mod.register_forward_hook(self._post_hook))
-        self.last_per_sample_norms: torch.Tensor | None = None
+        self.last_per_sample_norms: torch.Tensor | None = None   # per unit when the batch had units
         self.last_layer_modes: dict[str, str] = {}
         self.iterations = 1
+        self._next_units: Units | None = None
+
+    def set_units(self, units: Units | None) -> None:
+        """Group the samples of the next training forward pass into units (patients): each unit's gradient is
+        the sum of its samples', and it is clipped as one. None: every sample is its own unit."""
+        self._next_units = units
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled() and self.hooks_enabled):
+            self._next_units = None        # units label a training forward pass only
             return self._module(*args, **kwargs)
         self._batches = [b for b in self._batches if b.backward_seen]   # forward passes never backpropagated
         if self._batches and not self.grad_accumulation_allowed:
             raise ValueError("Poisson sampling is not compatible with grad accumulation. You need to call "
                              "optimizer.step() after every forward/backward pass or consider using BatchMemoryManager")
         batch = _Batch()
+        batch.units, self._next_units = self._next_units, None
         self._batches.append(batch)
         self._current = batch
         self._active.clear()
@@ -221,13 +234,19 @@ class FastGradSampleModule(AbstractGradSampleModule):
                 outs.append(grads[i])
         if not acts or batch.n == 0:
             return
-        batch.terms[module] = terms_for(module)(module, acts, outs, batch.n, force=self.force)
+        units = batch.units
+        if units is not None:
+            if len(units.index) != batch.n:
+                raise FastDPError(f"set_units gave {len(units.index)} unit labels for a batch of {batch.n} samples")
+            units = batch.units = units.to(outs[0].device)
+        batch.terms[module] = terms_for(module)(module, acts, outs, batch.n, force=self.force, units=units)
 
     # ---- clipping ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def clipped_grad_sum(self, max_grad_norm: float) -> dict:
         """``{param: sum_i c_i g_i}`` over the pending batches, with Opacus' flat clip factor
-        ``c_i = min(1, C / (||g_i|| + 1e-6))``; consumes them. ``g_i`` is sample i's gradient of its own loss."""
+        ``c_i = min(1, C / (||g_i|| + 1e-6))``; consumes them. ``g_i`` is sample i's gradient of its own loss,
+        or, for a batch with units, unit i's: the sum of its samples' gradients."""
         batches = [b for b in self._batches if b.backward_seen or b.n == 0]
         self._batches = [b for b in self._batches if not (b.backward_seen or b.n == 0)]
         if not batches:
@@ -242,7 +261,7 @@ class FastGradSampleModule(AbstractGradSampleModule):
             n = batch.n or 0
             if n == 0 or not batch.terms:
                 continue
-            scale = float(n) if self.loss_reduction == "mean" else 1.0
+            scale = float(n) if self.loss_reduction == "mean" else 1.0   # the loss averaged the n samples
             sq = torch.stack([t.sq_norms for t in batch.terms.values()]).sum(0)
             per_sample = sq.sqrt() * scale
             coef = (max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0) * scale

@@ -18,6 +18,7 @@ from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from torch import nn
 
+from privaudit.backends.fastdp._layers import Units
 from privaudit.backends.fastdp._module import FastGradSampleModule, unsupported_layers
 from privaudit.config import CLIPPING_MODES
 
@@ -140,15 +141,38 @@ class FastPrivacyEngine(PrivacyEngine):
                    **kwargs)
 
 
-def forward_backward(model, xb, yb, per_sample_loss, *, engine=None) -> float | None:
+def sum_grad_samples(model: nn.Module, units: Units) -> None:
+    """Hooks mode, patient-level DP: replace each parameter's per-sample gradients (``p.grad_sample``, one row per
+    image) by their sums per unit (one row per patient), so that Opacus' optimizer, which clips each row, clips
+    each patient's summed gradient as one."""
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if p.requires_grad and gs is not None:
+            if not isinstance(gs, torch.Tensor) or len(gs) != len(units.index):
+                raise ValueError("per-sample gradients of one backward pass are needed to sum them by patient; "
+                                 "call optimizer.step() after every physical batch")
+            p.grad_sample = units.to(gs.device).sum(gs)
+
+
+def forward_backward(model, xb, yb, per_sample_loss, *, engine=None, units: Units | None = None) -> float | None:
     """One physical batch's forward and backward pass as its grad-sample mode needs it.
 
     ``per_sample_loss(logits, targets)`` gives one loss per sample; the batch loss is their mean (their sum
     over ``max(1, n)``, which stays defined for the empty batches of Poisson sampling: the step then adds
     noise only, as the accountant assumes). Returns the batch's mean loss, None for an empty batch.
+
+    ``units`` (patient-level DP) groups the samples into patients: the optimizer then clips each patient's
+    gradient, the sum of its samples' loss gradients, as one (hooks and fast modes).
     """
     mode = engine.grad_sample_mode if engine is not None else None
     n = len(xb)
+    if units is not None:
+        if mode not in ("hooks", "fast"):
+            raise ValueError(f"per-patient clipping needs grad_sample_mode hooks or fast, not {mode!r}")
+        if len(units.index) != n:
+            raise ValueError(f"{len(units.index)} unit labels for a batch of {n} samples")
+        if mode == "fast":
+            model.set_units(units)
     if mode == "ew" and n == 0:
         # torch's expanded weights refuse an empty batch: give Opacus the empty per-sample gradients directly
         for p in model.parameters():
@@ -160,6 +184,8 @@ def forward_backward(model, xb, yb, per_sample_loss, *, engine=None) -> float | 
     else:
         loss = per_sample_loss(model(xb), yb).sum() / max(1, n)
     loss.backward()
+    if units is not None and mode == "hooks":
+        sum_grad_samples(model, units)
     return float(loss.detach()) if n else None
 
 
