@@ -31,7 +31,6 @@ from scipy.special import log_ndtr, logsumexp, ndtr, ndtri, owens_t, stdtr, stdt
 from scipy.stats import chi2, norm, rankdata
 from sklearn.metrics import roc_curve
 
-from privaudit.audit.utility import _BLOCK_BYTES
 
 # float32 sums of non-negative integers are exact while every partial sum stays below 2**24.
 _FLOAT32_EXACT = 2**24
@@ -51,6 +50,10 @@ def _labels_scores(y_true, y_score, *, probabilities: bool = False) -> tuple[np.
     if probabilities and ((s < 0).any() or (s > 1).any()):
         raise ValueError("probabilities must lie in [0, 1]")
     return y == 1, s
+
+
+# Row blocks of the weighted metrics keep their temporaries near this many bytes (utility.py uses it too).
+_BLOCK_BYTES = 256 * 2**20
 
 
 def _weight_matrix(weights, n: int) -> np.ndarray:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from privaudit import limits
+from privaudit.audit.stats import _BLOCK_BYTES
 from privaudit.errors import ConfigError
 
 # Keep a (resamples x samples) float64 block below this many bytes.
-_BLOCK_BYTES = 256 * 2**20
 
 
 def auroc(y_true, y_score) -> float:

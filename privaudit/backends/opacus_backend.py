@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import platform
 import time
 import warnings
@@ -30,6 +29,7 @@ from privaudit._version import __version__
 from privaudit._fs import private_mkdir, write_json
 from privaudit.backends import distributed
 from privaudit.backends._device import pick_device
+from privaudit.backends._weights import load_state_dict
 from privaudit.backends.torch_models import create_model
 from privaudit.backends._plan import (non_private_block, plan_training, progress_bars, recorded_path, sha256,
                                      unit_record,
@@ -98,42 +98,6 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load weights with ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":   # tensors only by design
-        from privaudit.backends.zoo import load_weights
-
-        return load_weights(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path}: the checkpoint holds pickled Python objects besides tensors (possibly code), and privaudit "
-            "never unpickles those; save a plain state_dict with torch.save(model.state_dict(), path)"
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
-                              "save one with torch.save(model.state_dict(), path)") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors); got {type(obj).__name__}")
-    # Weights saved from DDP or an Opacus GradSampleModule carry a wrapper prefix.
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("_module.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def _load_into(model: nn.Module, state: dict, path: Path) -> None:

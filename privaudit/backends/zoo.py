@@ -30,6 +30,8 @@ from torch import nn
 from privaudit.errors import CheckpointError, ConfigError, DPError, MissingDependencyError, RegistryError
 
 INSTALL_HINT = 'pip install "privaudit[models]"'
+
+from privaudit.backends._weights import load_weights  # noqa: E402  (re-exported: zoo.load_weights)
 # library -> the Python package that provides it
 ZOO_LIBRARIES = {"torchvision": "torchvision", "timm": "timm", "monai": "monai"}
 
@@ -251,35 +253,6 @@ def collapse_rgb_stem(model, stem: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- weights
-
-def load_weights(path) -> dict:
-    """Tensors from ``.safetensors`` (safetensors) or a state_dict (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise MissingDependencyError(f"{path}: reading .safetensors needs safetensors; install it with "
-                                         f"{INSTALL_HINT}") from None
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        return {_strip_prefix(k): v for k, v in state.items()}
-    from privaudit.backends.opacus_backend import load_state_dict
-
-    return load_state_dict(path)
-
-
-def _strip_prefix(k: str) -> str:
-    for prefix in ("_module.", "module."):
-        if k.startswith(prefix):
-            k = k[len(prefix):]
-    return k
-
 
 def _few(keys, n: int = 3) -> str:
     keys = list(keys)
