@@ -788,9 +788,10 @@ def synth_cmd(
                    quiet=quiet)
     if layout == "msd":
         console.print(f"cohort written to [bold]{safe(out)}[/]: dataset.json, imagesTr/, labelsTr/, controls/, "
-                      f"cohort.json; load it with --data {safe(out)} --controls {safe(Path(out) / 'controls')}")
+                      f"cohort.json; load it with --data {safe(out)} --controls {safe(Path(out) / 'controls')}",
+                      soft_wrap=True)
     else:
-        console.print(f"cohort written to [bold]{safe(out)}[/]: manifest.csv, cohort.json, images/")
+        console.print(f"cohort written to [bold]{safe(out)}[/]: manifest.csv, cohort.json, images/", soft_wrap=True)
 
 
 @data_app.command("cache")
@@ -1007,7 +1008,7 @@ def verify_dp_cmd(
         return
     tests = res.get("tests") or {}
     emp = res.get("empirical_epsilon") or {}
-    table = Table(title=f"verify-dp: {escape(res['verdict'])} at {confidence:.0%} confidence")
+    table = Table(title=f"verify-dp: {safe(res['verdict'])} at {confidence:.0%} confidence")
     for col in ("figure", "value"):
         table.add_column(col)
     table.add_row("accountant epsilon", format_number((res.get("accountant") or {}).get("epsilon")))
@@ -1019,7 +1020,7 @@ def verify_dp_cmd(
     for name, t in tests.items():
         table.add_row(f"test {name}", "violated" if t.get("violated") else "passed")
     console.print(table)
-    console.print(f"written to [bold]{escape(str(Path(out) / 'verify.json'))}[/]")
+    console.print(f"written to [bold]{safe(Path(out) / 'verify.json')}[/]", soft_wrap=True)
     if res["verdict"] == "violation":
         raise typer.Exit(1)
 

@@ -523,7 +523,7 @@ def test_cli_audits_an_onnx_file_with_a_card_as_the_module_predicts(manifest, de
     assert any("trained elsewhere" in w for w in doc["warnings"])
     config = json.loads((out / "config.json").read_text())
     assert config["checkpoint"]["architecture"] == "onnx" and config["checkpoint"]["backend"] == "onnxruntime"
-    assert config["command"].startswith("privaudit ")   # in-process, sys.argv is pytest's
+    assert config["command"].startswith("privaudit")   # in-process, sys.argv is pytest's
     assert (out / "report.html").is_file()
     # the Python API takes the same path
     api_out = tmp_path / "api"
