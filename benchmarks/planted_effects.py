@@ -25,6 +25,10 @@ from privaudit.config import AuditConfig, DPConfig, TrainConfig
 from privaudit.tasks import create_task
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
 def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
@@ -89,15 +93,15 @@ def main() -> int:
             checks = check_planted_effects(model["fairness"], record["planted_effects"])
             macro = model["utility"]["macro_auroc"]
             results[seed] = {"macro_auroc": macro["estimate"], "checks": checks}
+            clustered = report.data["study"]["bootstrap"]["cluster"]
             print(f"seed {seed}: macro AUROC {macro['estimate']:.3f} (95% CI {macro['ci_low']:.3f} to "
-                  f"{macro['ci_high']:.3f}); cluster bootstrap by patient: {report.data['study']['bootstrap']['cluster']}")
+                  f"{macro['ci_high']:.3f}); bootstrap resamples patients: {clustered}")
             for c in checks:
-                groups = model["fairness"][c["attribute"]][c["label"]]["groups"]
+                groups = ((model["fairness"].get(c["attribute"]) or {}).get(c["label"]) or {}).get("groups", {})
                 aurocs = ", ".join(f"{g} {v['auroc']['estimate']:.3f}" for g, v in groups.items()
                                    if v["auroc"]["estimate"] is not None)
-                fmt = (lambda v: "n/a" if v is None else f"{v:+.3f}")
                 print(f"  {c['name']:<26} {c['attribute']}={c['group']:<4} {c['label']:<17} gap "
-                      f"{fmt(c['estimate'])} (95% CI {fmt(c['ci_low'])} to {fmt(c['ci_high'])})  "
+                      f"{_fmt(c['estimate'])} (95% CI {_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})  "
                       f"{'PASS' if c['shown'] else 'FAIL'}   AUROC by group: {aurocs}", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

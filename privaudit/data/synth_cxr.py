@@ -134,10 +134,10 @@ SIGN_AMPLITUDE: dict[str, float] = {
     "congestion": 0.13,               # perihilar haze
     "pleural_effusion": 0.38,         # fluid density (capped at strength 1)
     "pneumonic_infiltrates": 0.38,    # each patch
-    "atelectasis": 0.75,              # plate-like band
+    "atelectasis": 1.0,               # plate-like band
 }
 ATELECTASIS_BAND_FRACTION = 0.8
-ATELECTASIS_LIFT = 0.2    # hemidiaphragm elevation per unit strength for volume-loss atelectasis
+ATELECTASIS_LIFT = 0.3    # hemidiaphragm elevation per unit strength for volume-loss atelectasis
 
 LABEL_DOCS: dict[str, str] = {
     "cardiomegaly": f"heart shadow widened: its half-width is scaled by 1 + {SIGN_AMPLITUDE['cardiomegaly']} x "
@@ -170,7 +170,7 @@ NOISE_BASE, NOISE_AGE = 0.025, 0.05   # white-noise sd = 0.025 + 0.05 * old
 FEMALE_EFFUSION_VISIBILITY = 0.35
 FEMALE_BREAST_SHADOW = (0.06, 0.15)    # density range of the breast-shadow overlay
 LEAD_DENSITY = 0.3
-LEAD_OVER_LUNG_PROB = 0.65             # of studies with devices: a lead crosses a lung base like a plate
+LEADS_OVER_LUNG = (0, 3)               # studies with devices: 0-3 leads (uniform) lie across the lung bases
 LEAD_OVER_LUNG_DENSITY = (0.6, 1.2)    # that lead's density, in units of the atelectasis band's amplitude
 DEVICE_PROB = {0: 0.05, 1: 0.8}        # chance of monitoring leads / electrodes in a study, by comorbidity
 
@@ -216,10 +216,10 @@ PLANTED_EFFECTS: list[dict] = [
     {
         "name": "comorbidity_devices",
         "description": "patients with comorbidity often carry ECG leads and electrodes (bright lines and "
-                       "discs); a lead lying across a lung base looks just like plate-like atelectasis; "
+                       "discs); 0-3 leads lie across the lung bases, each just like plate-like atelectasis; "
                        "comorbid patients also have more co-occurring findings",
         "parameters": {"device_probability": {str(k): v for k, v in DEVICE_PROB.items()},
-                       "lead_density": LEAD_DENSITY, "lead_over_lung_base_probability": LEAD_OVER_LUNG_PROB,
+                       "lead_density": LEAD_DENSITY, "leads_over_lung_bases": list(LEADS_OVER_LUNG),
                        "lead_over_lung_base_density": [round(SIGN_AMPLITUDE["atelectasis"] * d, 4)
                                                        for d in LEAD_OVER_LUNG_DENSITY]},
         "attribute": "comorbidity",
@@ -575,8 +575,8 @@ def render_cxr(
         image += anatomy.breast * _breasts(x, y) * body
     if has_devices:
         image += _devices(event_rng, x0, y0, px)
-        # A lead lying across a lung base: on its own, a line that looks just like band atelectasis.
-        if event_rng.random() < LEAD_OVER_LUNG_PROB:
+        # Leads lying across a lung base: each, on its own, a line that looks just like band atelectasis.
+        for _ in range(int(event_rng.integers(LEADS_OVER_LUNG[0], LEADS_OVER_LUNG[1] + 1))):
             cx, a, _ = lung_side[float(event_rng.choice([-1.0, 1.0]))]
             density = SIGN_AMPLITUDE["atelectasis"] * event_rng.uniform(*LEAD_OVER_LUNG_DENSITY)
             image += density * _plate(event_rng, x, y, cx, a) * aerated
