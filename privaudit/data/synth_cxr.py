@@ -125,7 +125,7 @@ LABEL_MODEL: dict[str, dict[str, float]] = {
         "intercept": -2.2, "age_per_decade": 0.3, "comorbidity": 0.5, "cardiomegaly": 0.6, "congestion": 1.0,
     },
     "pneumonic_infiltrates": {"intercept": -1.9, "age_per_decade": 0.1, "male": 0.15, "comorbidity": 0.5},
-    "atelectasis": {"intercept": -1.4, "age_per_decade": 0.15, "comorbidity": 0.2, "pleural_effusion": 0.9},
+    "atelectasis": {"intercept": -1.0, "age_per_decade": 0.15, "comorbidity": 0.2, "pleural_effusion": 0.9},
 }
 
 # How strongly each sign is drawn per unit of sign strength (attenuation units; lung vs soft tissue is 0.3).
@@ -164,15 +164,15 @@ SEVERITY = (0.45, 1.35)
 # Age difficulty rises from 0 at age 50 to 1 at age 90, slowly at first: old = clip((age - 50) / 40, 0, 1) ** 2
 # (0.14 at 65, 0.39 at 75, 0.77 at 85), so that the oldest stand apart.
 AGE_RAMP = (50, 90)
-AGE_SIGN_FADE = 0.6         # visibility *= 1 - 0.6 * old
-AGE_CONTRAST_LOSS = 0.4     # contrast *= 1 - 0.4 * old
-NOISE_BASE, NOISE_AGE = 0.025, 0.05   # white-noise sd = 0.025 + 0.05 * old
+AGE_SIGN_FADE = 0.7         # visibility *= 1 - 0.7 * old
+AGE_CONTRAST_LOSS = 0.45    # contrast *= 1 - 0.45 * old
+NOISE_BASE, NOISE_AGE = 0.025, 0.06   # white-noise sd = 0.025 + 0.06 * old
 FEMALE_EFFUSION_VISIBILITY = 0.35
 FEMALE_BREAST_SHADOW = (0.06, 0.15)    # density range of the breast-shadow overlay
 LEAD_DENSITY = 0.3
-LEADS_OVER_LUNG = (0, 3)               # studies with devices: 0-3 leads (uniform) lie across the lung bases
-LEAD_OVER_LUNG_DENSITY = (0.6, 1.2)    # that lead's density, in units of the atelectasis band's amplitude
-DEVICE_PROB = {0: 0.05, 1: 0.8}        # chance of monitoring leads / electrodes in a study, by comorbidity
+LEADS_OVER_LUNG = (0, 4)               # studies with devices: 0-4 leads (uniform) lie across the lung bases
+LEAD_OVER_LUNG_DENSITY = (0.5, 1.5)    # that lead's density, in units of the atelectasis band's amplitude
+DEVICE_PROB = {0: 0.05, 1: 0.9}        # chance of monitoring leads / electrodes in a study, by comorbidity
 
 # How an audit shows each planted effect: the performance-parity gap (the group's AUROC minus the n-weighted
 # mean AUROC of the other groups; audit.json models.<m>.fairness.<attribute>.<label>.performance_parity.<group>)
@@ -216,7 +216,7 @@ PLANTED_EFFECTS: list[dict] = [
     {
         "name": "comorbidity_devices",
         "description": "patients with comorbidity often carry ECG leads and electrodes (bright lines and "
-                       "discs); 0-3 leads lie across the lung bases, each just like plate-like atelectasis; "
+                       "discs); 0-4 leads lie across the lung bases, each just like plate-like atelectasis; "
                        "comorbid patients also have more co-occurring findings",
         "parameters": {"device_probability": {str(k): v for k, v in DEVICE_PROB.items()},
                        "lead_density": LEAD_DENSITY, "leads_over_lung_bases": list(LEADS_OVER_LUNG),
