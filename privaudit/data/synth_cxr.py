@@ -732,7 +732,7 @@ def _cohort_record(cohort: _Cohort, design: CohortDesign, params: dict, strength
         },
         "population": {
             "design": asdict(design),
-            "age": f"{AGE_MIN} + floor({AGE_MAX - AGE_MIN + 1} * Beta{design.age_beta}) at the first image; "
+            "age": f"{AGE_MIN} + floor({AGE_MAX - AGE_MIN + 1} * Beta{design.age_beta}) at the first study; "
                    f"follow-ups capped at {AGE_MAX}",
             "comorbidity_model": "logit P(comorbidity=1) = intercept + age_per_decade * (age - 60) / 10 + male * [M]",
             "images_per_patient": _images_per_patient_doc(design),
