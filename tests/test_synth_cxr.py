@@ -13,7 +13,14 @@ from scipy.special import expit
 from scipy.stats import mannwhitneyu
 
 from privaudit.data.manifest import load_manifest
-from privaudit.data.synth_cxr import MANIFEST_COLUMNS, render_cxr, sample_cohort, synthesize_cxr
+from privaudit.data.synth_cxr import (
+    MANIFEST_COLUMNS,
+    check_planted_effects,
+    draw_anatomy,
+    render_cxr,
+    sample_cohort,
+    synthesize_cxr,
+)
 from privaudit.errors import ConfigError
 from privaudit.tasks import AGE_GROUPS, age_group, create_task
 
@@ -104,20 +111,125 @@ def test_splits_are_patient_level_with_70_10_20_fractions(frame):
     assert patients["test"] == pytest.approx(0.2, abs=0.01)
 
 
-def test_followup_images_share_the_patient(frame):
+def _study_of(frame: pd.DataFrame) -> pd.Series:
+    """The study a sample id names (``<patient>_s<study>_v<view>``), as '<patient>_s<study>'."""
+    return frame["sample_id"].str.replace(r"_v\d+$", "", regex=True)
+
+
+def test_sample_ids_name_patient_study_and_view(frame):
+    parts = frame["sample_id"].str.extract(r"^(?P<patient>PRV\d+)_s(?P<study>\d+)_v(?P<view>\d+)$")
+    assert parts.notna().all().all()
+    assert (parts["patient"] == frame["patient_id"]).all()
+    assert set(parts["view"].astype(int)) == {1, 2}
+    # Studies are numbered 1, 2, ... within each patient, and views 1, 2 within each study.
+    for _, rows in parts.astype({"study": int, "view": int}).groupby("patient"):
+        assert sorted(set(rows["study"])) == list(range(1, rows["study"].max() + 1))
+        for _, views in rows.groupby("study"):
+            assert sorted(views["view"]) == list(range(1, len(views) + 1))
+
+
+def test_images_of_a_patient_share_attributes_and_a_study_shares_age_and_labels(frame):
     per_patient = frame.groupby("patient_id").size()
-    assert (per_patient > 1).sum() >= 10
-    assert per_patient.max() <= 3
-    assert frame.groupby("patient_id")[["sex", "comorbidity"]].nunique().max().max() == 1
+    assert (per_patient > 1).sum() >= 20
+    assert frame.groupby("patient_id")[["sex", "comorbidity", "split"]].nunique().max().max() == 1
+    study = _study_of(frame)
+    labels = frame[list(LABELS)].fillna(-1)
+    assert (labels.groupby(study).nunique() == 1).all().all()   # the views of a study carry its report
+    assert (frame.groupby(study)["age"].nunique() == 1).all()
     same_findings = []
-    for _, rows in frame.groupby("patient_id"):
+    for _, rows in frame.assign(study=study).drop_duplicates("study").groupby("patient_id"):
         steps = np.diff(rows["age"].to_numpy())
         assert ((steps >= 0) & (steps <= 2)).all()
-        labels = rows[list(LABELS)].to_numpy()
-        for prev, cur in zip(labels, labels[1:]):
-            known = ~np.isnan(prev) & ~np.isnan(cur)
-            same_findings.append(bool((prev[known] == cur[known]).all()))
-    assert np.mean(same_findings) >= 0.7
+        known = rows[list(LABELS)].to_numpy(dtype=float)
+        for prev, cur in zip(known, known[1:]):
+            both = ~np.isnan(prev) & ~np.isnan(cur)
+            same_findings.append(bool((prev[both] == cur[both]).all()))
+    # A follow-up study repeats the findings with probability 0.8, and a fresh draw may coincide.
+    assert 0.75 <= np.mean(same_findings) <= 0.97
+
+
+def _images_per_patient_pmf(mean_extra: float, max_studies: int, p_second: float, k_max: int) -> np.ndarray:
+    """P(k images) for k = 0..k_max under the documented model: studies = min(1 + Geometric, cap), each
+    with a second view with probability p_second (so images | studies = studies + Binomial)."""
+    from scipy.stats import binom, geom
+
+    p = 1 / (1 + mean_extra)
+    studies = np.arange(1, max_studies + 1)
+    p_studies = geom.pmf(studies, p)   # scipy's geometric counts trials, so it starts at 1
+    p_studies[-1] += geom.sf(max_studies, p)
+    pmf = np.zeros(k_max + 1)
+    for s, ps in zip(studies, p_studies):
+        pmf[s:2 * s + 1] += ps * binom.pmf(np.arange(s + 1), s, p_second)
+    return pmf
+
+
+def test_images_per_patient_follow_the_documented_long_tailed_distribution(record):
+    from scipy.stats import chisquare
+
+    doc = record["population"]["images_per_patient"]
+    assert "Geometric" in doc["studies"] and doc["max"] == 24
+    big = sample_cohort(6000, seed=4)
+    counts = big.groupby("patient_id", sort=False).size().to_numpy()[:-1]   # the last patient is cut to fit n
+    pmf = _images_per_patient_pmf(1.4, 12, 0.25, 24)
+    assert doc["expected_mean"] == pytest.approx(float((np.arange(25) * pmf).sum()), abs=1e-3)
+    assert 2.8 < doc["expected_mean"] < 3.2
+    # About 3 images per patient, median 2, a few with 10 or more.
+    assert counts.mean() == pytest.approx(3.0, abs=0.15)
+    assert np.median(counts) == 2
+    assert 0.01 < (counts >= 10).mean() < 0.05 and counts.max() >= 12
+    # The whole histogram: 1..9 images, and 10 or more pooled.
+    observed = np.array([(counts == k).sum() for k in range(1, 10)] + [(counts >= 10).sum()])
+    expected = np.append(pmf[1:10], pmf[10:].sum()) * len(counts)
+    assert chisquare(observed, expected).pvalue > 0.001
+
+
+def test_cohort_json_reports_the_images_per_patient_drawn(frame, record):
+    realised = record["realised"]["images_per_patient"]
+    counts = frame.groupby("patient_id").size()
+    assert realised["mean"] == pytest.approx(counts.mean(), abs=1e-4)
+    assert realised["median"] == counts.median() and realised["max"] == counts.max()
+    assert realised["n_patients_with_10_or_more"] == int((counts >= 10).sum())
+    assert {int(k): v for k, v in realised["histogram"].items()} == counts.value_counts().to_dict()
+    assert sum(realised["histogram"].values()) == record["realised"]["n_patients"]
+    assert 2.0 < realised["mean"] < 4.0 and realised["max"] >= 6
+
+
+def test_a_patient_keeps_the_anatomy_and_a_study_changes_it_a_little():
+    """With positioning and exposure fixed, a second study of the same patient differs far less than another
+    patient does: the anatomy is the patient's, and a study only shifts inspiration and heart size."""
+    row, truth = {"age": 40, "sex": "M", "comorbidity": 0}, np.zeros(len(LABELS), dtype=int)
+    same, other = [], []
+    for seed in range(6):
+        anatomy = draw_anatomy(np.random.default_rng(100 + seed))
+        stranger = draw_anatomy(np.random.default_rng(200 + seed))
+
+        def draw(who, study):
+            return render_cxr(row, truth, np.random.default_rng(seed), SIZE, anatomy=who,
+                              study=np.random.default_rng([seed, study]))[0].astype(float)
+
+        first = draw(anatomy, 1)
+        same.append(np.abs(first - draw(anatomy, 2)).mean())
+        other.append(np.abs(first - draw(stranger, 1)).mean())
+    assert 0 < np.mean(same) < 0.5 * np.mean(other), (same, other)
+
+
+def test_each_image_comes_from_its_patients_anatomy_and_its_studys_stream(cohort_dir, frame, pixels):
+    """Every image of the patient with the most images, drawn again from the documented streams: the
+    patient's anatomy (seed, cohort 0, 2, patient), the study (seed, 0, 3, patient, study) and the image's own
+    (seed, 0, 1, index)."""
+    truth = frame[list(LABELS)].to_numpy(dtype=float)
+    pid = frame["patient_id"].value_counts().index[0]
+    rows = np.flatnonzero(frame["patient_id"] == pid)
+    assert len(rows) >= 4
+    p = int(pid[3:])
+    anatomy = draw_anatomy(np.random.default_rng([1, 0, 2, p]))
+    for i in rows:
+        study = int(frame["sample_id"].iloc[i].split("_s")[1].split("_")[0]) - 1
+        if np.isnan(truth[i]).any():
+            continue   # a blanked label hides the finding drawn; the other images suffice
+        image, _ = render_cxr(frame.iloc[i], truth[i].astype(int), np.random.default_rng([1, 0, 1, i]), SIZE,
+                              anatomy=anatomy, study=np.random.default_rng([1, 0, 3, p, study]))
+        np.testing.assert_array_equal(image, pixels[i])
 
 
 def test_every_age_group_appears_and_comorbidity_rises_with_age(frame):
@@ -155,7 +267,7 @@ def test_cohort_json_matches_the_manifest(frame, record):
         assert realised["splits"][split]["n_patients"] == part["patient_id"].nunique()
 
 
-def test_cohort_json_documents_labels_model_and_planted_effects(record):
+def test_cohort_json_documents_labels_model_and_planted_effects(frame, record):
     assert set(record["labels"]) == set(LABELS) and all(record["labels"].values())
     assert list(record["prevalence_model"]["coefficients"]) == list(LABELS)
     effects = record["planted_effects"]
@@ -164,6 +276,16 @@ def test_cohort_json_documents_labels_model_and_planted_effects(record):
     age = by_name["age_image_quality"]
     assert age["attribute"] == "age_group" and age["expected_lower_auroc"] == "81+"
     assert all(e["description"] and e["parameters"] and e["labels"] for e in effects)
+    # Each effect names the audit gap that shows it: a task attribute, a label (or macro) and a group that the
+    # cohort holds.
+    groups = {"sex": set(frame["sex"]), "age_group": set(age_group(frame["age"])),
+              "comorbidity": {str(c) for c in frame["comorbidity"]}}
+    for effect in effects:
+        spec = effect["audit"]
+        assert spec["attribute"] == effect["attribute"] and spec["attribute"] in TASK.attributes
+        assert spec["label"] in (*effect["labels"], "macro") and spec["label"] in (*LABELS, "macro")
+        assert spec["group"] == effect["expected_lower_auroc"] and spec["group"] in groups[spec["attribute"]]
+        assert spec["metric"] == "performance_parity" and spec["direction"] == "negative"
     # The realised sign strengths are recorded: fainter for 81+ than for 31-60 (averaged over labels, as a
     # 200-image cohort has few positives per label and group).
     strength = record["realised"]["mean_sign_strength_of_positives_by_age_group"]
@@ -321,6 +443,95 @@ def test_the_same_patient_is_harder_to_read_when_old():
     assert old.std() < young.std()   # lower contrast
     # More pixel noise: larger differences between horizontal neighbours.
     assert np.abs(np.diff(old, axis=1)).mean() > 1.2 * np.abs(np.diff(young, axis=1)).mean()
+
+
+# A simple observer per planted effect, on images drawn without training: one feature that a reader would look
+# at, and its AUROC for the finding in the planted group and in the reference group (independent patients).
+def _base_opacity(image: np.ndarray) -> float:
+    """Lung bases' brightness relative to the upper lungs (0) and the mediastinum (1): effusion raises it."""
+    one = image[None].astype(float)
+    lungs = (_region(one, -0.55, -0.25, -0.45, -0.15) + _region(one, 0.25, 0.55, -0.45, -0.15)) / 2
+    mediastinum = _region(one, -0.06, 0.06, -0.6, -0.35)
+    bases = (_region(one, -0.7, -0.35, 0.15, 0.4) + _region(one, 0.35, 0.7, 0.15, 0.4)) / 2
+    return float(((bases - lungs) / (mediastinum - lungs))[0])
+
+
+def _thin_bright_structures(image: np.ndarray) -> float:
+    """The brightest thin structures of the lower chest (white top-hat): plate-like atelectasis, or leads."""
+    from scipy.ndimage import gaussian_filter
+
+    image = image.astype(float)
+    tophat = image - gaussian_filter(image, 2.0 * SIZE / 32)
+    return float(np.sort(tophat[int(0.45 * SIZE):int(0.75 * SIZE)].ravel())[-8:].mean())
+
+
+def _observer_auroc(label: str, row: dict, feature, n: int = 60) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    j = LABELS.index(label)
+    scores = []
+    for present in (0, 1):
+        truth = np.zeros(len(LABELS), dtype=int)
+        truth[j] = present
+        scores += [feature(render_cxr(row, truth, np.random.default_rng([present, seed]), SIZE)[0])
+                   for seed in range(n)]
+    return roc_auc_score([0] * n + [1] * n, scores)
+
+
+# effect: (label, feature, planted group's row, reference row, minimum AUROC gap)
+OBSERVERS = {
+    "age_image_quality": ("pleural_effusion", _base_opacity, {"age": 88, "sex": "M", "comorbidity": 0},
+                          {"age": 40, "sex": "M", "comorbidity": 0}, 0.1),
+    "female_effusion_subtlety": ("pleural_effusion", _base_opacity, {"age": 40, "sex": "F", "comorbidity": 0},
+                                 {"age": 40, "sex": "M", "comorbidity": 0}, 0.1),
+    "comorbidity_devices": ("atelectasis", _thin_bright_structures, {"age": 40, "sex": "M", "comorbidity": 1},
+                            {"age": 40, "sex": "M", "comorbidity": 0}, 0.1),
+}
+
+
+def test_every_planted_effect_has_an_observer_here():
+    from privaudit.data.synth_cxr import PLANTED_EFFECTS
+
+    assert set(OBSERVERS) == {e["name"] for e in PLANTED_EFFECTS}
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_a_simple_observer_finds_each_planted_effect_without_training(name, record):
+    """Each planted effect makes its finding harder to see in its group: a one-feature observer's AUROC is
+    lower there than in the reference group (the same age, sex or comorbidity otherwise), by a margin."""
+    label, feature, planted, reference, margin = OBSERVERS[name]
+    effect = {e["name"]: e for e in record["planted_effects"]}[name]
+    assert label in effect["labels"] and effect["audit"]["direction"] == "negative"
+    attribute = effect["audit"]["attribute"]
+    group = {"age_group": lambda r: age_group([r["age"]])[0], "sex": lambda r: r["sex"],
+             "comorbidity": lambda r: str(r["comorbidity"])}[attribute]
+    assert group(planted) == effect["audit"]["group"] != group(reference)
+    low, high = _observer_auroc(label, planted, feature), _observer_auroc(label, reference, feature)
+    assert high > 0.6 and low < high - margin, (low, high)
+
+
+def _fairness_block(estimate, low, high, *, attribute="sex", label="pleural_effusion", group="F") -> dict:
+    return {attribute: {label: {"performance_parity": {group: {"estimate": estimate, "ci_low": low,
+                                                               "ci_high": high}}}}}
+
+
+@pytest.mark.parametrize(("gap", "shown"), [
+    ((-0.08, -0.14, -0.02), True),      # planted direction, CI excludes zero
+    ((-0.05, -0.11, 0.01), False),      # CI includes zero
+    ((0.06, 0.02, 0.10), False),        # the opposite direction
+    ((None, None, None), False),        # suppressed or undefined
+])
+def test_check_planted_effects_reads_the_gap_and_its_ci(gap, shown):
+    effect = {"name": "female_effusion_subtlety", "audit": {"attribute": "sex", "label": "pleural_effusion",
+                                                            "group": "F", "metric": "performance_parity",
+                                                            "direction": "negative"}}
+    (check,) = check_planted_effects(_fairness_block(*gap), [effect])
+    assert check["shown"] is shown
+    assert (check["estimate"], check["ci_low"], check["ci_high"]) == gap
+    assert check["attribute"] == "sex" and check["group"] == "F"
+    # An attribute the audit does not hold reads as not shown.
+    (missing,) = check_planted_effects({}, [effect])
+    assert missing["shown"] is False and missing["estimate"] is None
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 5}, {"image_size": 8}, {"seed": -1}])
