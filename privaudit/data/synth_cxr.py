@@ -46,7 +46,7 @@ patient); image physics and the label model are shared.
 from __future__ import annotations
 
 import math
-showfrom collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
