@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two xdist workers on two cores: one thread each
 
-TINY = ["--n-samples", "60", "--image-size", "32", "--epochs", "1", "--width", "4", "--batch-size", "4",
+TINY = ["--n-samples", "60", "--image-size", "32", "--epochs", "1", "--width", "4", "--batch-size", "4", "--physical-batch-size", "32",
         "--n-boot", "100", "--quiet"]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import invoke
 
-TINY_API = dict(n_samples=60, image_size=32, epochs=1, width=4, batch_size=4, n_boot=50)
+TINY_API = dict(n_samples=60, image_size=32, epochs=1, width=4, batch_size=4, physical_batch_size=32, n_boot=50)
 
 
 @pytest.fixture(scope="module")
