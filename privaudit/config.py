@@ -34,9 +34,6 @@ def patient_unit_refusal(backend: str, clipping: str, *, torchrun: bool = False)
     if clipping in ("ew", "ghost"):
         return (f"privacy_unit 'patient' needs a patient's image gradients summed before clipping, which clipping "
                 f"{clipping!r} cannot do; use clipping 'fast' or 'hooks', or privacy_unit 'image'")
-    if torchrun:
-        return ("privacy_unit 'patient' is not available under torchrun yet (the distributed Poisson sampler draws "
-                "images, not patients); train in one process, or use privacy_unit 'image'")
     return None
 
 

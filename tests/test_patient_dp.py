@@ -471,13 +471,6 @@ def test_bad_batches_are_refused_before_anything_is_written(multi, tmp_path, kw,
         assert f"({_train_patients(multi).nunique()} patients;" in str(e.value)
 
 
-def test_patient_unit_under_torchrun_is_refused(multi, tmp_path, monkeypatch):
-    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(ConfigError, match="not available under torchrun yet"):
-        _train(multi, tmp_path, privacy_unit="patient")
-
-
 def test_msd_case_ids_are_recorded_as_derived(tmp_path):
     from privaudit.data.presets import load_data
     from privaudit.data.synth_ct import synthesize_ct

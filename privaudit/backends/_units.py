@@ -6,6 +6,10 @@ and, with it, every one of its training images (after ``max_images_per_patient``
 physical batches of at most ``physical_batch_size`` images, each holding whole patients, so that a patient's
 gradient (the sum of its images' gradients) is complete within one backward pass and can be clipped as one
 unit there. Framework-free but for :class:`EmptySafeCollate`, which imports torch when called.
+
+Under torchrun each process draws only its *shard* of the patients (``backends.distributed.patient_shard``),
+still at the global rate q: every patient lies in exactly one shard, so the union of the processes' draws is one
+Poisson sample of all patients, and a patient's images are all read by the process that owns it.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ class PatientSampler:
     """Poisson sampling over units, ``units[i]`` being the unit (patient) of dataset item ``i``.
 
     ``steps`` logical steps make an epoch; the coins come from one seeded generator, drawn in the main process.
+    ``shard`` (torchrun) lists the units this process draws, each still with probability ``sample_rate``, the
+    global rate; None (one process) draws every unit.
     """
 
     def __init__(self, units: np.ndarray, n_units: int, sample_rate: float, *, steps: int, physical: int,
-                 seed: int):
+                 seed: int, shard: np.ndarray | None = None):
         units = np.asarray(units, dtype=np.int64)
         if not 0 < sample_rate < 1:
             raise ValueError(f"sample_rate must be in (0, 1), got {sample_rate}")
@@ -41,6 +47,9 @@ class PatientSampler:
             raise ValueError(f"a unit has {sizes.max()} items, more than the physical batch of {physical}")
         self.n_units, self.sample_rate, self.steps, self.physical = n_units, float(sample_rate), steps, physical
         self.rng = np.random.default_rng(seed)
+        self.shard = np.arange(n_units, dtype=np.int64) if shard is None else np.sort(np.asarray(shard, np.int64))
+        if len(self.shard) and not (0 <= self.shard[0] and self.shard[-1] < n_units):
+            raise ValueError(f"a shard's units must lie in 0 .. {n_units - 1}")
 
     def __len__(self) -> int:
         return self.steps
@@ -49,8 +58,8 @@ class PatientSampler:
         return self.order[self.offsets[unit]:self.offsets[unit + 1]]
 
     def draw(self) -> np.ndarray:
-        """One logical step's patients: each included independently with probability q."""
-        return np.flatnonzero(self.rng.random(self.n_units) < self.sample_rate)
+        """One logical step's patients (of this process' shard): each included independently with probability q."""
+        return self.shard[self.rng.random(len(self.shard)) < self.sample_rate]
 
     def pack(self, chosen: np.ndarray) -> list[PhysicalBatch]:
         """Cut one logical step into physical batches of whole patients (greedy, in patient order)."""

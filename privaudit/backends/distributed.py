@@ -15,7 +15,7 @@ Poisson batch of the whole training set, and every rank's accountant counts the 
 sample rate, so epsilon and the number of steps equal those of a single process with the same
 ``--batch-size``.
 
-Two details differ from Opacus' defaults, each for a reason:
+Three details differ from Opacus' defaults, each for a reason:
 
 * Opacus' distributed sampler skips a step when a rank's local batch is empty, so that rank runs fewer
   steps than the others and the gradient all-reduce pairs up different steps (or hangs at the end).
@@ -26,6 +26,18 @@ Two details differ from Opacus' defaults, each for a reason:
 * Opacus' distributed optimizer all-reduces each gradient as it is laid out in memory; in ew and fast mode
   rank 0's noisy gradient can be laid out differently from the others', and the sum then mixes up weights.
   :func:`contiguous_reduce` makes every gradient row-major first.
+
+**Patient-level DP** (``privacy_unit="patient"``) follows the same plan with patients in place of samples.
+:func:`patient_shard` deals the training patients out to the ranks (a seeded permutation that every rank
+computes alike, every ``world_size``-th patient to each), so a patient and all its images belong to one rank;
+each rank's ``PatientSampler`` (``backends._units``) draws every patient of its shard with the global rate
+``q = batch_size / training patients``, from its own generator (seed + rank), for ``ceil(patients /
+batch_size)`` logical steps per epoch on every rank, an empty local draw included (one empty physical batch, which
+joins the all-reduce with a zero sum). The union of the ranks' draws is one Poisson sample of patients. Opacus'
+distributed optimizer divides each rank's clipped sum (rank 0's with the noise) by its ``expected_batch_size``
+and the all-reduced sum by the world size, so the backend sets the per-rank expected batch to ``batch_size /
+world_size`` (as Opacus' ``make_private`` does for samples): the update is ``(sum of clipped patient gradients +
+N(0, sigma^2 C^2)) / batch_size``, as in one process, and the accountant counts the same steps at the same q.
 
 At the end, :func:`teardown` checks that every rank holds the same weights (they apply the same all-reduced
 gradient, so they must agree to the last bit) and refuses to write a run whose ranks drifted apart.
@@ -52,6 +64,7 @@ from pathlib import Path
 from privaudit.errors import ConfigError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SHARD_SEED_OFFSET = 15485863   # the patient shards' permutation: its own stream, apart from the coins' (seed + rank)
 
 
 def _env_int(name: str) -> int:
@@ -225,6 +238,22 @@ def unwrap_model(model):
 def sampling_seed(seed: int, ctx: DistContext) -> int:
     """The seed of this rank's sampling generator: its own stream per rank (see the module docstring)."""
     return seed + ctx.rank
+
+
+def patient_shard(n_units: int, ctx: DistContext, *, seed: int):
+    """The patients (units 0 .. n_units-1) that this rank draws under patient-level DP; None for one process.
+
+    A permutation seeded by ``seed`` alone, so every rank computes the same one, dealt out every ``world_size``-th
+    patient: the shards are disjoint, cover every patient, and differ in size by at most one patient. The shards
+    stay fixed through training; which rank holds a patient does not change its inclusion law (probability q at
+    every step, independently of the others).
+    """
+    if not ctx.active:
+        return None
+    import numpy as np
+
+    order = np.random.default_rng(seed + SHARD_SEED_OFFSET).permutation(n_units)
+    return np.sort(order[ctx.rank::ctx.world_size])
 
 
 def local_batch_size(batch_size: int, ctx: DistContext) -> int:

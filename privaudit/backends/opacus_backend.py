@@ -231,7 +231,8 @@ class OpacusBackend:
 
             patients = PatientSampler(plan.units, plan.n_units, plan.sample_rate, physical=config.physical_batch_size,
                                      steps=math.ceil(plan.n_units / config.batch_size),
-                                     seed=distributed.sampling_seed(config.seed, ddp))
+                                     seed=distributed.sampling_seed(config.seed, ddp),
+                                     shard=distributed.patient_shard(plan.n_units, ddp, seed=config.seed))
         if dp.enabled:
             # Opacus' PrivacyEngine plus grad_sample_mode="fast" (privaudit.backends.fastdp); ghost clipping
             # needs the criterion, as one loss per sample.
@@ -256,6 +257,7 @@ class OpacusBackend:
                     model, optimizer, loader = made[0], made[1], made[-1]   # ghost also returns its loss wrapper
         if patient:
             loader = _PatientLoader(patients, dataset, device, ddp)
+            distributed.contiguous_reduce(optimizer, ddp)   # torchrun only
         elif engine is not None:
             loader = distributed.after_make_private(loader, optimizer, ddp, seed=config.seed)   # torchrun only
         if instrument is not None:   # verify-dp: inject at the per-sample gradients, observe the noised sums
@@ -348,7 +350,9 @@ class OpacusBackend:
         made = engine.make_private(noise_multiplier=nm, **{**common, "poisson_sampling": False})
         model, optimizer = made[0], made[1]
         model.forbid_grad_accumulation()   # one backward pass per optimizer.step(), as under Poisson sampling
-        optimizer.expected_batch_size = config.batch_size   # q * patients: the expected number of patients
+        # q * patients: the expected number of patients; under torchrun per rank, as Opacus' distributed optimizer
+        # divides each rank's sum by it and the all-reduced sum by the world size (backends.distributed)
+        optimizer.expected_batch_size = config.batch_size / getattr(optimizer, "world_size", 1)
         optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
         return model, optimizer
 
