@@ -240,43 +240,12 @@ def _train_patients(path) -> pd.Series:
     return frame.loc[frame["split"] == "train", "patient_id"]
 
 
-def test_patient_run_accounts_patients_with_the_opacus_records(tf, multi, tmp_path):
-    from privaudit.audit.accounting import opacus_epsilon
-    from privaudit.backends import create_backend
-    from privaudit.backends.tf_backend import compute_epsilon
-
-    manifest = load_manifest(multi, task=CXR)
-    kw = dict(width=4, image_size=16, batch_size=6, physical_batch_size=8, epochs=1,
-              dp=DPConfig(epsilon=None, noise_multiplier=1.0, accountant="rdp"))
-    tj = create_backend("tf").train(manifest, TrainConfig(backend="tf", **kw), tmp_path / "tf", quiet=True)
-    pids = _train_patients(multi)
-    n_patients, n_images = pids.nunique(), len(pids)
-    q, steps, delta = 6 / n_patients, math.ceil(n_patients / 6), default_delta(n_patients)
-    assert tj["privacy_unit"] == tj["privacy"]["privacy_unit"] == "patient" and tj["backend"] == "tf"
-    assert tj["n_units"] == n_patients and tj["n_train"] == n_images > 2 * n_patients
-    assert tj["sample_rate"] == pytest.approx(q, rel=1e-12) and tj["steps"] == steps and tj["delta"] == delta
-    # recomputed from the data, not from train.json: dp_accounting's RDP, and Opacus' within 1% (its grid)
-    assert tj["epsilon"] == pytest.approx(compute_epsilon("rdp", noise_multiplier=1.0, sample_rate=q, steps=steps,
-                                                          delta=delta), rel=1e-9)
-    assert tj["epsilon"] == pytest.approx(opacus_epsilon("rdp", noise_multiplier=1.0, sample_rate=q, steps=steps,
-                                                         delta=delta), rel=0.01)
-    sizes = pids.value_counts()
-    assert tj["images_per_patient"] == {"max": int(sizes.max()), "median": float(sizes.median())}
-    assert tj["unit_gradient"] == "sum of the patient's image loss gradients, clipped as one"
-    assert tj["group_privacy"] is None and tj["warnings"] == [] and tj["patient_ids"] == "given"
-    assert "per patient" in tj["microbatches"] and "expected number of patients 6" in tj["normalisation"]
-    assert json.loads((tmp_path / "tf" / "train.json").read_text())["privacy_unit"] == "patient"
-    # the opacus backend's patient-level run: the same records (tf has a few more), the same accounting inputs
-    op = create_backend("opacus").train(manifest, TrainConfig(**kw), tmp_path / "op", quiet=True)
-    assert set(op) <= set(tj) and set(op["privacy"]) <= set(tj["privacy"])
-    for k in ("privacy_unit", "n_units", "sample_rate", "steps", "delta", "images_per_patient", "unit_gradient",
-              "group_privacy", "n_train"):
-        assert tj[k] == op[k], k
-
-
-def test_cli_tf_patient_run_epsilon_is_the_accountant_at_the_patient_rate(tf, multi, tmp_path):
+def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi, tmp_path):
+    """One tiny CLI run (the default accountant, a target epsilon): its epsilon recomputed at the patient rate
+    from the data, and its train.json against an opacus patient-level run's on the same cohort."""
     from conftest import invoke
     from privaudit.audit.accounting import opacus_epsilon
+    from privaudit.backends import create_backend
     from privaudit.backends.tf_backend import compute_epsilon
 
     out = tmp_path / "run"
@@ -285,11 +254,28 @@ def test_cli_tf_patient_run_epsilon_is_the_accountant_at_the_patient_rate(tf, mu
                  "--quiet", "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     tj = json.loads((out / "train.json").read_text())
-    n_patients = _train_patients(multi).nunique()
+    pids = _train_patients(multi)
+    n_patients, n_images = pids.nunique(), len(pids)
     q, steps, delta = 6 / n_patients, math.ceil(n_patients / 6), default_delta(n_patients)
-    assert tj["privacy_unit"] == "patient" and tj["n_units"] == n_patients and tj["accountant"] == "dp_accounting_pld"
-    assert tj["sample_rate"] == pytest.approx(q) and tj["steps"] == steps and tj["delta"] == delta
+    assert tj["privacy_unit"] == tj["privacy"]["privacy_unit"] == "patient" and tj["backend"] == "tf"
+    assert tj["n_units"] == n_patients and tj["n_train"] == n_images > 2 * n_patients
+    assert tj["sample_rate"] == pytest.approx(q, rel=1e-12) and tj["steps"] == steps and tj["delta"] == delta
+    # recomputed from the data, not from train.json: dp_accounting's PLD (what prv runs here), and Opacus' PRV
     args = dict(noise_multiplier=tj["noise_multiplier"], sample_rate=q, steps=steps, delta=delta)
-    assert tj["epsilon"] == pytest.approx(compute_epsilon("prv", **args), rel=1e-9) and tj["epsilon"] <= 8.0
+    assert tj["accountant"] == "dp_accounting_pld" and tj["epsilon"] <= 8.0
+    assert tj["epsilon"] == pytest.approx(compute_epsilon("prv", **args), rel=1e-9)
     prv = opacus_epsilon("prv", **args)
     assert abs(tj["epsilon"] - prv) <= 0.01 + 0.01 * prv
+    sizes = pids.value_counts()
+    assert tj["images_per_patient"] == {"max": int(sizes.max()), "median": float(sizes.median())}
+    assert tj["unit_gradient"] == "sum of the patient's image loss gradients, clipped as one"
+    assert tj["group_privacy"] is None and tj["warnings"] == [] and tj["patient_ids"] == "given"
+    assert "per patient" in tj["microbatches"] and "expected number of patients 6" in tj["normalisation"]
+    # the opacus backend's patient-level run: the same records (tf has a few more), the same accounting inputs
+    cfg = TrainConfig(width=4, image_size=16, batch_size=6, physical_batch_size=8, epochs=1,
+                      dp=DPConfig(epsilon=None, noise_multiplier=1.0))
+    op = create_backend("opacus").train(load_manifest(multi, task=CXR), cfg, tmp_path / "op", quiet=True)
+    assert set(op) <= set(tj) and set(op["privacy"]) <= set(tj["privacy"])
+    for k in ("privacy_unit", "n_units", "sample_rate", "steps", "delta", "images_per_patient", "unit_gradient",
+              "group_privacy", "n_train", "patient_ids", "max_images_per_patient", "images_left_out"):
+        assert tj[k] == op[k], k
