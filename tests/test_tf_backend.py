@@ -217,7 +217,7 @@ def test_batch_and_sample_rate_refusals_match_opacus(tf, cohort, tmp_path, batch
     frame = load_manifest(cohort, task=CXR).frame
     n_patients = frame.loc[frame["split"] == "train", "patient_id"].nunique()   # the unit: patients, as opacus
     with pytest.raises(ConfigError, match=needle):
-        _tf_train(cohort, tmp_path / "run", batch_size=batch or n_patients)
+        _tf_train(cohort, tmp_path / "run", batch_size=batch or n_patients, physical_batch_size=16)
     assert not (tmp_path / "run").exists()
 
 
@@ -225,7 +225,9 @@ def test_batch_and_sample_rate_refusals_match_opacus(tf, cohort, tmp_path, batch
 def tf_study(tmp_path_factory, tf) -> Path:
     """A tiny train-and-audit study with --backend tf (private + non-private), through the CLI."""
     out = tmp_path_factory.mktemp("tfstudy") / "study"
-    res = invoke("train-and-audit", "cxr", "--backend", "tf", *TINY, "--n-samples", "120", "--out", out)
+    # physical batch 32: a patient of this cohort has 14 training images, and a patient shares one physical batch
+    res = invoke("train-and-audit", "cxr", "--backend", "tf", *TINY, "--n-samples", "120", "--physical-batch-size", "32",
+                 "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     return out
 
