@@ -244,6 +244,7 @@ def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi,
     """One tiny CLI run (the default accountant, a target epsilon): its epsilon recomputed at the patient rate
     from the data, and its train.json against an opacus patient-level run's on the same cohort."""
     from conftest import invoke
+
     from privaudit.audit.accounting import opacus_epsilon
     from privaudit.backends import create_backend
     from privaudit.backends.tf_backend import compute_epsilon
@@ -261,7 +262,7 @@ def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi,
     assert tj["n_units"] == n_patients and tj["n_train"] == n_images > 2 * n_patients
     assert tj["sample_rate"] == pytest.approx(q, rel=1e-12) and tj["steps"] == steps and tj["delta"] == delta
     # recomputed from the data, not from train.json: dp_accounting's PLD (what prv runs here), and Opacus' PRV
-    args = dict(noise_multiplier=tj["noise_multiplier"], sample_rate=q, steps=steps, delta=delta)
+    args = {"noise_multiplier": tj["noise_multiplier"], "sample_rate": q, "steps": steps, "delta": delta}
     assert tj["accountant"] == "dp_accounting_pld" and tj["epsilon"] <= 8.0
     assert tj["epsilon"] == pytest.approx(compute_epsilon("prv", **args), rel=1e-9)
     prv = opacus_epsilon("prv", **args)

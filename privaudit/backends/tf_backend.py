@@ -192,6 +192,20 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int
 
 
 # ---- the training steps --------------------------------------------------------------------------------------
+def quiet_vectorized_map(fn, elems):
+    """``tf.vectorized_map``, quietly: pfor logs (python logging) each op it vectorises with a while_loop
+    fallback, e.g. the per-example Conv2DBackpropFilter or the clipping's L2Loss; that is expected here, so keep
+    it off the user's console while tracing."""
+    tf = import_tf()
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        return tf.vectorized_map(fn, elems)
+    finally:
+        logger.setLevel(level)
+
+
 class DPStep:
     """One DP update of ``model`` with ``optimizer``: TF-Privacy's Gaussian sum query over per-example gradients,
     normalised by the expected batch size.
@@ -225,37 +239,26 @@ class DPStep:
         """The query's sample parameters (the clipping norm C, float32 in TF-Privacy) in the model's type."""
         return import_tf().cast(self.query.derive_sample_params(self.global_state), self.dtype)
 
-    @staticmethod
-    def _vectorized_map(fn, elems):
-        """``tf.vectorized_map``, quietly: pfor logs (python logging) each op it vectorises with a while_loop
-        fallback, e.g. the per-example Conv2DBackpropFilter or the clipping's L2Loss; that is expected here, so
-        keep it off the user's console while tracing."""
+    def _clipped_sum(self, x, y):
         tf = import_tf()
-        logger = tf.get_logger()
-        level = logger.level
-        logger.setLevel("ERROR")
-        try:
-            return tf.vectorized_map(fn, elems)
-        finally:
-            logger.setLevel(level)
-
-    def _example_grads(self, x, y, params=None):
-        """Per-example loss gradients of a physical batch (one row per example) and the per-example losses;
-        each example's gradient clipped to C by the query when ``params`` is given."""
-        tf = import_tf()
+        params = self._clip_params()
 
         def one(args):
             xi, yi = args
             with tf.GradientTape() as tape:
                 loss = masked_bce(self.model(xi[None], training=True), yi[None])[0]
             grads = tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return (grads if params is None else self.query.preprocess_record(params, grads)), loss
+            return self.query.preprocess_record(params, grads), loss  # clip this example's gradient to C
 
-        return self._vectorized_map(one, (x, y))
-
-    def _clipped_sum(self, x, y):
-        tf = import_tf()
-        clipped, losses = self._example_grads(x, y, self._clip_params())   # clip each example's gradient to C
+        # pfor logs (python logging) each op it vectorises with a while_loop fallback, e.g. the per-example
+        # Conv2DBackpropFilter; that is expected here, so keep it off the user's console while tracing.
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            clipped, losses = tf.vectorized_map(one, (x, y))
+        finally:
+            logger.setLevel(level)
         return [tf.reduce_sum(g, axis=0) for g in clipped], tf.reduce_sum(losses)
 
     def _noise_and_apply(self, grad_sum):
@@ -310,11 +313,18 @@ class PatientDPStep(DPStep):
 
     def _unit_clipped_sum(self, x, y, units, n_units):
         tf = import_tf()
-        grads, losses = self._example_grads(x, y)
-        # one record per patient: the sum of its images' loss gradients
-        records = [tf.math.unsorted_segment_sum(g, units, n_units) for g in grads]
         params = self._clip_params()
-        clipped = self._vectorized_map(lambda record: self.query.preprocess_record(params, record), records)
+
+        def one(args):   # one example's loss gradient, not clipped
+            xi, yi = args
+            with tf.GradientTape() as tape:
+                loss = masked_bce(self.model(xi[None], training=True), yi[None])[0]
+            return tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO), loss
+
+        grads, losses = quiet_vectorized_map(one, (x, y))
+        # one record per patient, the sum of its images' loss gradients, clipped to C as one by the query
+        records = [tf.math.unsorted_segment_sum(g, units, n_units) for g in grads]
+        clipped = quiet_vectorized_map(lambda record: self.query.preprocess_record(params, record), records)
         return [tf.reduce_sum(g, axis=0) for g in clipped], tf.reduce_sum(losses)
 
     def _add(self, x, y, units, n_units):
