@@ -491,6 +491,12 @@ class TfBackend:
         steps_per_epoch = math.ceil(plan.n_units / config.batch_size)   # units: patients or images
         total_steps = steps_per_epoch * config.epochs
         device = pick_device(config.device, framework="tf")
+        sampler = None
+        if patient:   # the opacus backend's patient sampler, at the same seed: the same patient draws
+            from privaudit.backends._units import PatientSampler
+
+            sampler = PatientSampler(plan.units, plan.n_units, sample_rate, steps=steps_per_epoch,
+                                     physical=config.physical_batch_size, seed=config.seed)
 
         keras.utils.set_random_seed(config.seed)
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
@@ -524,12 +530,6 @@ class TfBackend:
                                   physical_batch_size=config.physical_batch_size)
             else:
                 step = PlainStep(model, optimizer)
-            sampler = None
-            if patient:   # the opacus backend's patient sampler, at the same seed: the same patient draws
-                from privaudit.backends._units import PatientSampler
-
-                sampler = PatientSampler(plan.units, plan.n_units, sample_rate, steps=steps_per_epoch,
-                                         physical=config.physical_batch_size, seed=config.seed)
             history, steps, train_seconds = self._fit(step, x_train=xt, y_train=y_train, x=x, y=y, frame=frame,
                                                       config=config, dp=dp, sample_rate=sample_rate, sampler=sampler,
                                                       steps_per_epoch=steps_per_epoch,
