@@ -319,7 +319,9 @@ class PatientDPStep(DPStep):
             xi, yi = args
             with tf.GradientTape() as tape:
                 loss = masked_bce(self.model(xi[None], training=True), yi[None])[0]
-            return tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO), loss
+            grads = tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            instrument = getattr(self, "instrument", None)   # verify-dp's hook, if any: before the patient sum
+            return (grads if instrument is None else instrument.per_example(xi, grads)), loss
 
         grads, losses = quiet_vectorized_map(one, (x, y))
         # one record per patient, the sum of its images' loss gradients, clipped to C as one by the query
