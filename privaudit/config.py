@@ -28,6 +28,10 @@ PRIVACY_UNITS = ("patient", "image")
 
 def patient_unit_refusal(backend: str, clipping: str, *, torchrun: bool = False) -> str | None:
     """Why patient-level DP cannot run with these settings (one line with the fix), or None when it can."""
+    if backend == "tf":
+        # tf_backend.PatientDPStep sums the per-example gradients by patient before TF-Privacy's GaussianSumQuery
+        # clips them (the tf backend has no other clipping: clipping stays 'hooks'); it runs in one process
+        return None
     if backend != "opacus":
         return (f"privacy_unit 'patient' is not available on the {backend} backend yet (its DP optimizer clips "
                 "each image on its own); use the opacus backend, or privacy_unit 'image'")

@@ -432,7 +432,7 @@ def test_auto_unit_falls_back_to_image_with_a_warning_where_patient_level_cannot
     assert tj["privacy_unit"] == "image" and tj["group_privacy"] is not None
     assert any("patient-level DP needs a patient's image gradients summed" in w for w in tj["warnings"])
     plan = plan_training(load_manifest(multi, task=CXR), TrainConfig(backend="tf", batch_size=6), CXR, 16)
-    assert plan.privacy_unit == "image" and "not available on the tf backend yet" in plan.warnings[0]
+    assert plan.privacy_unit == "patient" and plan.warnings == ()   # the tf backend does patient-level DP too
 
 
 def test_one_image_per_patient_is_image_level(cohort, tmp_path):
@@ -448,7 +448,6 @@ def test_one_image_per_patient_is_image_level(cohort, tmp_path):
 @pytest.mark.parametrize("kw,needle", [
     ({"max_images_per_patient": 0}, "max_images_per_patient must be at least 1, got 0"),
     ({"privacy_unit": "person"}, "unknown privacy_unit 'person'; use patient or image"),
-    ({"privacy_unit": "patient", "backend": "tf"}, "not available on the tf backend yet"),
     ({"privacy_unit": "patient", "clipping": "ew"}, "which clipping 'ew' cannot do"),
     ({"privacy_unit": "patient", "clipping": "ghost"}, "use clipping 'fast' or 'hooks', or privacy_unit 'image'"),
 ])

@@ -214,9 +214,10 @@ def _tf_train(cohort: Path, out: Path, **kw) -> dict:
 @pytest.mark.parametrize("batch,needle", [(500, "batch_size 500 is larger than the training set"),
                                           (None, "sample rate 1 .* must be below 1")])
 def test_batch_and_sample_rate_refusals_match_opacus(tf, cohort, tmp_path, batch, needle):
-    n_train = int((load_manifest(cohort, task=CXR).frame["split"] == "train").sum())
+    frame = load_manifest(cohort, task=CXR).frame
+    n_patients = frame.loc[frame["split"] == "train", "patient_id"].nunique()   # the unit: patients, as opacus
     with pytest.raises(ConfigError, match=needle):
-        _tf_train(cohort, tmp_path / "run", batch_size=batch or n_train)
+        _tf_train(cohort, tmp_path / "run", batch_size=batch or n_patients, physical_batch_size=16)
     assert not (tmp_path / "run").exists()
 
 
@@ -224,7 +225,9 @@ def test_batch_and_sample_rate_refusals_match_opacus(tf, cohort, tmp_path, batch
 def tf_study(tmp_path_factory, tf) -> Path:
     """A tiny train-and-audit study with --backend tf (private + non-private), through the CLI."""
     out = tmp_path_factory.mktemp("tfstudy") / "study"
-    res = invoke("train-and-audit", "cxr", "--backend", "tf", *TINY, "--n-samples", "120", "--out", out)
+    # physical batch 32: a patient of this cohort has 14 training images, and a patient shares one physical batch
+    res = invoke("train-and-audit", "cxr", "--backend", "tf", *TINY, "--n-samples", "120", "--physical-batch-size", "32",
+                 "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     return out
 

@@ -50,7 +50,7 @@ def cap_images(patient_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
 def resolve_unit(config: TrainConfig, several: bool, *, torchrun: bool) -> tuple[str, list[str]]:
     """The privacy unit of a DP run, and warnings. Left unset, it is the patient whenever a patient has more
     than one training image (otherwise the two units are one mechanism) and patient-level DP runs here; where it
-    cannot (tf backend, ew or ghost clipping), the image, with a warning. Asked for, it is refused there."""
+    cannot (ew or ghost clipping), the image, with a warning. Asked for, it is refused there."""
     why = patient_unit_refusal(config.backend, config.clipping, torchrun=torchrun)
     if config.privacy_unit == "patient" and why:
         raise ConfigError(why)

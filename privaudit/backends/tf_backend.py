@@ -13,6 +13,13 @@ field. What is TensorFlow-specific:
   realised size (which would leak it). An empty batch still gets its noise and its step. TF-Privacy's Keras
   optimisers divide by the number of microbatches instead, which is data-dependent under Poisson sampling,
   hence the queries.
+* **Patient-level DP** (``privacy_unit="patient"``): the pipeline draws *patients*, each training patient
+  joining a logical step independently with probability q = batch / training patients, with every training image
+  of a drawn patient (``backends._units.PatientSampler``, the opacus backend's sampler: the same law, and at the
+  same seed the same draws), and yields physical batches of whole patients. Per-example loss gradients are
+  summed by patient (``tf.math.unsorted_segment_sum``) before ``GaussianSumQuery`` clips each patient's summed
+  gradient to C as one record; noise sigma C is added once per logical step and ``NormalizedQuery`` divides by
+  the expected number of patients, q times the training patients.
 * **Accounting** uses dp_accounting (TF-Privacy's accounting library) on the Poisson-subsampled Gaussian
   event that the query reports: ``--accountant prv`` (the default, Opacus-specific) maps to dp_accounting's
   PLD accountant, the tight one, and ``rdp`` to its RDP accountant; train.json records which ran. ``gdp``
@@ -55,6 +62,8 @@ NADAM_EPS = 1e-8
 # --accountant -> the dp_accounting accountant that runs it, recorded in train.json under "accountant".
 # Both are registered in privaudit.audit.accounting, whose PLD resolution (1e-3) the cross-check uses too.
 ACCOUNTANTS = {"prv": "dp_accounting_pld", "rdp": "dp_accounting_rdp"}
+PATIENT_MICROBATCHES = ("per patient (per-example gradients summed by patient with unsorted_segment_sum, one "
+                        "record per patient)")
 UNSAFE_CLASSES = {
     "Lambda": "a Lambda layer, which runs Python code stored in the file",
     "__lambda__": "a serialised Python lambda, which is code stored in the file",
@@ -149,6 +158,32 @@ def poisson_batches(x: np.ndarray, y: np.ndarray, *, sample_rate: float, first_s
     return tf.data.Dataset.range(first_step, first_step + steps).map(draw).prefetch(2)
 
 
+def patient_batches(x: np.ndarray, y: np.ndarray, sampler, *, steps: int):
+    """``tf.data`` pipeline of ``steps`` logical steps of patient-level Poisson sampling, as physical batches
+    ``(x, y, units, n_units, last)`` of whole patients.
+
+    ``sampler`` is a :class:`privaudit.backends._units.PatientSampler` over the rows of ``x``: each step it
+    includes every patient independently with probability q, with all its rows, and packs them into physical
+    batches (``units``: each row's patient within the batch, 0 .. n_units - 1; ``last``: the step's last batch,
+    after which the update is applied). An empty draw is one empty batch, so the step still adds its noise.
+    The draws happen as the pipeline is read, from the sampler's one seeded generator.
+    """
+    tf = import_tf()
+    xs, ys = tf.constant(x), tf.constant(y)
+
+    def physical():
+        for _ in range(steps):
+            for b in sampler.pack(sampler.draw()):
+                yield b.items, b.units, b.n_units, b.last
+
+    def gather(items, units, n_units, last):
+        return tf.gather(xs, items), tf.gather(ys, items), tf.cast(units, tf.int32), tf.cast(n_units, tf.int32), last
+
+    signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64),
+                 tf.TensorSpec([], tf.bool))
+    return tf.data.Dataset.from_generator(physical, output_signature=signature).map(gather).prefetch(2)
+
+
 def shuffled_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int):
     """Non-private training: a fresh shuffle each epoch, fixed-size batches (the last one smaller)."""
     tf = import_tf()
@@ -157,6 +192,20 @@ def shuffled_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int
 
 
 # ---- the training steps --------------------------------------------------------------------------------------
+def quiet_vectorized_map(fn, elems):
+    """``tf.vectorized_map``, quietly: pfor logs (python logging) each op it vectorises with a while_loop
+    fallback, e.g. the per-example Conv2DBackpropFilter or the clipping's L2Loss; that is expected here, so keep
+    it off the user's console while tracing."""
+    tf = import_tf()
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        return tf.vectorized_map(fn, elems)
+    finally:
+        logger.setLevel(level)
+
+
 class DPStep:
     """One DP update of ``model`` with ``optimizer``: TF-Privacy's Gaussian sum query over per-example gradients,
     normalised by the expected batch size.
@@ -178,15 +227,21 @@ class DPStep:
             denominator=expected_batch_size)
         self.global_state = self.query.initial_global_state()
         self.events = []  # the DpEvent each noised step reports
-        spec = model.inputs[0].shape[1:]
+        # the model's float type (float32; float64 in the tests that compare with torch)
+        self.dtype = model.inputs[0].dtype
+        self.batch_spec = [tf.TensorSpec([None, *model.inputs[0].shape[1:]], self.dtype),
+                           tf.TensorSpec([None, model.outputs[0].shape[-1]], self.dtype)]
         # autograph=False: these functions have no tensor-dependent Python control flow to convert
-        self.clipped_sum = tf.function(self._clipped_sum, autograph=False, input_signature=[
-            tf.TensorSpec([None, *spec], tf.float32), tf.TensorSpec([None, model.outputs[0].shape[-1]], tf.float32)])
+        self.clipped_sum = tf.function(self._clipped_sum, autograph=False, input_signature=self.batch_spec)
         self._apply = tf.function(self._noise_and_apply, autograph=False)
+
+    def _clip_params(self):
+        """The query's sample parameters (the clipping norm C, float32 in TF-Privacy) in the model's type."""
+        return import_tf().cast(self.query.derive_sample_params(self.global_state), self.dtype)
 
     def _clipped_sum(self, x, y):
         tf = import_tf()
-        params = self.query.derive_sample_params(self.global_state)
+        params = self._clip_params()
 
         def one(args):
             xi, yi = args
@@ -233,6 +288,76 @@ class DPStep:
         grad_sum, loss = self._accumulate(x, y)
         self.events.append(float(self._apply(grad_sum)))
         return loss / len(x) if len(x) else None
+
+
+class PatientDPStep(DPStep):
+    """One patient-level DP update from physical batches of whole patients (see :func:`patient_batches`).
+
+    ``unit_clipped_sum(x, y, units, n_units)`` sums each patient's per-example loss gradients
+    (``tf.math.unsorted_segment_sum`` by ``units``), clips each patient's summed gradient to C as one record with
+    the query's ``preprocess_record`` (``GaussianSumQuery``) and returns the sum over patients, with the loss
+    sum. ``__call__`` accumulates physical batches; after a step's last one it adds the noise sigma C once,
+    divides by ``expected_batch_size`` (the expected number of patients) and applies the update.
+    """
+
+    def __init__(self, model, optimizer, *, l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float):
+        tf = import_tf()
+        super().__init__(model, optimizer, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+                         expected_batch_size=expected_batch_size, physical_batch_size=0)
+        self.unit_clipped_sum = tf.function(self._unit_clipped_sum, autograph=False, input_signature=[
+            *self.batch_spec, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
+        self._reset()
+
+    def _reset(self):
+        self._sum, self._loss, self._images = None, 0.0, 0
+
+    def _unit_clipped_sum(self, x, y, units, n_units):
+        tf = import_tf()
+        params = self._clip_params()
+
+        def one(args):   # one example's loss gradient, not clipped
+            xi, yi = args
+            with tf.GradientTape() as tape:
+                loss = masked_bce(self.model(xi[None], training=True), yi[None])[0]
+            grads = tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            instrument = getattr(self, "instrument", None)   # verify-dp's hook, if any: before the patient sum
+            return (grads if instrument is None else instrument.per_example(xi, grads)), loss
+
+        grads, losses = quiet_vectorized_map(one, (x, y))
+        # one record per patient, the sum of its images' loss gradients, clipped to C as one by the query
+        records = [tf.math.unsorted_segment_sum(g, units, n_units) for g in grads]
+        clipped = quiet_vectorized_map(lambda record: self.query.preprocess_record(params, record), records)
+        return [tf.reduce_sum(g, axis=0) for g in clipped], tf.reduce_sum(losses)
+
+    def _add(self, x, y, units, n_units):
+        if len(x):   # an empty draw adds nothing but still steps (with noise alone)
+            part, loss = self.unit_clipped_sum(x, y, units, n_units)
+            self._sum = part if self._sum is None else [a + b for a, b in zip(self._sum, part)]
+            self._loss += float(loss)
+            self._images += len(x)
+
+    def noised_mean(self, x, y, units=None, n_units=None):
+        """The noised, normalised gradient of one logical batch of patients (not applied); for tests."""
+        tf = import_tf()
+        self._reset()
+        self._add(x, y, units, n_units)
+        grad_sum = self._sum or [tf.zeros_like(v) for v in self.variables]
+        self._reset()
+        state = self.query.accumulate_preprocessed_record(self.query.initial_sample_state(grad_sum), grad_sum)
+        return self.query.get_noised_result(state, self.global_state)[0]
+
+    def __call__(self, x, y, units=None, n_units=None, last=True) -> float | None:
+        """Add one physical batch; after the step's ``last`` one, noise and apply the update and return the step's
+        mean loss per image (None for an empty step, and before the last batch)."""
+        tf = import_tf()
+        self._add(x, y, units, n_units)
+        if not last:
+            return None
+        grad_sum = self._sum or [tf.zeros_like(v) for v in self.variables]
+        loss = self._loss / self._images if self._images else None
+        self._reset()
+        self.events.append(float(self._apply(grad_sum)))
+        return loss
 
 
 class PlainStep:
@@ -359,11 +484,21 @@ class TfBackend:
         plan = plan_training(manifest, config, task, size)
         train_mask, canaries, n_train, dp, sample_rate = (plan.train_mask, plan.canaries, plan.n_train, plan.dp,
                                                           plan.sample_rate)
+        patient = dp.enabled and plan.privacy_unit == "patient"
         if dp.enabled:
             _accountant(dp.accountant)  # refuse gdp before any work
-        steps_per_epoch = math.ceil(n_train / config.batch_size)
+        if console is not None and not quiet:
+            for w in plan.warnings:
+                console.print(f"[yellow]warning:[/] {w}")
+        steps_per_epoch = math.ceil(plan.n_units / config.batch_size)   # units: patients or images
         total_steps = steps_per_epoch * config.epochs
         device = pick_device(config.device, framework="tf")
+        sampler = None
+        if patient:   # the opacus backend's patient sampler, at the same seed: the same patient draws
+            from privaudit.backends._units import PatientSampler
+
+            sampler = PatientSampler(plan.units, plan.n_units, sample_rate, steps=steps_per_epoch,
+                                     physical=config.physical_batch_size, seed=config.seed)
 
         keras.utils.set_random_seed(config.seed)
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
@@ -387,13 +522,18 @@ class TfBackend:
                 if noise_multiplier is None:
                     noise_multiplier = noise_for_epsilon(dp.accountant, epsilon=dp.epsilon, sample_rate=sample_rate,
                                                          steps=total_steps, delta=dp.delta)
-                step = DPStep(model, optimizer, l2_norm_clip=dp.max_grad_norm, noise_multiplier=noise_multiplier,
-                              expected_batch_size=sample_rate * n_train,
-                              physical_batch_size=config.physical_batch_size)
+                if patient:
+                    step = PatientDPStep(model, optimizer, l2_norm_clip=dp.max_grad_norm,
+                                         noise_multiplier=noise_multiplier,
+                                         expected_batch_size=sample_rate * plan.n_units)
+                else:
+                    step = DPStep(model, optimizer, l2_norm_clip=dp.max_grad_norm, noise_multiplier=noise_multiplier,
+                                  expected_batch_size=sample_rate * plan.n_units,
+                                  physical_batch_size=config.physical_batch_size)
             else:
                 step = PlainStep(model, optimizer)
             history, steps, train_seconds = self._fit(step, x_train=xt, y_train=y_train, x=x, y=y, frame=frame,
-                                                      config=config, dp=dp, sample_rate=sample_rate,
+                                                      config=config, dp=dp, sample_rate=sample_rate, sampler=sampler,
                                                       steps_per_epoch=steps_per_epoch,
                                                       noise_multiplier=noise_multiplier, console=console, quiet=quiet)
             probs, losses = predict_arrays(model, _prepare(x), y)
@@ -426,6 +566,8 @@ class TfBackend:
             privacy = {**privacy, "noise_multiplier": 0.0, "max_grad_norm": dp.max_grad_norm,
                        "sample_rate": sample_rate, "poisson_sampling": True, "clip_only": True, "clipping": "flat",
                        "grad_sample_mode": "tf.vectorized_map"}
+            if patient:
+                privacy["microbatches"] = PATIENT_MICROBATCHES
         elif dp.enabled:
             if any(abs(e - noise_multiplier) > 1e-5 * noise_multiplier for e in step.events):
                 raise RuntimeError(f"the DP query reported noise multipliers {set(step.events)} != {noise_multiplier}")
@@ -438,13 +580,18 @@ class TfBackend:
                 "sample_rate": sample_rate, "steps": len(step.events), "poisson_sampling": True,
                 "target_epsilon": dp.epsilon,
                 "accountant_history": [[float(noise_multiplier), sample_rate, len(step.events)]],
-                "clipping": "flat", "microbatches": "per example (one microbatch per example)",
-                "normalisation": f"noised sum / expected batch size {sample_rate * n_train:g}",
+                "clipping": "flat", "microbatches": PATIENT_MICROBATCHES if patient
+                else "per example (one microbatch per example)",
+                "normalisation": f"noised sum / expected number of patients {sample_rate * plan.n_units:g}" if patient
+                else f"noised sum / expected batch size {sample_rate * plan.n_units:g}",
                 "dp_query": "tensorflow_privacy NormalizedQuery(GaussianSumQuery)",
                 "grad_sample_mode": "tf.vectorized_map", "secure_mode": False,
             }
         unit_block, unit_top, unit_warnings = unit_record(plan, config, privacy)   # image-level: group privacy
         privacy.update(unit_block)
+        if console is not None and not quiet:
+            for w in unit_warnings[len(plan.warnings):]:
+                console.print(f"[yellow]warning:[/] {w}")
         train_json = {
             "backend": self.name, "task": task.name, "architecture": arch, "seed": config.seed,
             "privacy": privacy, "history": history,
@@ -471,7 +618,9 @@ class TfBackend:
         return {"path": str(path), "sha256": sha256(path)}
 
     def _fit(self, step, *, x_train, y_train, x, y, frame, config, dp, sample_rate, steps_per_epoch,
-             noise_multiplier, console, quiet):
+             noise_multiplier, console, quiet, sampler=None):
+        """The training loop; ``sampler`` (patient-level DP) yields physical batches of whole patients, and a
+        logical step ends with its last one."""
         history, steps = [], 0
         split = frame["split"].to_numpy()
         x_val, y_val = _prepare(x[split == "val"]), y[split == "val"]
@@ -482,13 +631,21 @@ class TfBackend:
             ep_task = prog.add_task("epochs", total=config.epochs, info="")
             for epoch in range(config.epochs):
                 st = prog.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, info="")
-                batches = (poisson_batches(x_train, y_train, sample_rate=sample_rate, first_step=epoch * steps_per_epoch,
-                                           steps=steps_per_epoch, seed=config.seed) if dp.enabled else plain)
+                if sampler is not None:
+                    batches = patient_batches(x_train, y_train, sampler, steps=steps_per_epoch)
+                elif dp.enabled:
+                    batches = poisson_batches(x_train, y_train, sample_rate=sample_rate,
+                                              first_step=epoch * steps_per_epoch, steps=steps_per_epoch,
+                                              seed=config.seed)
+                else:
+                    batches = plain
                 losses = []
-                for xb, yb in batches:
-                    loss = step(xb, yb)
+                for batch in batches:
+                    loss = step(*batch)
                     if loss is not None:
                         losses.append(loss)
+                    if sampler is not None and not batch[-1]:
+                        continue   # a logical step's physical batches: it steps after the last one
                     steps += 1
                     prog.update(st, advance=1)
                 prog.remove_task(st)
