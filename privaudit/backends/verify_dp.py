@@ -127,7 +127,11 @@ class GradientCanaries:
         if self.grad_sample_mode not in SUPPORTED_CLIPPING:
             raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
                               f"{self.grad_sample_mode} never keeps; use --clipping hooks, ew or fast")
+        from privaudit.backends.opacus_backend import _PatientLoader
+
         self.rank, self.world_size, self.device = ddp.rank, ddp.world_size, ddp.device
+        # patient-level DP: each canary is a patient of its own (one row), drawn by the patient sampler
+        self.privacy_unit = "patient" if isinstance(loader, _PatientLoader) else "image"
         self.optimizer = optimizer
         self.clip_norm = float(optimizer.max_grad_norm)   # the accounted C (a fault may change the optimizer's)
         self.params = list(optimizer.params)
@@ -181,9 +185,37 @@ class GradientCanaries:
 
         clip = optimizer.clip_and_accumulate
         fast = self.grad_sample_mode == "fast"
+        by_patient = self.privacy_unit == "patient" and not fast
+        if by_patient:
+            # Hooks mode sums p.grad_sample's rows by patient right after the backward pass
+            # (fastdp.sum_grad_samples), before the optimizer clips: the canary rows must be set before that sum,
+            # so they are set when autograd finishes the backward pass (Opacus' hooks have then filled
+            # p.grad_sample), by a callback queued from the model output's gradient hook.
+            from torch.autograd import Variable
+
+            def inject_pending():
+                rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
+                if len(rows):
+                    self._inject(rows, ids)
+
+            def queue(grad):
+                Variable._execution_engine.queue_callback(inject_pending)
+
+            def watch_output(module, args, output):
+                import torch
+
+                if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
+                        and output.requires_grad:
+                    output.register_hook(queue)
+
+            model.register_forward_hook(watch_output)
 
         def clip_and_accumulate():
-            if not fast:   # the fast engine has no p.grad_sample: its book-keeping takes the canaries (below)
+            if by_patient:   # injected at the end of the backward pass (above); an empty batch may have none
+                rows, _ = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
+                if len(rows):
+                    raise RuntimeError("verify-dp's canary rows reached the optimizer without their injection")
+            elif not fast:   # the fast engine has no p.grad_sample: its book-keeping takes the canaries (below)
                 rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
                 if len(rows):
                     self._inject(rows, ids)
@@ -208,7 +240,7 @@ class GradientCanaries:
                         continue
                     rows, ids = self._pending.pop(0) if self._pending else (np.zeros(0, np.int64), None)
                     if len(rows) and batch.n:
-                        batch.terms[key] = self._fast_terms(rows, ids, batch.n, module.loss_reduction)
+                        batch.terms[key] = self._fast_terms(rows, ids, batch.n, module.loss_reduction, batch.units)
                 return clipped_sum(max_grad_norm)
 
             module.clipped_grad_sum = clipped_grad_sum
@@ -246,9 +278,10 @@ class GradientCanaries:
 
             optimizer.add_noise = every_rank
         elif fault == "double-rate":
-            sampler = loader.batch_sampler
+            # Opacus' Poisson sampler of images, or privaudit's of patients
+            sampler = loader.sampler if self.privacy_unit == "patient" else loader.batch_sampler
             if not hasattr(sampler, "sample_rate"):
-                raise ConfigError("fault double-rate needs Opacus' Poisson sampler")
+                raise ConfigError("fault double-rate needs a Poisson sampler")
             sampler.sample_rate = min(1.0, 2 * sampler.sample_rate)
 
         scale_grad = optimizer.scale_grad
@@ -291,12 +324,17 @@ class GradientCanaries:
                     raise RuntimeError("verify-dp expects one per-sample gradient tensor per parameter and step")
                 gs[rows_t.to(gs.device)] = vec[:, a:b].reshape(len(rows), *p.shape).to(gs.device, gs.dtype)
 
-    def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str):
-        """The canary rows' share of a fast-engine batch: their squared per-sample norms and their clipped sum.
+    def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str, units=None):
+        """The canary rows' share of a fast-engine batch: their squared per-unit norms and their clipped sum.
 
         The fast engine keeps per-sample gradients of the batch's loss (the mean over n rows, so each 1/n of the
         row's own gradient) and multiplies norms and clip factors by n; the canary share is kept in those units,
         so that the engine's own clipping sees a gradient of norm CANARY_NORM * C on each canary row.
+
+        Under patient-level DP (``units``, the batch's ``fastdp.Units``) the engine's norms and clip factors are
+        per patient: each canary row's share goes to its patient's entry, looked up in the engine's own unit
+        index, and is summed there with that patient's other terms (a canary patient has this one row, whose own
+        loss gradient is zero), then clipped with the patient's clip factor.
         """
         import torch
 
@@ -305,11 +343,17 @@ class GradientCanaries:
         scale = float(n) if loss_reduction == "mean" else 1.0
         vec = self._canary_vectors(ids, self.clip_norm) / scale
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        sq = torch.zeros(n, dtype=torch.float32, device=self.device)
-        sq[rows_t] = vec.square().sum(dim=1)
+        if units is not None:
+            at = units.index.to(self.device)[rows_t]
+            sq = torch.zeros(units.count, dtype=torch.float32, device=self.device)
+            sq.index_add_(0, at, vec.square().sum(dim=1))
+        else:
+            at = rows_t
+            sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+            sq[rows_t] = vec.square().sum(dim=1)
 
         def clipped_sum(coef):
-            weighted = coef.to(self.device, torch.float32)[rows_t][:, None] * vec
+            weighted = coef.to(self.device, torch.float32)[at][:, None] * vec
             total = weighted.sum(dim=0)
             return {p: total[a:b].reshape(p.shape) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])}
 
@@ -356,9 +400,6 @@ def _check(config, gradient_canaries: int, confidence: float) -> None:
                           "1000 or more give a useful bound")
     if not 0.5 < confidence < 1:
         raise ConfigError(f"confidence must lie in (0.5, 1), got {confidence}")
-    if config.privacy_unit == "patient":
-        raise ConfigError("verify-dp tests image-level DP pipelines so far (its gradient canaries are single "
-                          "images); use privacy_unit 'image' or leave it out")
 
 
 def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confidence: float = 0.99,
@@ -376,10 +417,6 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
-    if config.privacy_unit is None:   # the canaries are images: test the image-level mechanism
-        import dataclasses
-
-        config = dataclasses.replace(config, privacy_unit="image")
     spec = fault if fault is not None else os.environ.get(FAULT_ENV)
     parsed = parse_fault(spec)
     out_dir = Path(out_dir)
@@ -422,7 +459,8 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
         "fault": None if parsed is None else {"name": parsed[0], "factor": parsed[1],
                                               "note": "injected on purpose by the test-only fault switch"},
         "accountant": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "noise_multiplier",
-                                                   "max_grad_norm", "sample_rate", "steps", "poisson_sampling")},
+                                                   "max_grad_norm", "sample_rate", "steps", "poisson_sampling",
+                                                   "privacy_unit", "n_units")},
         "empirical_epsilon": found,
         "steinke_exceeds_accountant": bool(found["steinke"]["estimate"] > eps),
         "ideal": ideal,
@@ -439,6 +477,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
             "scores_file": "verify_scores.csv",
         },
         "run": {"backend": config.backend, "clipping": inst.grad_sample_mode, "task": config.task,
+                "privacy_unit": privacy.get("privacy_unit"),
                 "arch": train_json.get("architecture"), "width": config.width, "image_size": config.image_size,
                 "batch_size": config.batch_size, "epochs": config.epochs, "train_seed": config.seed,
                 "n_train": train_json.get("n_train"), "world_size": inst.world_size,
