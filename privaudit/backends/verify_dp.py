@@ -105,6 +105,7 @@ class GradientCanaries:
         self.projections: list[np.ndarray] = []   # one (m,) array per optimizer step, in units of C
         self._pending: list = []
         self.rank, self.world_size, self.n_params, self.grad_sample_mode = 0, 1, None, None
+        self.privacy_unit = "image"
 
     # ---- before training ----------------------------------------------------------------------------------
     def rows(self, *, task, size: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +118,19 @@ class GradientCanaries:
         flat[:, 1] = ids
         y = np.full((len(ids), n_labels), np.nan, np.float32)
         return x, y
+
+    def directions(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """The canaries' directions over ``d`` flat parameters: ``(owner, vals)``, canary ``owner[i]``'s direction
+        having ``vals[i]`` at parameter i and 0 elsewhere. The parameters are split at random into m disjoint
+        blocks, and canary j's direction is a random unit vector on block j, so the directions are orthogonal."""
+        if d < self.m:
+            raise ConfigError(f"the model has {d} trainable parameters, fewer than the {self.m} gradient canaries "
+                              "(each needs its own); use fewer canaries or a wider model")
+        rng = np.random.default_rng(self._direction_seed)
+        owner = rng.permutation(d) % self.m
+        vals = rng.standard_normal(d)
+        vals /= np.sqrt(np.bincount(owner, weights=vals**2, minlength=self.m))[owner]
+        return owner, vals
 
     def attach(self, *, model, optimizer, loader, engine, ddp) -> None:
         import torch
@@ -138,16 +152,8 @@ class GradientCanaries:
         sizes = [p.numel() for p in self.params]
         d = int(sum(sizes))
         self.n_params = d
-        if d < self.m:
-            raise ConfigError(f"the model has {d} trainable parameters, fewer than the {self.m} gradient canaries "
-                              "(each needs its own); use fewer canaries or a wider model")
         self.offsets = np.r_[0, np.cumsum(sizes)]
-        # Split the parameters at random into m disjoint blocks; canary j's direction is a random unit vector on
-        # block j. Blocks are disjoint, so the directions are orthogonal.
-        rng = np.random.default_rng(self._direction_seed)
-        owner = rng.permutation(d) % self.m
-        vals = rng.standard_normal(d)
-        vals /= np.sqrt(np.bincount(owner, weights=vals**2, minlength=self.m))[owner]
+        owner, vals = self.directions(d)
         order = np.argsort(owner, kind="stable")
         self._starts = np.searchsorted(owner[order], np.arange(self.m + 1))
         self._order = torch.as_tensor(order, dtype=torch.long, device=self.device)
@@ -384,15 +390,18 @@ class GradientCanaries:
 
 
 def _check(config, gradient_canaries: int, confidence: float) -> None:
-    if config.backend != "opacus":
-        raise ConfigError(f"verify-dp runs the opacus backend so far; --backend {config.backend} is not supported yet")
+    if config.backend not in ("opacus", "tf"):
+        raise ConfigError(f"verify-dp runs the opacus and tf backends; --backend {config.backend} is not supported")
+    if config.backend == "tf" and config.privacy_unit == "patient":
+        raise ConfigError("verify-dp tests the tf backend at privacy_unit 'image' so far; use privacy_unit 'image', "
+                          "or the opacus backend for a patient-level pipeline")
     if not config.dp.enabled:
         raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
     if config.dp.noise_multiplier == 0:
         raise ConfigError("verify-dp needs noise: a clip-only run (--noise-multiplier 0) claims no epsilon to test")
     if config.canaries:
         raise ConfigError("verify-dp brings its own gradient canaries; leave out --canaries")
-    if config.clipping not in SUPPORTED_CLIPPING:
+    if config.backend == "opacus" and config.clipping not in SUPPORTED_CLIPPING:
         raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
                           f"{config.clipping} never keeps; use --clipping hooks, ew or fast")
     if int(gradient_canaries) < MIN_CANARIES:
@@ -417,6 +426,10 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
+    if config.backend == "tf" and config.privacy_unit is None:   # the unit verify-dp tests on tf (see _check)
+        import dataclasses
+
+        config = dataclasses.replace(config, privacy_unit="image")
     spec = fault if fault is not None else os.environ.get(FAULT_ENV)
     parsed = parse_fault(spec)
     out_dir = Path(out_dir)
@@ -425,7 +438,12 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
             raise OutputExistsError(f"{out_dir / name} already exists; choose another output directory")
     say = progress or (lambda message: None)
 
-    inst = GradientCanaries(gradient_canaries, seed=seed, fault=parsed)
+    if config.backend == "tf":
+        from privaudit.backends.verify_dp_tf import TfGradientCanaries
+
+        inst = TfGradientCanaries(gradient_canaries, seed=seed, fault=parsed)
+    else:
+        inst = GradientCanaries(gradient_canaries, seed=seed, fault=parsed)
     backend = create_backend(config.backend)
     say(f"training with {gradient_canaries} gradient canaries")
     t0 = time.perf_counter()
