@@ -382,7 +382,8 @@ class TfBackend:
             cx, cy, included = canaries
             x_train, y_train = np.concatenate([x_train, cx[included]]), np.concatenate([y_train, cy[included]])
         if plan.extra_rows is not None:   # verify-dp's gradient canaries: ordinary rows of the training set
-            x_train, y_train = np.concatenate([x_train, plan.extra_rows[0]]), np.concatenate([y_train, plan.extra_rows[1]])
+            x_train = np.concatenate([x_train, plan.extra_rows[0]])
+            y_train = np.concatenate([y_train, plan.extra_rows[1]])
         xt = _prepare(x_train)
 
         noise_multiplier = None

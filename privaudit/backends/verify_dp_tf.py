@@ -56,8 +56,9 @@ class TfGradientCanaries(GradientCanaries):
         self.n_params = d
         offsets = np.r_[0, np.cumsum(sizes)]
         # per variable: which canary owns each entry, and the direction's value there
-        self._owner = [tf.constant(owner[a:b].reshape(v.shape), tf.int32) for v, a, b in zip(variables, offsets[:-1], offsets[1:])]
-        self._vals = [tf.constant(vals[a:b].reshape(v.shape), tf.float32) for v, a, b in zip(variables, offsets[:-1], offsets[1:])]
+        spans = list(zip(variables, offsets[:-1], offsets[1:]))
+        self._owner = [tf.constant(owner[a:b].reshape(v.shape), tf.int32) for v, a, b in spans]
+        self._vals = [tf.constant(vals[a:b].reshape(v.shape), tf.float32) for v, a, b in spans]
         self._owner_flat = tf.constant(owner, tf.int32)
         self._vals_flat = tf.constant(vals, tf.float32)
         self._mark = (MARK - PIXEL_MEAN) / PIXEL_STD
