@@ -1,5 +1,5 @@
 """``privaudit verify-dp``: a white-box test, in one training run, that a DP-SGD pipeline is as private as its
-accountant says (opacus backend).
+accountant says (opacus backend here; the tf backend's instrument is ``verify_dp_tf``).
 
 The run is an ordinary ``train`` of the opacus backend (same task, data, model, clipping mode, sampler,
 noise, optimizer and, under torchrun, all-reduce) with ``m`` *gradient canaries* added:
@@ -31,6 +31,15 @@ The hooks and ew clipping modes materialise ``p.grad_sample``, where the canarie
 batch's book-keeping before the engine computes norms and clip factors (``_fast_terms``), so the engine's own
 clipping handles them. Ghost clipping keeps no per-sample state that could take them, so verify-dp refuses it
 (a canary injected after its clipping would bypass it).
+
+**Patient-level DP** (``privacy_unit="patient"``, hooks or fast clipping): each included canary is a patient of
+its own, one row with its own unit id (``plan_training`` appends one unit per extra row), drawn by the patient
+Poisson sampler at the patient rate q. Its gradient must be set before the per-patient sum: in hooks mode the
+backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary rows of ``p.grad_sample`` are set
+by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
+before that sum; the fast engine's canary share is laid on the canaries' patients through the engine's own unit
+index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
+q, sigma, C and steps, as the accountant does.
 
 **Faults, for tests only.** ``fault=`` (or the environment variable ``PRIVAUDIT_TEST_FAULT`` when ``fault`` is
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
