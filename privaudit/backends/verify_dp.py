@@ -426,7 +426,8 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     (and ``verify_scores.csv``) and return verify.json's content.
 
     ``manifest``: a ``privaudit.data.manifest.Manifest``; ``config``: the ``TrainConfig`` of the pipeline to
-    test (opacus backend, DP on, clipping hooks or ew, no input-space canaries). ``seed`` seeds the canaries
+    test (DP on, no input-space canaries; opacus with clipping hooks, ew or fast, or tf; the privacy unit as
+    ``train`` resolves it: patient-level on opacus with hooks or fast, image-level on tf). ``seed`` seeds the canaries
     (inclusion, directions) and the ideal simulation; training uses ``config.seed``. ``fault`` is for tests
     (see the module docstring); None reads ``PRIVAUDIT_TEST_FAULT``. ``progress(message)`` is told each stage.
     Under torchrun every process trains; only rank 0 scores and writes, and the others return
