@@ -33,12 +33,12 @@ SIM_FAULTS = [("correct", {}), ("noise x0.97", {"noise_scale": 0.97}), ("noise x
               ("no clipping", {"clip_scale": 100.0})]
 
 
-def _config(args, eps: float):
+def _config(args, eps: float, unit: str | None = None):
     from privaudit.config import DPConfig, TrainConfig
 
     return TrainConfig(task="cxr", image_size=args.image_size, width=args.width, epochs=args.epochs,
                        batch_size=args.batch_size, physical_batch_size=args.physical_batch_size, device=args.device,
-                       seed=args.seed, dp=DPConfig(epsilon=eps))
+                       seed=args.seed, dp=DPConfig(epsilon=eps), privacy_unit=unit or args.privacy_unit)
 
 
 def _manifest(path):
@@ -55,7 +55,8 @@ def worker(args) -> None:
     from privaudit.backends.verify_dp import verify_dp
 
     torch.set_num_threads(1)
-    verify_dp(_manifest(args.worker_manifest), _config(args, args.worker_eps), args.worker_out,
+    # torchrun runs image-level DP only (patient-level DP is one process so far)
+    verify_dp(_manifest(args.worker_manifest), _config(args, args.worker_eps, "image"), args.worker_out,
               gradient_canaries=args.canaries, fault=args.worker_fault, seed=args.seed, ideal_reps=1)
 
 
@@ -157,6 +158,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--physical-batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument("--privacy-unit", default="image", choices=["image", "patient"],
+                   help="the unit of the tested pipeline (the README's figures: image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal-reps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=1, help="runs of the correct pipeline (for the harness/ideal ratio)")

@@ -1,12 +1,15 @@
 """verify-dp (privaudit.backends.verify_dp): the correct pipeline passes, each injected fault is a violation.
 
 Configuration (documented in the README table): the synthetic CXR cohort at 16 px (120 images), resnet9-gn at
-width 4, batch 32, 2 epochs, noise multiplier 1.0 (epsilon about 1.4), 1000 gradient canaries, 99%.
+width 4, batch 32, 2 epochs, noise multiplier 1.0 (epsilon about 1.4), 1000 gradient canaries, 99%; at the image
+level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping, each canary a patient).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +44,7 @@ def manifest(tmp_path_factory):
 
 def _config(**kw) -> TrainConfig:
     base = dict(task="cxr", image_size=16, width=4, epochs=2, batch_size=32, physical_batch_size=4096, device="cpu",
-                dp=DPConfig(epsilon=None, noise_multiplier=1.0))
+                dp=DPConfig(epsilon=None, noise_multiplier=1.0), privacy_unit="image")
     return TrainConfig(**{**base, **kw})
 
 
@@ -58,8 +61,9 @@ def test_correct_pipeline_passes_and_verify_json_recomputes(manifest, tmp_path):
     assert on_disk["verdict"] == res["verdict"] and on_disk["schema"] == "privaudit.verify/1"
     acc, tests = res["accountant"], res["tests"]
     assert acc["steps"] > 20 and acc["noise_multiplier"] == 1.0
-    # the canaries are training units: about M/2 of them joined the 84 training images, and the sampler drew them
-    assert res["run"]["n_train"] == res["canaries"]["n_included"] + 84
+    assert acc["privacy_unit"] == res["run"]["privacy_unit"] == "image"
+    # the canaries are training units: about M/2 of them joined the training images, and the sampler drew them
+    assert res["run"]["n_train"] == res["canaries"]["n_included"] + int((manifest.frame["split"] == "train").sum())
     assert acc["sample_rate"] == pytest.approx(1 / np.ceil(res["run"]["n_train"] / 32))
     # what the auditor saw matches the accounted mechanism: the noise along the canaries' directions, and the
     # clipped canaries showing up at the accounted rate
@@ -143,6 +147,125 @@ def test_refusals_are_config_errors(manifest, tmp_path):
     assert not (tmp_path / "x" / "verify.json").exists()
 
 
+# ---- patient-level DP (opacus): each canary is a patient of its own ----------------------------------------------
+def _train_patients(manifest) -> int:
+    frame = manifest.frame
+    return int(frame.loc[frame["split"] == "train", "patient_id"].nunique())
+
+
+def test_patient_unit_canaries_are_patients_clipped_as_patients(manifest, tmp_path, monkeypatch):
+    """Under privacy_unit 'patient' every canary is a patient with one row, drawn by the patient sampler at the
+    patient rate q. In hooks mode the canary row is set before the per-patient sum (a spy on that sum sees rows of
+    norm 100 C); the fast engine takes it in its per-patient book-keeping; both then clip it as a patient, and the
+    two see the same scores. The correct pipeline passes."""
+    import torch
+
+    from privaudit.backends.fastdp import _opacus
+    from privaudit.backends.verify_dp import verify_dp
+
+    big_rows = []
+    summed = _opacus.sum_grad_samples
+
+    def spy(model, units):   # the hooks-mode per-patient sum: what reaches it, row by row
+        rows = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in model.parameters()
+                if p.requires_grad and p.grad_sample is not None]
+        norms = torch.sqrt(sum(r.square().sum(dim=1) for r in rows))
+        big_rows.append(int(torch.isclose(norms, torch.tensor(100.0), rtol=1e-4).sum()))
+        return summed(model, units)
+
+    monkeypatch.setattr(_opacus, "sum_grad_samples", spy)
+    runs = {}
+    for clipping in ("hooks", "fast"):
+        runs[clipping] = verify_dp(manifest, _config(privacy_unit="patient", clipping=clipping), tmp_path / clipping,
+                                   gradient_canaries=M, ideal_reps=3)
+    res = runs["hooks"]
+    assert res["verdict"] == whitebox.NO_VIOLATION and res["fired"] == [], res["tests"]
+    assert runs["fast"]["verdict"] == whitebox.NO_VIOLATION
+    acc, tests = res["accountant"], res["tests"]
+    assert acc["privacy_unit"] == res["run"]["privacy_unit"] == "patient"
+    # the units are the training patients plus the included canaries; q and the steps count patients
+    assert acc["n_units"] == _train_patients(manifest) + res["canaries"]["n_included"]
+    assert acc["sample_rate"] == pytest.approx(32 / acc["n_units"])
+    assert acc["steps"] == 2 * math.ceil(acc["n_units"] / 32)
+    assert 0.97 < tests["noise"]["std_ratio"] < 1.05 and 0.6 < tests["sampling"]["rate_ratio"] < 1.4
+    # the canary rows held 100 C before the per-patient sum, about n_included * q * steps times over the run
+    expected = res["canaries"]["n_included"] * acc["sample_rate"] * acc["steps"]
+    assert 0.7 * expected < sum(big_rows) < 1.3 * expected
+    hooks, fast = (pd.read_csv(tmp_path / c / "verify_scores.csv")["score"].to_numpy() for c in ("hooks", "fast"))
+    assert np.abs(hooks - fast).max() < 1e-3 * max(1.0, np.abs(hooks).max())
+
+
+@pytest.mark.parametrize("clipping", ["hooks", "fast"])
+@pytest.mark.parametrize("fault,fires", [("no-clipping", {"epsilon", "sampling"}),
+                                         (f"low-noise:{LOW_NOISE}", {"noise"}),
+                                         ("double-rate", {"sampling"})])
+def test_each_fault_is_a_violation_at_patient_level(manifest, tmp_path, clipping, fault, fires):
+    """The same faults, the same size, with patients as the unit: double-rate doubles the patient sampler's rate."""
+    from privaudit.backends.verify_dp import verify_dp
+
+    res = verify_dp(manifest, _config(privacy_unit="patient", clipping=clipping), tmp_path / "v",
+                    gradient_canaries=M, ideal_reps=1, fault=fault)
+    assert res["accountant"]["privacy_unit"] == "patient"
+    assert res["verdict"] == whitebox.VIOLATION and set(res["fired"]) == fires, res["tests"]
+    tests = res["tests"]
+    if fault == "no-clipping":
+        assert tests["sampling"]["rate_ratio"] > 50
+    elif fault == "double-rate":
+        assert 1.5 < tests["sampling"]["rate_ratio"] < 2.5
+    else:
+        assert tests["noise"]["std_ratio"] == pytest.approx(LOW_NOISE, abs=0.01)
+
+
+# ---- the tf backend (image level) ---------------------------------------------------------------------------------
+needs_tf = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("tensorflow", "tf_keras", "tensorflow_privacy")),
+    reason="TensorFlow is not installed: make install-tf (the tf backend is an extra)")
+# tf's own examples' gradients add about 1% to the spread along the canaries' directions at this size (std_ratio
+# 1.01 for the correct pipeline), so the documented tf noise fault is a 5% cut
+TF_LOW_NOISE = 0.95
+
+
+def _tf_config(**kw) -> TrainConfig:
+    return _config(backend="tf", epochs=1, privacy_unit=None, **kw)
+
+
+@needs_tf
+@pytest.mark.parametrize("fault,fires", [(None, set()), ("no-clipping", {"epsilon", "sampling"}),
+                                         (f"low-noise:{TF_LOW_NOISE}", {"noise"})])
+def test_tf_backend_correct_passes_and_faults_are_violations(manifest, tmp_path, fault, fires):
+    """The tf backend's DP step (TF-Privacy's Gaussian sum query over tf.vectorized_map's per-example gradients):
+    canaries injected at the per-example gradients, before the query clips them; the noised gradient read at
+    the optimizer."""
+    from privaudit.backends.verify_dp import verify_dp
+
+    res = verify_dp(manifest, _tf_config(), tmp_path / "v", gradient_canaries=M, ideal_reps=1, fault=fault)
+    acc, tests = res["accountant"], res["tests"]
+    assert res["run"]["backend"] == "tf" and acc["privacy_unit"] == "image"
+    assert acc["accountant"] == "dp_accounting_pld" and acc["noise_multiplier"] == 1.0
+    assert acc["sample_rate"] == pytest.approx(32 / res["run"]["n_train"])
+    assert set(res["fired"]) == fires, tests
+    if fault is None:
+        assert res["verdict"] == whitebox.NO_VIOLATION and res["fault"] is None
+        assert 0.97 < tests["noise"]["std_ratio"] < 1.05 and 0.6 < tests["sampling"]["rate_ratio"] < 1.4
+    else:
+        assert res["verdict"] == whitebox.VIOLATION and res["fault"]["name"] == fault.partition(":")[0]
+    if fault == "no-clipping":
+        assert tests["sampling"]["rate_ratio"] > 50
+    elif fault:
+        assert tests["noise"]["std_ratio"] < 0.975
+
+
+@needs_tf
+def test_tf_refusals(manifest, tmp_path):
+    from privaudit.backends.verify_dp import verify_dp
+
+    with pytest.raises(ConfigError, match="tf backend"):   # the tf harness has no sampler fault
+        verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="double-rate")
+    with pytest.raises(ConfigError, match="privacy_unit 'image'"):
+        verify_dp(manifest, _config(backend="tf", privacy_unit="patient"), tmp_path / "x", gradient_canaries=M)
+    assert not (tmp_path / "x" / "verify.json").exists()
+
+
 DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
@@ -186,10 +309,13 @@ def test_cli_verify_dp_exit_codes(tmp_path, monkeypatch):
     path = synthesize_cxr(tmp_path / "cohort", n=120, image_size=16, seed=3)
     args = ["verify-dp", "cxr", "--data", path, "--image-size", "16", "--width", "4", "--epochs", "2",
             "--batch-size", "32", "--physical-batch-size", "4096", "--noise-multiplier", "1.0", "--device", "cpu",
-            "--gradient-canaries", "200", "--quiet"]
+            "--gradient-canaries", "200", "--privacy-unit", "patient", "--clipping", "fast", "--quiet"]
     res = invoke(*args, "--out", tmp_path / "ok")
     assert res.exit_code == 0, res.output + res.stderr
-    assert json.loads((tmp_path / "ok" / "verify.json").read_text())["verdict"] == whitebox.NO_VIOLATION
+    ok = json.loads((tmp_path / "ok" / "verify.json").read_text())
+    assert ok["verdict"] == whitebox.NO_VIOLATION
+    assert ok["accountant"]["privacy_unit"] == ok["run"]["privacy_unit"] == "patient"
+    assert ok["run"]["clipping"] == "fast"
     monkeypatch.setenv("PRIVAUDIT_TEST_FAULT", "no-clipping")
     res = invoke(*args, "--out", tmp_path / "bad")
     assert res.exit_code == 1, res.output + res.stderr

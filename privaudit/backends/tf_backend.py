@@ -212,7 +212,11 @@ class DPStep:
 
     ``clipped_sum(x, y)`` returns the sum of the clipped per-example gradients of a (physical) batch and its loss
     sum; ``__call__`` accumulates them over physical batches, adds the noise once and applies the update.
+    ``instrument`` is verify-dp's white-box hook (``backends.verify_dp_tf``), set before the first step: its
+    ``per_example(x, grads)`` sees each example's gradients before they are clipped. None outside verify-dp.
     """
+
+    instrument = None
 
     def __init__(self, model, optimizer, *, l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float,
                  physical_batch_size: int):
@@ -248,6 +252,8 @@ class DPStep:
             with tf.GradientTape() as tape:
                 loss = masked_bce(self.model(xi[None], training=True), yi[None])[0]
             grads = tape.gradient(loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if self.instrument is not None:   # verify-dp: its gradient canaries join here, before clipping
+                grads = self.instrument.per_example(xi, grads)
             return self.query.preprocess_record(params, grads), loss  # clip this example's gradient to C
 
         # pfor logs (python logging) each op it vectorises with a while_loop fallback, e.g. the per-example
@@ -472,7 +478,10 @@ class TfBackend:
             t = prog.add_task("loading images", total=len(manifest.frame), info="")
             return load_inputs(manifest, task, size, progress=lambda k: prog.update(t, completed=k))
 
-    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False) -> dict:
+    def train(self, manifest: Manifest, config: TrainConfig, out: Path, *, console=None, quiet: bool = False,
+              instrument=None) -> dict:
+        """Train and write the run directory ``out``. ``instrument``: verify-dp's white-box hook, as in the opacus
+        backend (``rows`` adds its canary rows to the training set, ``attach`` watches the DP step)."""
         tf = import_tf()
         keras = import_keras()
         from privaudit.backends.tf_models import create_model
@@ -481,7 +490,8 @@ class TfBackend:
         arch = config.arch or task.default_arch
         size = config.image_size or task.input_size
         frame = manifest.frame
-        plan = plan_training(manifest, config, task, size)
+        extra_rows = instrument.rows(task=task, size=size, n_labels=len(manifest.labels)) if instrument else None
+        plan = plan_training(manifest, config, task, size, extra_rows=extra_rows)
         train_mask, canaries, n_train, dp, sample_rate = (plan.train_mask, plan.canaries, plan.n_train, plan.dp,
                                                           plan.sample_rate)
         patient = dp.enabled and plan.privacy_unit == "patient"
@@ -506,6 +516,9 @@ class TfBackend:
         if canaries is not None:
             cx, cy, included = canaries
             x_train, y_train = np.concatenate([x_train, cx[included]]), np.concatenate([y_train, cy[included]])
+        if plan.extra_rows is not None:   # verify-dp's gradient canaries: ordinary rows of the training set
+            x_train = np.concatenate([x_train, plan.extra_rows[0]])
+            y_train = np.concatenate([y_train, plan.extra_rows[1]])
         xt = _prepare(x_train)
 
         noise_multiplier = None
@@ -532,6 +545,8 @@ class TfBackend:
                                   physical_batch_size=config.physical_batch_size)
             else:
                 step = PlainStep(model, optimizer)
+            if instrument is not None:
+                instrument.attach(model=model, optimizer=optimizer, step=step, dp=dp)
             history, steps, train_seconds = self._fit(step, x_train=xt, y_train=y_train, x=x, y=y, frame=frame,
                                                       config=config, dp=dp, sample_rate=sample_rate, sampler=sampler,
                                                       steps_per_epoch=steps_per_epoch,

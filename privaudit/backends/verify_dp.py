@@ -1,5 +1,5 @@
 """``privaudit verify-dp``: a white-box test, in one training run, that a DP-SGD pipeline is as private as its
-accountant says (opacus backend).
+accountant says (opacus backend here; the tf backend's instrument is ``verify_dp_tf``).
 
 The run is an ordinary ``train`` of the opacus backend (same task, data, model, clipping mode, sampler,
 noise, optimizer and, under torchrun, all-reduce) with ``m`` *gradient canaries* added:
@@ -31,6 +31,15 @@ The hooks and ew clipping modes materialise ``p.grad_sample``, where the canarie
 batch's book-keeping before the engine computes norms and clip factors (``_fast_terms``), so the engine's own
 clipping handles them. Ghost clipping keeps no per-sample state that could take them, so verify-dp refuses it
 (a canary injected after its clipping would bypass it).
+
+**Patient-level DP** (``privacy_unit="patient"``, hooks or fast clipping): each included canary is a patient of
+its own, one row with its own unit id (``plan_training`` appends one unit per extra row), drawn by the patient
+Poisson sampler at the patient rate q. Its gradient must be set before the per-patient sum: in hooks mode the
+backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary rows of ``p.grad_sample`` are set
+by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
+before that sum; the fast engine's canary share is laid on the canaries' patients through the engine's own unit
+index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
+q, sigma, C and steps, as the accountant does.
 
 **Faults, for tests only.** ``fault=`` (or the environment variable ``PRIVAUDIT_TEST_FAULT`` when ``fault`` is
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
@@ -105,6 +114,7 @@ class GradientCanaries:
         self.projections: list[np.ndarray] = []   # one (m,) array per optimizer step, in units of C
         self._pending: list = []
         self.rank, self.world_size, self.n_params, self.grad_sample_mode = 0, 1, None, None
+        self.privacy_unit = "image"
 
     # ---- before training ----------------------------------------------------------------------------------
     def rows(self, *, task, size: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +128,19 @@ class GradientCanaries:
         y = np.full((len(ids), n_labels), np.nan, np.float32)
         return x, y
 
+    def directions(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """The canaries' directions over ``d`` flat parameters: ``(owner, vals)``, canary ``owner[i]``'s direction
+        having ``vals[i]`` at parameter i and 0 elsewhere. The parameters are split at random into m disjoint
+        blocks, and canary j's direction is a random unit vector on block j, so the directions are orthogonal."""
+        if d < self.m:
+            raise ConfigError(f"the model has {d} trainable parameters, fewer than the {self.m} gradient canaries "
+                              "(each needs its own); use fewer canaries or a wider model")
+        rng = np.random.default_rng(self._direction_seed)
+        owner = rng.permutation(d) % self.m
+        vals = rng.standard_normal(d)
+        vals /= np.sqrt(np.bincount(owner, weights=vals**2, minlength=self.m))[owner]
+        return owner, vals
+
     def attach(self, *, model, optimizer, loader, engine, ddp) -> None:
         import torch
 
@@ -127,23 +150,19 @@ class GradientCanaries:
         if self.grad_sample_mode not in SUPPORTED_CLIPPING:
             raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
                               f"{self.grad_sample_mode} never keeps; use --clipping hooks, ew or fast")
+        from privaudit.backends.opacus_backend import _PatientLoader
+
         self.rank, self.world_size, self.device = ddp.rank, ddp.world_size, ddp.device
+        # patient-level DP: each canary is a patient of its own (one row), drawn by the patient sampler
+        self.privacy_unit = "patient" if isinstance(loader, _PatientLoader) else "image"
         self.optimizer = optimizer
         self.clip_norm = float(optimizer.max_grad_norm)   # the accounted C (a fault may change the optimizer's)
         self.params = list(optimizer.params)
         sizes = [p.numel() for p in self.params]
         d = int(sum(sizes))
         self.n_params = d
-        if d < self.m:
-            raise ConfigError(f"the model has {d} trainable parameters, fewer than the {self.m} gradient canaries "
-                              "(each needs its own); use fewer canaries or a wider model")
         self.offsets = np.r_[0, np.cumsum(sizes)]
-        # Split the parameters at random into m disjoint blocks; canary j's direction is a random unit vector on
-        # block j. Blocks are disjoint, so the directions are orthogonal.
-        rng = np.random.default_rng(self._direction_seed)
-        owner = rng.permutation(d) % self.m
-        vals = rng.standard_normal(d)
-        vals /= np.sqrt(np.bincount(owner, weights=vals**2, minlength=self.m))[owner]
+        owner, vals = self.directions(d)
         order = np.argsort(owner, kind="stable")
         self._starts = np.searchsorted(owner[order], np.arange(self.m + 1))
         self._order = torch.as_tensor(order, dtype=torch.long, device=self.device)
@@ -181,9 +200,37 @@ class GradientCanaries:
 
         clip = optimizer.clip_and_accumulate
         fast = self.grad_sample_mode == "fast"
+        by_patient = self.privacy_unit == "patient" and not fast
+        if by_patient:
+            # Hooks mode sums p.grad_sample's rows by patient right after the backward pass
+            # (fastdp.sum_grad_samples), before the optimizer clips: the canary rows must be set before that sum,
+            # so they are set when autograd finishes the backward pass (Opacus' hooks have then filled
+            # p.grad_sample), by a callback queued from the model output's gradient hook.
+            from torch.autograd import Variable
+
+            def inject_pending():
+                rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
+                if len(rows):
+                    self._inject(rows, ids)
+
+            def queue(grad):
+                Variable._execution_engine.queue_callback(inject_pending)
+
+            def watch_output(module, args, output):
+                import torch
+
+                if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) \
+                        and output.requires_grad:
+                    output.register_hook(queue)
+
+            model.register_forward_hook(watch_output)
 
         def clip_and_accumulate():
-            if not fast:   # the fast engine has no p.grad_sample: its book-keeping takes the canaries (below)
+            if by_patient:   # injected at the end of the backward pass (above); an empty batch may have none
+                rows, _ = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
+                if len(rows):
+                    raise RuntimeError("verify-dp's canary rows reached the optimizer without their injection")
+            elif not fast:   # the fast engine has no p.grad_sample: its book-keeping takes the canaries (below)
                 rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
                 if len(rows):
                     self._inject(rows, ids)
@@ -208,7 +255,7 @@ class GradientCanaries:
                         continue
                     rows, ids = self._pending.pop(0) if self._pending else (np.zeros(0, np.int64), None)
                     if len(rows) and batch.n:
-                        batch.terms[key] = self._fast_terms(rows, ids, batch.n, module.loss_reduction)
+                        batch.terms[key] = self._fast_terms(rows, ids, batch.n, module.loss_reduction, batch.units)
                 return clipped_sum(max_grad_norm)
 
             module.clipped_grad_sum = clipped_grad_sum
@@ -246,9 +293,10 @@ class GradientCanaries:
 
             optimizer.add_noise = every_rank
         elif fault == "double-rate":
-            sampler = loader.batch_sampler
+            # Opacus' Poisson sampler of images, or privaudit's of patients
+            sampler = loader.sampler if self.privacy_unit == "patient" else loader.batch_sampler
             if not hasattr(sampler, "sample_rate"):
-                raise ConfigError("fault double-rate needs Opacus' Poisson sampler")
+                raise ConfigError("fault double-rate needs a Poisson sampler")
             sampler.sample_rate = min(1.0, 2 * sampler.sample_rate)
 
         scale_grad = optimizer.scale_grad
@@ -291,12 +339,17 @@ class GradientCanaries:
                     raise RuntimeError("verify-dp expects one per-sample gradient tensor per parameter and step")
                 gs[rows_t.to(gs.device)] = vec[:, a:b].reshape(len(rows), *p.shape).to(gs.device, gs.dtype)
 
-    def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str):
-        """The canary rows' share of a fast-engine batch: their squared per-sample norms and their clipped sum.
+    def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str, units=None):
+        """The canary rows' share of a fast-engine batch: their squared per-unit norms and their clipped sum.
 
         The fast engine keeps per-sample gradients of the batch's loss (the mean over n rows, so each 1/n of the
         row's own gradient) and multiplies norms and clip factors by n; the canary share is kept in those units,
         so that the engine's own clipping sees a gradient of norm CANARY_NORM * C on each canary row.
+
+        Under patient-level DP (``units``, the batch's ``fastdp.Units``) the engine's norms and clip factors are
+        per patient: each canary row's share goes to its patient's entry, looked up in the engine's own unit
+        index, and is summed there with that patient's other terms (a canary patient has this one row, whose own
+        loss gradient is zero), then clipped with the patient's clip factor.
         """
         import torch
 
@@ -305,11 +358,17 @@ class GradientCanaries:
         scale = float(n) if loss_reduction == "mean" else 1.0
         vec = self._canary_vectors(ids, self.clip_norm) / scale
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        sq = torch.zeros(n, dtype=torch.float32, device=self.device)
-        sq[rows_t] = vec.square().sum(dim=1)
+        if units is not None:
+            at = units.index.to(self.device)[rows_t]
+            sq = torch.zeros(units.count, dtype=torch.float32, device=self.device)
+            sq.index_add_(0, at, vec.square().sum(dim=1))
+        else:
+            at = rows_t
+            sq = torch.zeros(n, dtype=torch.float32, device=self.device)
+            sq[rows_t] = vec.square().sum(dim=1)
 
         def clipped_sum(coef):
-            weighted = coef.to(self.device, torch.float32)[rows_t][:, None] * vec
+            weighted = coef.to(self.device, torch.float32)[at][:, None] * vec
             total = weighted.sum(dim=0)
             return {p: total[a:b].reshape(p.shape) for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])}
 
@@ -340,15 +399,18 @@ class GradientCanaries:
 
 
 def _check(config, gradient_canaries: int, confidence: float) -> None:
-    if config.backend != "opacus":
-        raise ConfigError(f"verify-dp runs the opacus backend so far; --backend {config.backend} is not supported yet")
+    if config.backend not in ("opacus", "tf"):
+        raise ConfigError(f"verify-dp runs the opacus and tf backends; --backend {config.backend} is not supported")
+    if config.backend == "tf" and config.privacy_unit == "patient":
+        raise ConfigError("verify-dp tests the tf backend at privacy_unit 'image' so far; use privacy_unit 'image', "
+                          "or the opacus backend for a patient-level pipeline")
     if not config.dp.enabled:
         raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
     if config.dp.noise_multiplier == 0:
         raise ConfigError("verify-dp needs noise: a clip-only run (--noise-multiplier 0) claims no epsilon to test")
     if config.canaries:
         raise ConfigError("verify-dp brings its own gradient canaries; leave out --canaries")
-    if config.clipping not in SUPPORTED_CLIPPING:
+    if config.backend == "opacus" and config.clipping not in SUPPORTED_CLIPPING:
         raise ConfigError(f"verify-dp injects its canaries into the per-sample gradients, which --clipping "
                           f"{config.clipping} never keeps; use --clipping hooks, ew or fast")
     if int(gradient_canaries) < MIN_CANARIES:
@@ -356,9 +418,6 @@ def _check(config, gradient_canaries: int, confidence: float) -> None:
                           "1000 or more give a useful bound")
     if not 0.5 < confidence < 1:
         raise ConfigError(f"confidence must lie in (0.5, 1), got {confidence}")
-    if config.privacy_unit == "patient":
-        raise ConfigError("verify-dp tests image-level DP pipelines so far (its gradient canaries are single "
-                          "images); use privacy_unit 'image' or leave it out")
 
 
 def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confidence: float = 0.99,
@@ -367,7 +426,8 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     (and ``verify_scores.csv``) and return verify.json's content.
 
     ``manifest``: a ``privaudit.data.manifest.Manifest``; ``config``: the ``TrainConfig`` of the pipeline to
-    test (opacus backend, DP on, clipping hooks or ew, no input-space canaries). ``seed`` seeds the canaries
+    test (DP on, no input-space canaries; opacus with clipping hooks, ew or fast, or tf; the privacy unit as
+    ``train`` resolves it: patient-level on opacus with hooks or fast, image-level on tf). ``seed`` seeds the canaries
     (inclusion, directions) and the ideal simulation; training uses ``config.seed``. ``fault`` is for tests
     (see the module docstring); None reads ``PRIVAUDIT_TEST_FAULT``. ``progress(message)`` is told each stage.
     Under torchrun every process trains; only rank 0 scores and writes, and the others return
@@ -376,7 +436,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
-    if config.privacy_unit is None:   # the canaries are images: test the image-level mechanism
+    if config.backend == "tf" and config.privacy_unit is None:   # the unit verify-dp tests on tf (see _check)
         import dataclasses
 
         config = dataclasses.replace(config, privacy_unit="image")
@@ -388,7 +448,12 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
             raise OutputExistsError(f"{out_dir / name} already exists; choose another output directory")
     say = progress or (lambda message: None)
 
-    inst = GradientCanaries(gradient_canaries, seed=seed, fault=parsed)
+    if config.backend == "tf":
+        from privaudit.backends.verify_dp_tf import TfGradientCanaries
+
+        inst = TfGradientCanaries(gradient_canaries, seed=seed, fault=parsed)
+    else:
+        inst = GradientCanaries(gradient_canaries, seed=seed, fault=parsed)
     backend = create_backend(config.backend)
     say(f"training with {gradient_canaries} gradient canaries")
     t0 = time.perf_counter()
@@ -422,7 +487,8 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
         "fault": None if parsed is None else {"name": parsed[0], "factor": parsed[1],
                                               "note": "injected on purpose by the test-only fault switch"},
         "accountant": {k: privacy.get(k) for k in ("epsilon", "delta", "accountant", "noise_multiplier",
-                                                   "max_grad_norm", "sample_rate", "steps", "poisson_sampling")},
+                                                   "max_grad_norm", "sample_rate", "steps", "poisson_sampling",
+                                                   "privacy_unit", "n_units")},
         "empirical_epsilon": found,
         "steinke_exceeds_accountant": bool(found["steinke"]["estimate"] > eps),
         "ideal": ideal,
@@ -439,6 +505,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
             "scores_file": "verify_scores.csv",
         },
         "run": {"backend": config.backend, "clipping": inst.grad_sample_mode, "task": config.task,
+                "privacy_unit": privacy.get("privacy_unit"),
                 "arch": train_json.get("architecture"), "width": config.width, "image_size": config.image_size,
                 "batch_size": config.batch_size, "epochs": config.epochs, "train_seed": config.seed,
                 "n_train": train_json.get("n_train"), "world_size": inst.world_size,
