@@ -298,3 +298,11 @@ def test_cli_pdac_canary_volumes_on_tf(tmp_path):
     assert tj["n_train"] == n_members + int(table["included"].sum())
     priv = doc["models"]["private"]["privacy"]
     assert priv["empirical_epsilon"]["m"] == 15 and priv["soundness"]["violated"] is False
+
+
+def test_too_many_canary_volumes_for_memory_is_a_config_error(multi):
+    from privaudit.errors import ConfigError
+
+    manifest = load_manifest(multi, task=CXR)
+    with pytest.raises(ConfigError, match="use fewer canaries"):
+        plan_training(manifest, _config(canaries=100_000), CXR, 256)   # 100k patients of up to 4 images at 256^2

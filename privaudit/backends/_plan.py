@@ -17,6 +17,7 @@ from privaudit.config import DPConfig, TrainConfig, patient_unit_refusal
 from privaudit.errors import ConfigError
 
 CANARY_SEED_OFFSET = 7919
+MAX_CANARY_GIB = 8          # the canaries' images are held in memory: refuse more than this (float32)
 CAP_SEED_OFFSET = 104729    # the max_images_per_patient choice: its own stream, apart from training's
 
 
@@ -195,7 +196,11 @@ def _make_canaries(config: TrainConfig, task, size: int, n_labels: int, unit: st
             unit = "image"
     # a canary patient has 1 to k images: k at most the run's per-patient cap and its physical batch
     k = min(MAX_IMAGES_PER_PATIENT, config.max_images_per_patient or MAX_IMAGES_PER_PATIENT,
-            config.physical_batch_size)
+            config.physical_batch_size) if unit == "patient" else 1
+    gib = config.canaries * k * size ** task.spatial_dims * 4 / 2**30   # float32, at most k images per canary
+    if gib > MAX_CANARY_GIB:
+        raise ConfigError(f"canaries {config.canaries} of up to {k} image(s) at {size}^{task.spatial_dims} could "
+                          f"take {gib:.0f} GiB of memory (limit {MAX_CANARY_GIB} GiB); use fewer canaries")
     return make_canaries(config.canaries, size=size, n_labels=n_labels, seed=config.seed + CANARY_SEED_OFFSET,
                          spatial_dims=task.spatial_dims, unit=unit, max_images=k)
 

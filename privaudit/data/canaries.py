@@ -73,13 +73,14 @@ class Canaries:
 
 
 def _textures(rng: np.random.Generator, n: int, size: int, spatial_dims: int) -> np.ndarray:
-    """``n`` smoothed random textures ``(n, 1, *[size] * spatial_dims)``, each stretched to [0, 1]."""
-    noise = rng.random((n,) + (size,) * spatial_dims)
-    images = np.stack([gaussian_filter(img, sigma=1.0) for img in noise]) if n else noise
-    axes = tuple(range(1, spatial_dims + 1))
-    lo = images.min(axis=axes, keepdims=True) if n else images
-    hi = images.max(axis=axes, keepdims=True) if n else images
-    return ((images - lo) / np.maximum(hi - lo, 1e-9)).astype(np.float32)[:, None]
+    """``n`` smoothed random textures ``(n, 1, *[size] * spatial_dims)``, each stretched to [0, 1]. Drawn one
+    at a time (the generator's stream is the same as one draw of all; the peak memory is one float64 image)."""
+    out = np.empty((n, 1) + (size,) * spatial_dims, dtype=np.float32)
+    for i in range(n):
+        img = gaussian_filter(rng.random((size,) * spatial_dims), sigma=1.0)
+        lo, hi = img.min(), img.max()
+        out[i, 0] = (img - lo) / max(hi - lo, 1e-9)
+    return out
 
 
 def make_canaries(m: int, *, size: int, n_labels: int, seed: int, spatial_dims: int = 2, unit: str = "image",
