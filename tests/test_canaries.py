@@ -283,6 +283,7 @@ def test_cli_pdac_canary_patients_on_opacus(tmp_path):
     assert priv["empirical_epsilon"]["unit"] == "patient" and priv["empirical_epsilon"]["m"] == 15
     assert 0 <= priv["empirical_epsilon"]["estimate"] <= priv["accountant"]["epsilon"]
     assert priv["soundness"]["violated"] is False and priv["soundness"]["unit"] == "patient"
+    assert "15 canary patients, each scored by the mean loss of its images" in (out / "report.html").read_text()
 
 
 def test_cli_pdac_canary_volumes_on_tf(tmp_path):
