@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import invoke
 from scipy import stats
 from scipy.ndimage import gaussian_filter
 
-from conftest import invoke
 from privaudit.audit.empirical import one_run_audit, unit_losses
 from privaudit.backends._plan import CANARY_SEED_OFFSET, plan_training
 from privaudit.backends._units import PatientSampler
