@@ -222,7 +222,8 @@ Init_ = Annotated[Optional[Path], typer.Option("--init", help="Start from these 
                   "classifier of another size (ImageNet's) starts afresh, both recorded in train.json.")]
 Device_ = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
 Canaries_ = Annotated[int, typer.Option("--canaries", help="Insert this many canaries (each trained on with "
-                                        "probability 1/2) for the one-run empirical epsilon.")]
+                                        "probability 1/2) for the one-run empirical epsilon: canary patients of 1 to 4 "
+                                        "images under the patient unit, single images (volumes for pdac) otherwise.")]
 ModelCard_ = Annotated[Optional[Path], typer.Option("--model-card", help="Model card (TOML: description, "
                      "intended_use, out_of_scope, limitations, ...) for the report's model section; see "
                      "examples/model_card.toml.")]

@@ -281,14 +281,17 @@ def test_canaries_give_a_one_run_empirical_epsilon_below_the_accountant(tmp_path
     from privaudit.audit.empirical import one_run_lower_bound
 
     out = tmp_path / "can"
-    res = invoke("train-and-audit", "cxr", *TINY, "--canaries", "80", "--epsilon", "4", "--out", out)
+    res = invoke("train-and-audit", "cxr", *TINY, "--canaries", "80", "--epsilon", "4", "--physical-batch-size", "16",
+                 "--out", out)
     assert res.exit_code == 0, res.stderr
     tj = json.loads((out / "private" / "train.json").read_text())
     canaries = pd.read_csv(out / "private" / "canaries.csv")
     assert len(canaries) == tj["canaries"]["m"] == 80
     assert canaries["included"].sum() == tj["canaries"]["n_included"]
-    # included canaries are training samples, so the accounting counts them
-    assert tj["n_train"] == int(pd.read_csv(out / "private" / "predictions.csv")["member"].sum()) + tj["canaries"]["n_included"]
+    # included canaries are training samples, so the accounting counts them (canary patients, of 1 to 4 images)
+    assert tj["canaries"]["unit"] == "patient" and canaries["n_images"].sum() == tj["canaries"]["n_images"]
+    assert tj["n_train"] == (int(pd.read_csv(out / "private" / "predictions.csv")["member"].sum())
+                             + tj["canaries"]["n_included_images"])
     doc = json.loads((out / "audit.json").read_text())
     priv = doc["models"]["private"]["privacy"]
     emp = priv["empirical_epsilon"]

@@ -172,6 +172,23 @@ def one_run_audit(scores, included, *, delta: float = 0.0, confidence: float = 0
             "k_plus": kp, "k_minus": km, "selection": "split-half"}
 
 
+def unit_losses(losses, owner, n_units: int | None = None) -> np.ndarray:
+    """Each unit's loss, the mean of its items' losses: ``owner[i]`` is item i's unit (0 .. n_units - 1).
+
+    The one-run audit in the patient unit scores a canary patient by the mean loss of its images (lower = "in").
+    The mean, not the sum, so that a patient's number of images (drawn independently of its inclusion) does not
+    move its score; every unit needs at least one item."""
+    losses = np.asarray(losses, dtype=float)
+    owner = np.asarray(owner, dtype=np.int64)
+    if losses.ndim != 1 or losses.shape != owner.shape:
+        raise ValueError(f"losses and owner must be 1-D of one length, got {losses.shape} and {owner.shape}")
+    n_units = int(owner.max()) + 1 if n_units is None else int(n_units)
+    counts = np.bincount(owner, minlength=n_units)
+    if len(counts) != n_units or (counts == 0).any():
+        raise ValueError(f"every unit 0 .. {n_units - 1} needs at least one item, and no item another unit")
+    return np.bincount(owner, weights=losses, minlength=n_units) / counts
+
+
 def p_value_at_least(r: int, v: int, eps: float, delta: float = 0.0, m: int | None = None) -> float:
     """inf over eps' >= eps of ``one_run_p_value(r, v, eps', delta, m)``: the p-value of the claim "(eps, delta)-DP".
 

@@ -758,6 +758,13 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
     delta = float(run["delta"]) if dp else 0.0
     scores, included = -canaries["loss"].to_numpy(dtype=float), canaries["included"].to_numpy().astype(bool)
     res = one_run_audit(scores, included, delta=delta, confidence=0.95, seed=seed)
+    # The canary unit: a row of canaries.csv is one image, or (train with the patient unit) one canary patient
+    # scored by the mean loss of its images; m counts those units. Tables from before units are images.
+    unit = str(canaries["unit"].iloc[0]) if "unit" in canaries.columns and len(canaries) else "image"
+    n_images = (canaries["n_images"].to_numpy() if "n_images" in canaries.columns else np.ones(len(canaries)))
+    res.update({"unit": unit, "n_images": int(np.sum(n_images)),
+                "score": "minus the mean loss of the canary patient's images" if unit == "patient"
+                else "minus the canary's loss"})
     # Beside Steinke et al.'s bound, the f-DP one (Mahloujifar et al.), one-sided over every threshold with a
     # Bonferroni correction. It needs delta > 0: a non-private run is read at the delta DP would use for its N.
     from privaudit.audit.onerun import FDP, one_run_epsilon
@@ -767,8 +774,13 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
     res["fdp"] = (None if not fdp_delta else
                   one_run_epsilon(scores, included, delta=fdp_delta, confidence=0.95, method=FDP, thresholds="all"))
     block["empirical_epsilon"] = res
-    if dp:
+    if dp and run.get("privacy_unit") == "image" and np.max(n_images, initial=1) > 1:
+        # a canary with several images is a group of images: an image-level epsilon does not bound it
+        warnings.append(f"{name}: the canaries have several images each but the run is image-level DP, so the "
+                        "one-run bound is not compared with its epsilon (no soundness check)")
+    elif dp:
         check = soundness(float(run["epsilon"]), res["r"], res["v"], delta, res["m"], confidence=0.99)
+        check["unit"] = run.get("privacy_unit") or "image"   # the epsilon compared: per patient or per image
         block["soundness"] = check
         if check["violated"]:
             warnings.append(f"{name}: SOUNDNESS VIOLATION: the canaries were guessed too well for the claimed "

@@ -17,20 +17,22 @@ from privaudit.config import DPConfig, TrainConfig, patient_unit_refusal
 from privaudit.errors import ConfigError
 
 CANARY_SEED_OFFSET = 7919
+MAX_CANARY_GIB = 8          # the canaries' images are held in memory: refuse more than this (float32)
 CAP_SEED_OFFSET = 104729    # the max_images_per_patient choice: its own stream, apart from training's
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
     train_mask: np.ndarray      # rows of the manifest trained on: the training split, after max_images_per_patient
-    canaries: tuple | None      # (images, labels, included) from make_canaries, or None
-    n_train: int                # training images, included canaries counted
+    canaries: object | None     # privaudit.data.canaries.Canaries (unpacks as images, labels, included), or None
+    n_train: int                # training images, included canary images counted
     dp: DPConfig                # with delta resolved for n_units when DP is on
     sample_rate: float          # expected batch / n_units
     privacy_unit: str | None = None   # "patient" or "image" under DP; None without DP
     n_units: int = 0            # what DP counts: training patients (an included canary is one) or images
     # The unit (0 .. n_units-1) of each training item, in the order the backends lay them out: the kept
-    # training rows in manifest order, then the included canaries. None unless the unit is the patient.
+    # training rows in manifest order, then the included canaries' images (a canary patient's images share one
+    # unit), then extra_rows. None unless the unit is the patient.
     units: np.ndarray | None = None
     images_per_patient: dict = field(default_factory=dict)   # {max, median} over training patients
     patient_ids: str = "given"  # "derived" when the preset invented them (one per file or case)
@@ -66,7 +68,7 @@ def resolve_unit(config: TrainConfig, several: bool, *, torchrun: bool) -> tuple
 
 
 def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows: tuple | None = None) -> TrainingPlan:
-    """Make the canaries, fix the privacy unit and check the batch against the training set; raise ConfigError
+    """Fix the privacy unit, make the canaries in it and check the batch against the training set; raise ConfigError
     with the fix.
 
     ``extra_rows`` = (images, labels) join the training set as ordinary units (each its own patient), counted in
@@ -82,28 +84,23 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
         train_mask = train_mask.copy()
         train_mask[rows[~keep]] = False
         left_out = int((~keep).sum())
-    canaries = None
-    if config.canaries:
-        from privaudit.data.canaries import make_canaries
-
-        if task.spatial_dims != 2:
-            raise ConfigError(f"canaries makes 2D canary images; task {task.name!r} has 3D volumes, so run it "
-                              "without canaries (the loss and LiRA/RMIA attacks still audit membership)")
-        canaries = make_canaries(config.canaries, size=size, n_labels=len(manifest.labels),
-                                 seed=config.seed + CANARY_SEED_OFFSET)
-    # Included canaries are training samples (each its own patient): the sample rate and delta account for them.
-    n_canaries = (int(canaries[2].sum()) if canaries is not None else 0) + (
-        len(extra_rows[0]) if extra_rows is not None else 0)
-    n_train = int(train_mask.sum()) + n_canaries
     codes, uniq = pd.factorize(pids[train_mask])
     counts = np.bincount(codes, minlength=len(uniq))
+    several = bool(len(counts)) and counts.max() > 1   # some patient has several training images
     per_patient = {"max": int(counts.max()), "median": float(np.median(counts))} if len(counts) else {}
     unit, warns = None, []
     if config.dp.enabled:
         from privaudit.backends.distributed import launch_env
 
-        unit, warns = resolve_unit(config, bool(len(counts)) and counts.max() > 1, torchrun=launch_env() is not None)
-    n_units = len(uniq) + n_canaries if unit == "patient" else n_train
+        unit, warns = resolve_unit(config, several, torchrun=launch_env() is not None)
+    canaries = _make_canaries(config, task, size, len(manifest.labels), unit, several)
+    # Included canaries are training samples: their images count in n_train; under the patient unit each included
+    # canary patient is one patient (verify-dp's extra rows one each), so the sample rate and delta count them.
+    extra = len(extra_rows[0]) if extra_rows is not None else 0
+    n_canary_images = int(canaries.included.sum()) if canaries is not None else 0
+    n_canary_units = int(canaries.unit_included.sum()) if canaries is not None else 0
+    n_train = int(train_mask.sum()) + n_canary_images + extra
+    n_units = len(uniq) + n_canary_units + extra if unit == "patient" else n_train
     what = "patients" if unit == "patient" else "samples"
     if config.batch_size > n_units:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({n_units} {what}"
@@ -118,7 +115,8 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
                 f"{config.physical_batch_size}, and a patient's images must share one physical batch; raise "
                 f"physical_batch_size to {counts.max()} or cap them with max_images_per_patient "
                 f"{config.physical_batch_size}")
-        units = np.concatenate([codes, len(uniq) + np.arange(n_canaries)]).astype(np.int64)
+        units = np.concatenate([codes, len(uniq) + _canary_units(canaries), len(uniq) + n_canary_units
+                                + np.arange(extra)]).astype(np.int64)
     dp = config.dp.resolve_delta(n_units, what) if config.dp.enabled else config.dp
     sample_rate = config.batch_size / n_units
     if dp.enabled and sample_rate >= 1:
@@ -181,14 +179,53 @@ def progress_bars(console, quiet: bool):
                     TextColumn("{task.fields[info]}"), console=console, disable=quiet, transient=False)
 
 
-def write_canaries(out: Path, canaries: tuple, losses, seed: int) -> dict:
-    """Write the canaries' membership and losses to ``out/canaries.csv``; return train.json's canary block."""
-    from privaudit.data.canaries import CANARY_KIND, canary_table
+def _make_canaries(config: TrainConfig, task, size: int, n_labels: int, unit: str | None, several: bool):
+    """The run's canaries (``privaudit.data.canaries``), in its privacy unit: canary patients under the patient
+    unit, single images otherwise. A run without DP takes the unit a DP run of the same settings would (so a
+    study's non-private baseline is audited in the private model's unit)."""
+    if not config.canaries:
+        return None
+    from privaudit.data.canaries import MAX_IMAGES_PER_PATIENT, make_canaries
+
+    if unit is None:
+        from privaudit.backends.distributed import launch_env
+
+        try:
+            unit = resolve_unit(config, several, torchrun=launch_env() is not None)[0]
+        except ConfigError:
+            unit = "image"
+    # a canary patient has 1 to k images: k at most the run's per-patient cap and its physical batch
+    k = min(MAX_IMAGES_PER_PATIENT, config.max_images_per_patient or MAX_IMAGES_PER_PATIENT,
+            config.physical_batch_size) if unit == "patient" else 1
+    gib = config.canaries * k * size ** task.spatial_dims * 4 / 2**30   # float32, at most k images per canary
+    if gib > MAX_CANARY_GIB:
+        raise ConfigError(f"canaries {config.canaries} of up to {k} image(s) at {size}^{task.spatial_dims} could "
+                          f"take {gib:.0f} GiB of memory (limit {MAX_CANARY_GIB} GiB); use fewer canaries")
+    return make_canaries(config.canaries, size=size, n_labels=n_labels, seed=config.seed + CANARY_SEED_OFFSET,
+                         spatial_dims=task.spatial_dims, unit=unit, max_images=k)
+
+
+def _canary_units(canaries) -> np.ndarray:
+    """The unit (0 .. included canary patients - 1) of each included canary image, in order."""
+    if canaries is None:
+        return np.zeros(0, np.int64)
+    kept = np.flatnonzero(canaries.unit_included)
+    return np.searchsorted(kept, canaries.owner[canaries.included]).astype(np.int64)
+
+
+def write_canaries(out: Path, canaries, losses, seed: int) -> dict:
+    """Write the canaries' membership and losses (one per image, in order) to ``out/canaries.csv``, one row per
+    canary unit; return train.json's canary block."""
+    from privaudit.data.canaries import AGGREGATION, canary_table
     from privaudit.predictions import write_predictions
 
-    _, _, included = canaries
-    write_predictions(canary_table(included, losses), out / "canaries.csv")
-    return {"m": len(included), "n_included": int(included.sum()), "kind": CANARY_KIND,
+    write_predictions(canary_table(canaries, losses), out / "canaries.csv")
+    n = canaries.n_images
+    return {"m": canaries.m, "n_included": int(canaries.unit_included.sum()), "unit": canaries.unit,
+            "n_images": int(n.sum()), "n_included_images": int(canaries.included.sum()),
+            "images_per_unit": {"min": int(n.min()) if len(n) else 0, "max": int(n.max()) if len(n) else 0},
+            "score": "minus the loss" if canaries.unit == "image" else f"minus the {AGGREGATION} loss of its images",
+            "kind": canaries.kind, "spatial_dims": canaries.spatial_dims,
             "inclusion_probability": 0.5, "seed": seed + CANARY_SEED_OFFSET, "file": "canaries.csv"}
 
 
