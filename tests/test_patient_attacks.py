@@ -10,7 +10,6 @@ per-patient scores equal a naive loop over the shadows, and a CLI study's audit.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -238,10 +237,11 @@ def test_patient_rmia_equals_a_naive_loop():
     ratio, member, a = {}, {}, 0.3
     for pid in pids:
         rows = np.flatnonzero(df["patient_id"].to_numpy() == pid)
-        geo = lambda p: float(np.exp(np.mean(np.log(p[rows]))))  # noqa: E731
-        refs = [geo(s["true_prob"].to_numpy()) for s in stats if s["in"].to_numpy()[rows][0] == 0]
+        refs = [np.exp(np.mean(np.log(s["true_prob"].to_numpy()[rows]))) for s in stats
+                if s["in"].to_numpy()[rows][0] == 0]
         member[pid] = int(df["member"].to_numpy()[rows][0])
-        ratio[pid] = geo(target) / (0.5 * ((1 + a) * np.mean(refs) + (1 - a))) if refs else np.nan
+        geo = np.exp(np.mean(np.log(target[rows])))
+        ratio[pid] = geo / (0.5 * ((1 + a) * np.mean(refs) + (1 - a))) if refs else np.nan
     pop = [ratio[p] for p in pids if member[p] == 0 and np.isfinite(ratio[p])]
     for pid in pids:
         expect = np.nan if np.isnan(ratio[pid]) else np.mean([ratio[pid] / z > 1 for z in pop])
@@ -366,3 +366,11 @@ def test_cli_study_attacks_score_and_count_patients(tmp_path, cohort):
             assert a["n_members"] == a["n_nonmembers"] == k, (name, attack)
     html = (out / "report.html").read_text()
     assert f"{k} / {k} patients" in html
+
+
+def test_a_patient_unit_without_patient_ids_falls_back_to_images_and_says_so():
+    df = cohort(60, seed=8).drop(columns="patient_id")
+    doc = run_audit({"m": df}, runs={"m": {"privacy_unit": "patient", "dp": False}},
+                    config=AuditConfig(n_boot=20)).data
+    assert doc["models"]["m"]["privacy"]["attacks"]["loss"]["unit"] == "image"
+    assert any("no patient_id column, so the membership-inference attacks score images" in w for w in doc["warnings"])

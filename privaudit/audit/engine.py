@@ -859,6 +859,10 @@ def _attack_unit(run: dict | None, name: str, df: pd.DataFrame, study: _Study) -
     from privaudit.audit.privacy import attack_unit, mixed_patients
 
     unit, source = attack_unit((run or {}).get("privacy_unit"), df, study_unit=study.recorded_unit)
+    if unit == "patient" and "patient_id" not in df.columns:
+        study.warnings.append(f"{name}: the privacy unit is the patient, but the prediction file has no patient_id "
+                              "column, so the membership-inference attacks score images; add patient_id")
+        return "image"
     if source == "default" and not run:
         why = ("some patient has several images" if unit == "patient" else
                "the table has no patient ids" if "patient_id" not in df.columns else

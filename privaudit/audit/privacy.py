@@ -362,7 +362,7 @@ def unit_values(values, codes: np.ndarray, n_units: int) -> tuple[np.ndarray, in
     """Per unit, its most frequent known value over its rows (ties: the first seen; None when it has none), and
     how many units have more than one distinct known value. ``values``: object array, None = unknown."""
     out = np.full(n_units, None, dtype=object)
-    seen: list[dict] = [dict() for _ in range(n_units)]
+    seen: list[dict] = [{} for _ in range(n_units)]
     for code, v in zip(np.asarray(codes), values):
         if code >= 0 and v is not None:
             seen[code][v] = seen[code].get(v, 0) + 1
