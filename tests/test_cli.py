@@ -57,7 +57,7 @@ def test_study_audit_json_has_the_contract_paths_and_validates(study: Path):
     doc = json.loads((study / "audit.json").read_text())
     report = AuditReport(doc)
     report.validate()
-    assert doc["schema_version"] == 2
+    assert doc["schema_version"] == 3
     assert set(doc["models"]) == {"private", "non_private"}
     labels = doc["study"]["labels"]
     assert len(labels) == 5

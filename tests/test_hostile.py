@@ -122,7 +122,7 @@ def test_small_cells_are_suppressed_everywhere_groups_appear(tmp_path):
     rep.validate()
     mark = {"n": None, "suppressed": True}
     doc = json.loads(rep.to_json())
-    assert doc["schema_version"] == 2 and doc["study"]["min_cell"] == 10
+    assert doc["schema_version"] == 3 and doc["study"]["min_cell"] == 10
     assert doc["study"]["data"]["composition"]["sex"]["groups"]["X"] == mark
     for name in ("a", "b"):
         fair = doc["models"][name]["fairness"]["sex"]
@@ -301,7 +301,7 @@ def test_report_out_never_overwrites_a_file_it_did_not_write(tmp_path, no_figure
     assert mine.read_text() == "my own notes" and stat.S_IMODE(mine.stat().st_mode) == 0o640
     with pytest.raises(ConfigError, match="audit.json the report is rendered from"):
         write_report(tmp_path / "audit.json", tmp_path / "audit.json", force=True)
-    assert json.loads((tmp_path / "audit.json").read_text())["schema_version"] == 2
+    assert json.loads((tmp_path / "audit.json").read_text())["schema_version"] == 3
     write_report(tmp_path / "audit.json", mine, force=True)
     assert mine.read_text().startswith("<!DOCTYPE html>") and stat.S_IMODE(mine.stat().st_mode) == 0o640
     # re-rendering beside its own audit.json overwrites, with or without --out

@@ -82,7 +82,7 @@ def test_identifiers_and_small_groups_stay_out_of_audit_json_and_the_report(tmp_
               "--attributes", "sex,site,mrn")
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "a" / "audit.json").read_text())
-    assert doc["schema_version"] == 2 and "mrn" not in doc["models"]["preds"]["fairness"]
+    assert doc["schema_version"] == 3 and "mrn" not in doc["models"]["preds"]["fairness"]
     assert any("'mrn'" in w and "identifier" in w for w in doc["warnings"])
     assert doc["study"]["data"]["composition"]["site"]["groups"]["tiny-site"] == {"n": None, "suppressed": True}
     for text in ((tmp_path / "a" / "audit.json").read_text(), (tmp_path / "a" / "report.html").read_text()):
@@ -157,7 +157,7 @@ def test_planted_symlinks_in_a_received_run_folder_redirect_nothing(tmp_path):
     res = cli("audit", run, "--n-boot", "20")
     assert res.returncode == 0, res.stderr
     assert victim.read_text() == "precious"
-    assert json.loads((run / "audit.json").read_text())["schema_version"] == 2
+    assert json.loads((run / "audit.json").read_text())["schema_version"] == 3
     assert not (run / "report.html").is_symlink()
 
 

@@ -32,6 +32,9 @@ def test_lira_and_rmia_are_added_to_the_run_audit_and_shadows_resume(run):
     assert (merged.groupby("patient_id")["in"].nunique() == 1).all()
     lira = json.loads((run / "audit.json").read_text())["models"]["run"]["privacy"]["attacks"]["lira"]
     assert 0 <= lira["auc"] <= 1 and lira["n_members"] > 0
+    # the cohort has several images per patient: LiRA also scores patients, each image holding its patient's score
+    scores = pd.read_csv(run / "attack_scores.csv", dtype={"sample_id": str}).merge(preds, on="sample_id")
+    assert lira["unit"] == "patient" and (scores.groupby("patient_id")["lira@patient"].nunique(dropna=False) == 1).all()
 
     before = (run / "shadows" / "shadow_0" / "stats.csv").stat().st_mtime_ns
     res = invoke("attack", "rmia", run, "--references", "4", "--n-boot", "20")

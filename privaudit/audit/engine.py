@@ -168,6 +168,7 @@ class _Study:
         self.boots: dict = {}
         self.attack_samples: dict = {}   # model -> its _AttackSample (one object shared when paired)
         self.attack_boots: dict = {}     # (model, attack, attr, group) -> (attack-AUC gap, its resamples)
+        self.recorded_unit: str | None = None   # the privacy unit every run that records one agrees on
 
     def _attributes(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """The attributes audited, as group arrays over the test rows (in ``ref`` order); their values over
@@ -547,27 +548,62 @@ def _suppress_by_group(res: dict, groups: dict[str, np.ndarray], units: np.ndarr
 
 
 class _AttackSample:
-    """The rows the membership-inference attacks score: ``k`` members and ``k`` non-members drawn once, with the
-    audit's seed, from the first model's table and found by ``sample_id`` in every other model's, with one
-    bootstrap over their patients that every model shares. Attack AUCs are then paired across models, as the
-    test-split metrics are, and a privacy gap can be compared between models resample by resample."""
+    """The units the membership-inference attacks score: ``k`` member and ``k`` non-member units drawn once, with
+    the audit's seed, from the first model's table and found in every other model's, with one bootstrap over
+    their patients that every model shares. Attack AUCs are then paired across models, as the test-split metrics
+    are, and a privacy gap can be compared between models resample by resample.
 
-    def __init__(self, df: pd.DataFrame, config: AuditConfig, attributes):
-        member = df["member"].to_numpy()
+    ``unit`` "image": the units are rows (images), resampled by patient. ``unit`` "patient": the units are
+    patients whose rows are all members (training patients) or all non-members (held-out patients); patients
+    with both are left out (``n_mixed``); a patient's score is the mean of its rows' scores, its group the most
+    frequent value of the attribute over its rows, and the bootstrap resamples the patients."""
+
+    def __init__(self, df: pd.DataFrame, config: AuditConfig, attributes, unit: str = "image"):
+        from privaudit.audit.privacy import unit_codes, unit_values
+
+        member = df["member"].to_numpy().astype(int)
         rng = np.random.default_rng(config.seed)
-        k = int(min((member == 1).sum(), (member == 0).sum()))
-        idx_in = np.sort(rng.choice(np.flatnonzero(member == 1), k, replace=False))
-        idx_out = np.sort(rng.choice(np.flatnonzero(member == 0), k, replace=False))
-        rows = np.r_[idx_in, idx_out]
+        self.unit = unit
+        self.n_mixed = 0
+        if unit == "patient":
+            codes, uniq = unit_codes(df["patient_id"])
+            lo = np.full(len(uniq), 1)
+            hi = np.zeros(len(uniq), int)
+            np.minimum.at(lo, codes, member)
+            np.maximum.at(hi, codes, member)
+            cand_in, cand_out = np.flatnonzero(lo == 1), np.flatnonzero(hi == 0)
+            self.n_mixed = int((lo != hi).sum())
+        else:
+            cand_in, cand_out = np.flatnonzero(member == 1), np.flatnonzero(member == 0)
+        k = int(min(len(cand_in), len(cand_out)))
+        idx_in = np.sort(rng.choice(cand_in, k, replace=False))
+        idx_out = np.sort(rng.choice(cand_out, k, replace=False))
+        chosen = np.r_[idx_in, idx_out]
         self.k = k
-        self.ids = df["sample_id"].astype(str).to_numpy()[rows]
         singles = [a for a in attributes if "*" not in a]
         arrays = attribute_arrays(df, config.age_edges, columns=singles)
-        self.groups = {attr: arrays[attr][rows] for attr in singles if attr in arrays}
-        self.units = units_of(df)[rows]
-        clusters = df["patient_id"].to_numpy()[rows] if "patient_id" in df.columns else None
+        self.varying: dict[str, int] = {}   # attribute -> attacked patients with several values over their images
+        if unit == "patient":
+            self.ids = uniq[chosen].astype(str)
+            # the attacked patients' codes: position j of the sample for patient ids[j], -1 for the others
+            where = np.full(len(uniq), -1)
+            where[chosen] = np.arange(2 * k)
+            rows = where[codes]
+            self.groups = {}
+            for attr in singles:
+                if attr in arrays:
+                    self.groups[attr], self.varying[attr] = unit_values(arrays[attr], rows, 2 * k)
+            self.units = self.ids.astype(object)   # small cells count patients: each unit is one
+            clusters = None                        # the units are the patients: resample them
+        else:
+            self.ids = df["sample_id"].astype(str).to_numpy()[chosen]
+            self.groups = {attr: arrays[attr][chosen] for attr in singles if attr in arrays}
+            self.units = units_of(df)[chosen]
+            clusters = df["patient_id"].to_numpy()[chosen] if "patient_id" in df.columns else None
         self.resampler = Resampler(2 * k, n_boot=config.n_boot, seed=config.seed, clusters=clusters,
                                    cluster=config.cluster)
+        # patients are resampled: the image rows' patients (clustered), or the units themselves (patient unit)
+        self.clustered = self.resampler.clustered or (unit == "patient" and config.cluster)
         self._sample_major = None
 
     @property
@@ -576,30 +612,53 @@ class _AttackSample:
             self._sample_major = self.resampler.sample_major()
         return self._sample_major
 
-    def rows_in(self, df: pd.DataFrame) -> np.ndarray | None:
-        """The positions of the sample's rows in ``df`` (members first), or None when ``df`` lacks one of them
-        or disagrees on its membership."""
-        pos = pd.Index(df["sample_id"].astype(str)).get_indexer(self.ids)
-        if (pos < 0).any():
+    def rows_in(self, df: pd.DataFrame, unit: str = "image") -> np.ndarray | None:
+        """Where the sample's units are in ``df``, or None when ``df`` is attacked in another unit, lacks one of
+        them or disagrees on its membership. Image unit: the positions of the sample's rows (members first).
+        Patient unit: per row of ``df``, the position of its patient in the sample (-1: not attacked)."""
+        if unit != self.unit:
             return None
         want = np.r_[np.ones(self.k, int), np.zeros(self.k, int)]
-        return pos if np.array_equal(df["member"].to_numpy()[pos].astype(int), want) else None
+        member = df["member"].to_numpy().astype(int)
+        if unit == "image":
+            pos = pd.Index(df["sample_id"].astype(str)).get_indexer(self.ids)
+            if (pos < 0).any():
+                return None
+            return pos if np.array_equal(member[pos], want) else None
+        if "patient_id" not in df.columns:
+            return None
+        codes = pd.Index(self.ids).get_indexer(df["patient_id"].astype(str))
+        at = codes >= 0
+        if len(np.unique(codes[at])) != 2 * self.k or not np.array_equal(member[at], want[codes[at]]):
+            return None
+        return codes
+
+    def unit_scores(self, index: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The sample's units' scores (``2k``, members first) from per-row ``scores``; ``index`` from
+        :meth:`rows_in`. A patient's score is the mean of its rows' finite scores (nan when it has none)."""
+        from privaudit.audit.privacy import unit_mean
+
+        scores = np.asarray(scores, dtype=float)
+        return scores[index] if self.unit == "image" else unit_mean(scores, index, 2 * self.k)
 
 
-def _attack_sample(study: _Study, name: str, df: pd.DataFrame) -> tuple[_AttackSample, np.ndarray]:
-    """The study's attack sample and its rows in ``df``; a model whose table lacks those samples (or labels
-    their membership otherwise) gets a sample of its own, unpaired, with a warning."""
+def _attack_sample(study: _Study, name: str, df: pd.DataFrame, unit: str) -> tuple[_AttackSample | None, np.ndarray]:
+    """The study's attack sample and where its units are in ``df``; a model whose table lacks those units (or
+    labels their membership otherwise, or is attacked in another unit) gets a sample of its own, unpaired, with
+    a warning. (None, None) when no unit is a clean member or non-member."""
     samples = study.attack_samples
     first = next(iter(samples.values()), None)
-    rows = first.rows_in(df) if first is not None else None
+    rows = first.rows_in(df, unit) if first is not None else None
     if rows is None:
-        own = _AttackSample(df, study.config, list(study.attributes))
+        own = _AttackSample(df, study.config, list(study.attributes), unit)
+        if own.k == 0:
+            return None, None
         if first is not None:
             study.warnings.append(f"{name}: its attacked samples are not those of {next(iter(samples))!r} (other "
-                                  "sample ids or membership), so its attack AUCs are not paired with theirs and "
+                                  "sample ids, membership or unit), so its attack AUCs are not paired with theirs and "
                                   "the privacy-gap comparisons leave it out")
         samples[name] = own
-        return own, own.rows_in(df)
+        return own, own.rows_in(df, unit)
     samples[name] = first
     return first, rows
 
@@ -616,7 +675,7 @@ def _attack_intervals(study: _Study, name: str, attack: str, res: dict, scores: 
     y = np.r_[np.ones(sample.k), np.zeros(sample.k)]
     s = np.where(ok, scores, 0.0)
     boots = stats.weighted_auroc_fast(y, s, sample.sample_major, keep=ok)
-    res["auc_ci"] = {**_est(res["auc"], boots, ci, n_boot=True), "cluster": sample.resampler.clustered}
+    res["auc_ci"] = {**_est(res["auc"], boots, ci, n_boot=True), "cluster": sample.clustered}
     res["auc_gap"] = {}
     for attr, entries in (res.get("by_group") or {}).items():
         values = sample.groups[attr]
@@ -673,12 +732,13 @@ def _exposure(study: _Study, name: str, attacks: dict | None) -> dict:
 
 
 def _attacks(df: pd.DataFrame, labels, name: str, study: _Study, *, extra_scores: pd.DataFrame | None = None,
-             delta: float = 0.0) -> dict | None:
-    """Threshold membership-inference attacks on members against an equal number of non-members (the study's
-    attack sample); by group for the study's single attributes, small groups suppressed; intervals on every
-    rate (Clopper-Pearson) and every AUC (the shared patient bootstrap)."""
+             delta: float = 0.0, unit: str = "image") -> dict | None:
+    """Threshold membership-inference attacks on member units against an equal number of non-member units (the
+    study's attack sample), in ``unit`` (patients: each patient's score is the mean of its images' scores);
+    by group for the study's single attributes, small groups suppressed; intervals on every rate
+    (Clopper-Pearson) and every AUC (the shared patient bootstrap). Every attack entry says its ``unit``."""
     from privaudit.audit.attacks import create_attack
-    from privaudit.audit.privacy import attack_metrics
+    from privaudit.audit.privacy import PATIENT_SUFFIX, attack_metrics
 
     warnings, seed, min_cell = study.warnings, study.config.seed, study.config.min_cell
     if "member" not in df.columns:
@@ -691,25 +751,39 @@ def _attacks(df: pd.DataFrame, labels, name: str, study: _Study, *, extra_scores
         warnings.append(f"{name}: membership-inference attacks are null: the prediction file has {n_in} members "
                         f"and {n_out} non-members, and an attack needs both")
         return None
-    sample, rows = _attack_sample(study, name, df)
-    k = sample.k
-    idx_in, idx_out = rows[:k], rows[k:]
+    sample, index = _attack_sample(study, name, df, unit)
+    if sample is None:
+        warnings.append(f"{name}: membership-inference attacks are null: every patient has both member and "
+                        "non-member images, so no patient is a training or a held-out patient; split by patient")
+        return None
+    if sample.n_mixed:
+        warnings.append(f"{name}: {sample.n_mixed} patients with both member and non-member images are left out of "
+                        "the patient-level attacks (neither training nor held-out patients); split by patient")
+    for attr, n in sample.varying.items():
+        if n:
+            warnings.append(f"{name}: attacks by {attr}: {n} attacked patients have more than one {attr} value over "
+                            "their images; each is grouped by its most frequent one")
+    k, what = sample.k, f"{unit}s"
     groups, units = sample.groups, sample.units
-    scores = create_attack("loss").score(df, labels)
+    row_scores = create_attack("loss").score(df, labels)
     extra_null: list[str] = []
     if extra_scores is not None:  # shadow-model attacks (LiRA, RMIA) scored by `privaudit attack`
         aligned = extra_scores.set_index("sample_id").reindex(df["sample_id"].astype(str))
-        for col in aligned.columns:
-            sc = aligned[col].to_numpy(dtype=float)
-            missing = int(np.isnan(sc[rows]).sum())
-            if missing == len(rows):
-                warnings.append(f"{name}: attack {col} has no scores (too few shadow models); it is null")
-                extra_null.append(col)
-                continue
-            if missing:
-                warnings.append(f"{name}: attack {col} leaves out {missing} of the {len(rows)} attacked samples, "
-                                "which no shadow model had both in and out; train more shadow models to include them")
-            scores[col] = sc
+        for col in [c for c in aligned.columns if not c.endswith(PATIENT_SUFFIX)]:
+            # patients: the attack's own per-patient scores when stored, else the mean of its per-image scores
+            source = f"{col}{PATIENT_SUFFIX}" if unit == "patient" and f"{col}{PATIENT_SUFFIX}" in aligned else col
+            row_scores[col] = aligned[source].to_numpy(dtype=float)
+    # every attack's scores per attacked unit (members first)
+    scores = {attack: sample.unit_scores(index, sc) for attack, sc in row_scores.items()}
+    for col in [c for c in row_scores if c not in ("loss", "confidence", "entropy")]:
+        missing = int(np.isnan(scores[col]).sum())
+        if missing == 2 * k:
+            warnings.append(f"{name}: attack {col} has no scores (too few shadow models); it is null")
+            extra_null.append(col)
+            del scores[col]
+        elif missing:
+            warnings.append(f"{name}: attack {col} leaves out {missing} of the {2 * k} attacked {what}, which no "
+                            "shadow model had both in and out; train more shadow models to include them")
     if "loss" not in scores:
         warnings.append(f"{name}: no per-sample 'loss' column, so the loss attack is null; the confidence "
                         "attack uses the labels and probabilities instead")
@@ -717,22 +791,22 @@ def _attacks(df: pd.DataFrame, labels, name: str, study: _Study, *, extra_scores
     if base:
         from privaudit.audit.privacy import trained_attack_scores
 
-        trained = np.full(len(df), np.nan)
-        trained[rows] = trained_attack_scores(np.column_stack(base)[rows], np.r_[np.ones(k), np.zeros(k)], seed=seed)
-        scores["trained"] = trained
+        # the features of a patient are its mean loss, confidence and entropy scores
+        scores["trained"] = trained_attack_scores(np.column_stack(base), np.r_[np.ones(k), np.zeros(k)], seed=seed)
     attacks = {"loss": None, **{col: None for col in extra_null}}
     for attack, sc in scores.items():
-        ok = np.isfinite(sc[rows])  # shadow-model attacks may lack a score for a few samples
+        ok = np.isfinite(sc)  # shadow-model attacks may lack a score for a few units
         ok_in, ok_out = ok[:k], ok[k:]
-        res, warns = attack_metrics(sc[idx_in][ok_in], sc[idx_out][ok_out],
+        res, warns = attack_metrics(sc[:k][ok_in], sc[k:][ok_out],
                                     groups={a: g[ok] for a, g in groups.items()}, confidence=study.config.ci)
+        res["unit"] = unit
         res.setdefault("by_group", {})  # {} when no attribute is audited
         _suppress_by_group(res, {a: g[ok] for a, g in groups.items()}, units[ok], int(ok_in.sum()), min_cell,
                            warnings, name, attack)
-        _attack_intervals(study, name, attack, res, sc[rows], ok, sample)
+        _attack_intervals(study, name, attack, res, sc, ok, sample)
         attacks[attack] = res
         if attack == "loss":
-            warnings.extend(f"{name}: loss attack: {w}" for w in warns)
+            warnings.extend(f"{name}: loss attack ({what}): {w}" for w in warns)
             own_null = [f"{attr}={g}" for attr, entries in res["by_group"].items() for g, e in entries.items()
                         if not e.get("suppressed") and e["tpr_at_own_fpr"]["0.01"] is None]
             if own_null:
@@ -740,8 +814,10 @@ def _attacks(df: pd.DataFrame, labels, name: str, study: _Study, *, extra_scores
                                 f"{', '.join(own_null)}: fewer than 100 attacked non-members in the group")
             from privaudit.audit.privacy import repeated_trials_bound
 
-            res["epsilon_lower_bound_repeated_trials"] = repeated_trials_bound(
-                sc[idx_in][ok_in], sc[idx_out][ok_out], delta=delta, seed=seed)
+            bound = repeated_trials_bound(sc[:k][ok_in], sc[k:][ok_out], delta=delta, seed=seed)
+            if bound is not None:  # its counts (tp, fn, fp, tn and the non-member shares) are in the attack's unit
+                bound["unit"] = unit
+            res["epsilon_lower_bound_repeated_trials"] = bound
     return attacks
 
 
@@ -788,11 +864,34 @@ def _empirical(block: dict, canaries: pd.DataFrame | None, run: dict | None, nam
                             "training broke its own DP assumptions, so its epsilon must not be trusted")
 
 
+def _attack_unit(run: dict | None, name: str, df: pd.DataFrame, study: _Study) -> str:
+    """The unit ``name``'s attacks score (:func:`privaudit.audit.privacy.attack_unit`): its train.json's
+    ``privacy_unit``; else the one the study's runs recorded, when they agree; else the patient when some patient
+    has several images (and none is split), which the warnings say for a model without a train.json."""
+    from privaudit.audit.privacy import attack_unit, mixed_patients
+
+    unit, source = attack_unit((run or {}).get("privacy_unit"), df, study_unit=study.recorded_unit)
+    if unit == "patient" and "patient_id" not in df.columns:
+        study.warnings.append(f"{name}: the privacy unit is the patient, but the prediction file has no patient_id "
+                              "column, so the membership-inference attacks score images; add patient_id")
+        return "image"
+    if source == "default" and not run:
+        why = ("some patient has several images" if unit == "patient" else
+               "the table has no patient ids" if "patient_id" not in df.columns else
+               "some patients have both member and non-member images" if mixed_patients(df) else
+               "no patient has several images")
+        study.warnings.append(f"{name}: no train.json records the privacy unit, so the membership-inference attacks "
+                              f"score {unit}s ({why})" + (": a patient's score is the mean of its images' scores"
+                                                          if unit == "patient" else ""))
+    return unit
+
+
 def _privacy(run: dict | None, name: str, df: pd.DataFrame, study: _Study, *,
              canaries: pd.DataFrame | None = None, attack_scores: pd.DataFrame | None = None) -> dict:
     warnings, seed = study.warnings, study.config.seed
     delta = float(run["delta"]) if run and run.get("dp") and run.get("delta") else 0.0
-    attacks = _attacks(df, study.labels, name, study, extra_scores=attack_scores, delta=delta)
+    attacks = _attacks(df, study.labels, name, study, extra_scores=attack_scores, delta=delta,
+                       unit=_attack_unit(run, name, df, study))
     block = {"accountant": None, "attacks": attacks, "empirical_epsilon": None, "soundness": None,
              "exposure": _exposure(study, name, attacks)}
     _empirical(block, canaries, run, name, warnings, seed)
@@ -1034,6 +1133,10 @@ def run_audit(
     if reference is not None and reference not in frames:
         raise DataError(f"--reference {reference!r} is not one of the models ({', '.join(frames)})")
 
+    # the privacy unit the study's runs recorded, when they agree: a run without one (trained without DP) is attacked
+    # in it too, so that its attacks stay paired with theirs
+    recorded = {(runs.get(n) or {}).get("privacy_unit") for n in frames} - {None}
+    study.recorded_unit = next(iter(recorded)) if len(recorded) == 1 else None
     models = {}
     for name, df in frames.items():
         run = runs.get(name)

@@ -4,6 +4,16 @@ An attack gives every sample a score, higher meaning "more likely a member". Fro
 non-members we report the ROC AUC, the advantage max |TPR - FPR| (Yeom et al. 2018), and the TPR at low FPR
 (Carlini et al. 2022), which is what matters for privacy: an attack that confidently identifies a few members
 is a privacy failure even when its AUC is near 0.5.
+
+**The unit attacked.** Attacks report in the run's privacy unit (:func:`attack_unit`). Under the patient unit
+they score *patients*: each image's statistic is computed as before and a patient's score is the **mean** of its
+images' scores (:func:`unit_mean`; LiRA and RMIA average the per-image statistic and fit their tests to that
+mean, see :func:`privaudit.audit.attacks.LiraAttack`). Members are training patients, non-members held-out
+patients, ``n_members`` / ``n_nonmembers`` count patients, and a patient's group is its attribute (the most
+frequent value over its images, :func:`unit_values`). Why the mean and not the sum: a sum grows with the number of
+images, so patients with many images would be flagged (members and non-members alike) for that alone, and the
+sum of per-image log-likelihood ratios is a likelihood ratio only if a patient's images were independent, which
+they are not (one body, one set of labels, often one scanner); the mean keeps every patient on one scale.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import pandas as pd
 from privaudit.audit.utility import auroc
 
 FPR_POINTS = (0.001, 0.01, 0.1)
+UNITS = ("patient", "image")
+PATIENT_SUFFIX = "@patient"   # attack_scores.csv: a column scored per patient (each image holds its patient's score)
 ROC_POINTS = 200  # thinned ROC kept for the report's log-log plot
 
 
@@ -287,3 +299,76 @@ def true_label_probability(df: pd.DataFrame, labels) -> np.ndarray:
     y = df[[f"y_{x}" for x in labels]].to_numpy(dtype=float)
     logp = np.where(np.isnan(y), 0.0, np.where(y == 1, np.log(p), np.log1p(-p)))
     return np.exp(logp.sum(axis=1))
+
+
+# ---- the unit attacked: patients or images -------------------------------------------------------------------
+def several_images(df: pd.DataFrame) -> bool:
+    """Whether the table has patient ids and some patient has more than one row."""
+    return "patient_id" in df.columns and bool(df["patient_id"].astype(str).duplicated().any())
+
+
+def mixed_patients(df: pd.DataFrame) -> int:
+    """How many patients have both member and non-member rows (0 without patient ids or membership)."""
+    if "patient_id" not in df.columns or "member" not in df.columns:
+        return 0
+    per = df.groupby(df["patient_id"].astype(str))["member"].nunique()
+    return int((per > 1).sum())
+
+
+def attack_unit(recorded: str | None, df: pd.DataFrame, *, study_unit: str | None = None) -> tuple[str, str]:
+    """The unit a model's attacks score, and where it comes from: ``(unit, source)``.
+
+    * ``recorded`` (train.json's ``privacy_unit``, "patient" or "image"): that unit; source ``"run"``.
+    * otherwise (a run trained without DP, or predictions from elsewhere) ``study_unit`` when given (the unit the
+      study's DP runs share, so that a non-private reference is attacked like them and the attacks stay paired);
+      source ``"study"``.
+    * otherwise the patient when the table has patient ids, some patient has several rows and no patient has both
+      member and non-member rows (a patient-level split); else the image. Source ``"default"``.
+    """
+    if recorded in UNITS:
+        return recorded, "run"
+    if study_unit in UNITS:
+        return study_unit, "study"
+    if several_images(df) and not mixed_patients(df):
+        return "patient", "default"
+    return "image", "default"
+
+
+def unit_codes(ids) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, the distinct ids in order of first appearance)."""
+    codes, uniq = pd.factorize(pd.Series(np.asarray(ids)).astype(str))
+    return codes.astype(np.int64), np.asarray(uniq, dtype=object)
+
+
+def unit_mean(values, codes: np.ndarray, n_units: int) -> np.ndarray:
+    """Per unit, the mean of its rows' finite values (nan for a unit with none). ``values`` is (n_rows,) or
+    (K, n_rows) (one row per model); rows with code -1 belong to no unit."""
+    v = np.asarray(values, dtype=float)
+    flat = v.ndim == 1
+    v = np.atleast_2d(v)
+    codes = np.asarray(codes)
+    keep = codes >= 0
+    v, codes = v[:, keep], codes[keep]
+    ok = np.isfinite(v)
+    out = np.empty((len(v), n_units))
+    for i in range(len(v)):  # one bincount per model: K is small
+        tot = np.bincount(codes, weights=np.where(ok[i], v[i], 0.0), minlength=n_units)
+        cnt = np.bincount(codes, weights=ok[i].astype(float), minlength=n_units)
+        out[i] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+    return out[0] if flat else out
+
+
+def unit_values(values, codes: np.ndarray, n_units: int) -> tuple[np.ndarray, int]:
+    """Per unit, its most frequent known value over its rows (ties: the first seen; None when it has none), and
+    how many units have more than one distinct known value. ``values``: object array, None = unknown."""
+    out = np.full(n_units, None, dtype=object)
+    seen: list[dict] = [{} for _ in range(n_units)]
+    for code, v in zip(np.asarray(codes), values):
+        if code >= 0 and v is not None:
+            seen[code][v] = seen[code].get(v, 0) + 1
+    varying = 0
+    for j, counts in enumerate(seen):
+        if counts:
+            out[j] = max(counts, key=counts.get)  # max keeps the first of equal counts: the first seen
+            varying += len(counts) > 1
+    return out, varying

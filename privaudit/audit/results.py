@@ -14,8 +14,11 @@ from privaudit.errors import DataError
 
 # 2: small groups are suppressed ({"n": null, "suppressed": true}) wherever groups appear, counted in patients
 # (study.min_cell); composition split counts may be null; the composition's "small" flag is gone.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: membership-inference attacks report in the run's privacy unit: under the patient unit they score patients
+# (training vs held-out patients) and n_members, n_nonmembers and the by-group counts count patients; each attack
+# (and its repeated-trials bound) says which in a new "unit" key.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def load_schema() -> dict:
@@ -279,7 +282,7 @@ def suppress_v1(doc: dict, min_cell: int) -> dict:
     """A copy of a schema_version 1 document with its small groups suppressed, for rendering: version 1 kept
     no patient counts, so a group whose published count (images) is under ``min_cell`` is replaced by
     ``{"n": null, "suppressed": true}`` in the fairness groups, parity, selection metrics, the composition and
-    the attacks by group. A version 2 document is returned as it is (the audit suppressed it already)."""
+    the attacks by group. A version 2 or later document is returned as it is (the audit suppressed it already)."""
     import copy
 
     from privaudit.audit._cells import suppressed

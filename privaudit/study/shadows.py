@@ -7,6 +7,11 @@ an interrupted attack resumes with the shadows it already has. The pool is every
 reloaded through the run's recorded data block (and checked against its manifest hash); inclusion is drawn per
 patient, so a patient's images are in or out together. The scoring is the attack registry's
 (:mod:`privaudit.audit.attacks`).
+
+``attack_scores.csv`` holds, per attack, the per-image scores (column ``lira``, ``rmia``, ...) and, when some
+patient has several images, the per-patient scores (column ``lira@patient``, ...: each image holds its patient's
+score, from the patient means of the statistic in the target and in every shadow). The audit reads the column of
+the run's unit (:func:`privaudit.audit.privacy.attack_unit`).
 """
 
 from __future__ import annotations
@@ -131,9 +136,10 @@ def train_shadows(run_dir: Path, k: int, *, jobs: int | None = None, executor: s
 
 
 def score_attack(run_dir: Path, attack: str, folders: list[Path], *, offline: bool = False) -> pd.DataFrame:
-    """Per-sample scores of ``attack`` (a registered attack) for the run's target model, from the shadow
-    statistics."""
+    """Scores of ``attack`` (a registered attack) for the run's target model, from the shadow statistics: one
+    column per image, and one per patient (suffix ``@patient``) when some patient has several images."""
     from privaudit.audit.attacks import create_attack
+    from privaudit.audit.privacy import PATIENT_SUFFIX, several_images
     from privaudit.predictions import labels_of
 
     preds, _ = _load_run(run_dir)
@@ -141,7 +147,12 @@ def score_attack(run_dir: Path, attack: str, folders: list[Path], *, offline: bo
     stats = [pd.read_csv(f / "stats.csv", dtype={"sample_id": str}).set_index("sample_id").reindex(ids)
              for f in folders]
     scorer = create_attack(attack, **({"offline": offline} if attack == "lira" else {}))
-    return pd.DataFrame({"sample_id": ids, **scorer.score(preds, labels_of(preds), stats)})
+    labels = labels_of(preds)
+    out = {"sample_id": ids, **scorer.score(preds, labels, stats)}
+    if several_images(preds):
+        per_patient = scorer.score(preds, labels, stats, units=preds["patient_id"].astype(str).to_numpy())
+        out.update({f"{k}{PATIENT_SUFFIX}": v for k, v in per_patient.items()})
+    return pd.DataFrame(out)
 
 
 def run_attack(run_dir: Path, attack: str, k: int, *, offline: bool = False, jobs: int | None = None,
