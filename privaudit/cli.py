@@ -201,7 +201,8 @@ Batch_ = Annotated[Optional[int], typer.Option("--batch-size", help="Logical (ex
                                                "units (patients under patient-level DP) (default: the task's; cxr "
                                                "64, pdac 16).")]
 PBatch_ = Annotated[Optional[int], typer.Option("--physical-batch-size", help="Largest batch held in memory at "
-                                                "once (default: the batch size).")]
+                                                "once, in images (default: the batch size, raised under patient-level"
+                                                " DP to the largest patient's images).")]
 Size_ = Annotated[Optional[int], typer.Option("--image-size", help="Input edge in pixels or voxels (default: the "
                                               "task's; cxr 64, pdac 32).")]
 NSamples_ = Annotated[Optional[int], typer.Option("--n-samples", help="Size of the synthetic cohort when --data is "

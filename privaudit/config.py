@@ -128,7 +128,9 @@ class TrainConfig:
     image_size: int | None = None      # None: the task's input size
     epochs: int = 5
     batch_size: int = 64               # logical (expected) batch size, in privacy units (patients or images)
-    physical_batch_size: int = 64      # memory limit per forward/backward
+    # memory limit per forward/backward pass, in images. None: the batch size, raised under patient-level DP to the
+    # largest patient's image count (a patient's images share one physical batch); the plan resolves it.
+    physical_batch_size: int | None = None
     lr: float = 2e-3
     seed: int = 0
     device: str = "auto"               # auto: CUDA when available
@@ -144,7 +146,7 @@ class TrainConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.physical_batch_size < 1:
+        if self.physical_batch_size is not None and self.physical_batch_size < 1:
             raise ConfigError(f"physical_batch_size must be at least 1, got {self.physical_batch_size}")
         if self.width < 4:
             raise ConfigError(f"width must be at least 4, got {self.width}")
@@ -160,7 +162,8 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("epochs", "batch_size", "physical_batch_size", "width", "canaries"):
-            check_limit(name, getattr(self, name))
+            if getattr(self, name) is not None:
+                check_limit(name, getattr(self, name))
         if self.image_size is not None:
             check_limit("image_size", self.image_size, const=_size_limit(self.task))
         if self.privacy_unit is not None and self.privacy_unit not in PRIVACY_UNITS:
@@ -200,7 +203,6 @@ class TrainConfig:
             dp = dataclasses.replace(dp, **dp_options)
         for name in TASK_DEFAULTS:
             options.setdefault(name, spec.default(name))
-        options.setdefault("physical_batch_size", options["batch_size"])
         if "init" in options:
             options["init"] = str(options["init"])
         valid = {f.name for f in dataclasses.fields(cls)} - {"task", "dp"}

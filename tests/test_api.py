@@ -127,7 +127,7 @@ def test_task_defaults_live_in_the_library():
     spec = create_task("pdac")
     assert (pdac.epochs, pdac.batch_size, pdac.width, pdac.lr) == tuple(spec.default(k) for k in
                                                                          ("epochs", "batch_size", "width", "lr"))
-    assert pdac.physical_batch_size == pdac.batch_size and pdac.dp.epsilon == 8.0
+    assert pdac.physical_batch_size is None and pdac.dp.epsilon == 8.0   # automatic: resolved by the plan
     assert TrainConfig.for_task("pdac", epochs=2).epochs == 2
     nm = TrainConfig.for_task("cxr", noise_multiplier=1.0)
     assert nm.dp.noise_multiplier == 1.0 and nm.dp.epsilon is None

@@ -39,6 +39,7 @@ class TrainingPlan:
     images_left_out: int = 0    # training images that max_images_per_patient left out
     warnings: tuple[str, ...] = ()
     extra_rows: tuple | None = None   # (images, labels) appended to the training set: verify-dp's gradient canaries
+    physical_batch_size: int = 64     # images per forward/backward pass: config.physical_batch_size, resolved
 
 
 def cap_images(patient_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -107,9 +108,11 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
                           + ("; under privacy_unit 'patient' the batch counts patients" if unit == "patient" else "")
                           + "); use a smaller batch size")
     units = None
+    canary_sizes = np.bincount(_canary_units(canaries)) if n_canary_images else np.zeros(0, np.int64)
+    physical = physical_batch(config, unit, int(max(counts.max(initial=1), canary_sizes.max(initial=1))))
     if unit == "patient":
         big = int(counts.argmax())
-        if counts[big] > config.physical_batch_size:
+        if counts[big] > physical:
             raise ConfigError(
                 f"patient {uniq[big]!r} has {counts[big]} training images, more than physical_batch_size "
                 f"{config.physical_batch_size}, and a patient's images must share one physical batch; raise "
@@ -127,7 +130,16 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
         warns.append("the patient ids were derived by the data preset (one per case or file), not given: two scans of "
                      "one person count as two patients, so a per-patient guarantee may cover less than a person")
     return TrainingPlan(train_mask, canaries, n_train, dp, sample_rate, unit, n_units, units, per_patient, id_source,
-                        left_out, tuple(warns), extra_rows)
+                        left_out, tuple(warns), extra_rows, physical)
+
+
+def physical_batch(config: TrainConfig, unit: str | None, largest: int) -> int:
+    """Images per forward/backward pass: ``physical_batch_size`` when given; otherwise the batch size, raised under
+    patient-level DP to ``largest`` (the most training images of one patient, a canary patient's included), so that
+    the default always fits a whole patient. A given size that is too small is refused by the caller."""
+    if config.physical_batch_size is not None:
+        return config.physical_batch_size
+    return max(config.batch_size, largest) if unit == "patient" else config.batch_size
 
 
 def unit_record(plan: TrainingPlan, config: TrainConfig, privacy: dict) -> tuple[dict, dict, list[str]]:
@@ -196,7 +208,7 @@ def _make_canaries(config: TrainConfig, task, size: int, n_labels: int, unit: st
             unit = "image"
     # a canary patient has 1 to k images: k at most the run's per-patient cap and its physical batch
     k = min(MAX_IMAGES_PER_PATIENT, config.max_images_per_patient or MAX_IMAGES_PER_PATIENT,
-            config.physical_batch_size) if unit == "patient" else 1
+            config.physical_batch_size or MAX_IMAGES_PER_PATIENT) if unit == "patient" else 1
     gib = config.canaries * k * size ** task.spatial_dims * 4 / 2**30   # float32, at most k images per canary
     if gib > MAX_CANARY_GIB:
         raise ConfigError(f"canaries {config.canaries} of up to {k} image(s) at {size}^{task.spatial_dims} could "

@@ -229,7 +229,7 @@ class OpacusBackend:
         if patient:
             from privaudit.backends._units import PatientSampler
 
-            patients = PatientSampler(plan.units, plan.n_units, plan.sample_rate, physical=config.physical_batch_size,
+            patients = PatientSampler(plan.units, plan.n_units, plan.sample_rate, physical=plan.physical_batch_size,
                                      steps=math.ceil(plan.n_units / config.batch_size),
                                      seed=distributed.sampling_seed(config.seed, ddp),
                                      shard=distributed.patient_shard(plan.n_units, ddp, seed=config.seed))
@@ -323,7 +323,7 @@ class OpacusBackend:
             "privacy": privacy, "history": history,
             "n_train": n_train, "n_val": int((frame["split"] == "val").sum()), "n_test": int((frame["split"] == "test").sum()),
             "optimizer": {"name": "NAdam", "lr": config.lr, "schedule": "constant"},
-            "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
+            "batch_size": config.batch_size, "physical_batch_size": plan.physical_batch_size,
             "epochs": config.epochs, "device": str(device), "train_seconds": round(train_seconds, 2),
             "init": init_info, "canaries": canary_info, "versions": versions(), "distributed": ddp.describe(),
             "peak_memory": peak_memory(device), **unit_top, "warnings": unit_warnings,
@@ -373,8 +373,8 @@ class OpacusBackend:
                 elif dp.enabled:
                     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-                    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.physical_batch_size,
-                                             optimizer=optimizer)
+                    physical = config.physical_batch_size or config.batch_size   # image-level: images
+                    ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer)
                 else:
                     ctx = contextlib.nullcontext(loader)
                 from privaudit.backends.fastdp import forward_backward   # each grad-sample mode's backward pass

@@ -508,7 +508,7 @@ class TfBackend:
             from privaudit.backends._units import PatientSampler
 
             sampler = PatientSampler(plan.units, plan.n_units, sample_rate, steps=steps_per_epoch,
-                                     physical=config.physical_batch_size, seed=config.seed)
+                                     physical=plan.physical_batch_size, seed=config.seed)
 
         keras.utils.set_random_seed(config.seed)
         x, y = self.load_data(manifest, size, task=task, console=console, quiet=quiet)
@@ -542,7 +542,7 @@ class TfBackend:
                 else:
                     step = DPStep(model, optimizer, l2_norm_clip=dp.max_grad_norm, noise_multiplier=noise_multiplier,
                                   expected_batch_size=sample_rate * plan.n_units,
-                                  physical_batch_size=config.physical_batch_size)
+                                  physical_batch_size=plan.physical_batch_size)
             else:
                 step = PlainStep(model, optimizer)
             if instrument is not None:
@@ -612,7 +612,7 @@ class TfBackend:
             "privacy": privacy, "history": history,
             "n_train": n_train, "n_val": int((frame["split"] == "val").sum()), "n_test": int((frame["split"] == "test").sum()),
             "optimizer": {"name": "NAdam", "lr": config.lr, "schedule": "constant"},
-            "batch_size": config.batch_size, "physical_batch_size": config.physical_batch_size,
+            "batch_size": config.batch_size, "physical_batch_size": plan.physical_batch_size,
             "epochs": config.epochs, "device": device, "train_seconds": round(train_seconds, 2),
             "init": init_info, "canaries": canary_info, "versions": versions(),
             "peak_memory": peak_memory(device),

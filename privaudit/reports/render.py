@@ -305,9 +305,8 @@ def _config_rows(study: dict) -> tuple[list[str], list[dict]]:
     for key in CONFIG_KEYS:
         if any(key in c for c in configs.values()):
             vals = [configs[n].get(key) for n in names]
-            rows.append({"setting": key.replace("_", " "),
-                         "values": [("none" if key == "init" else "task default") if v is None else v
-                                    for v in vals]})
+            unset = {"init": "none", "physical_batch_size": "automatic"}.get(key, "task default")
+            rows.append({"setting": key.replace("_", " "), "values": [unset if v is None else v for v in vals]})
     dp_vals = []
     for n in names:
         dp = configs[n].get("dp") or {}
