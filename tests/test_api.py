@@ -96,7 +96,7 @@ def test_train_sweep_and_attack_in_process(tmp_path, capsys):
     import privaudit
 
     run = privaudit.train("cxr", out=tmp_path / "run", epsilon=3, n_samples=60, image_size=32, epochs=1, width=4,
-                          batch_size=16, seed=1)
+                          batch_size=4, seed=1)
     assert isinstance(run, privaudit.RunDir)
     info = run.train_info()
     assert info["dp"] and info["target_epsilon"] == 3 and info["seed"] == 1

@@ -362,7 +362,7 @@ def test_zoo_models_train_one_dp_epoch_with_the_accountants_epsilon(task, arch, 
         mpath = synthesize_ct(tmp_path / "data", n=16, image_size=16, seed=1)
         size = 16
     manifest = load_data(mpath, task=spec)
-    cfg = TrainConfig(task=task, arch=arch, epochs=1, batch_size=4, physical_batch_size=4, image_size=size,
+    cfg = TrainConfig(task=task, arch=arch, epochs=1, batch_size=4, image_size=size,
                       dp=DPConfig(epsilon=None, noise_multiplier=1.0, delta=1e-3))
     with pytest.warns(ModelChangedWarning, match="was changed"):
         tj = OpacusBackend().train(manifest, cfg, tmp_path / "run", quiet=True)

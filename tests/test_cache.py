@@ -141,7 +141,7 @@ def test_training_uses_the_cache(data, tmp_path):
         load_images([victim], 32)
     out = tmp_path / "run"
     res = invoke("train", "cxr", "--data", data, "--image-size", "32", "--epochs", "1", "--width", "4",
-                 "--batch-size", "16", "--epsilon", "8", "--quiet", "--out", out)
+                 "--batch-size", "4", "--epsilon", "8", "--quiet", "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     assert (out / "predictions.csv").is_file()
 

@@ -91,7 +91,7 @@ def test_study_epsilon_is_recomputed_from_train_json(study: Path):
     acc.history = [(tj["noise_multiplier"], tj["sample_rate"], tj["steps"])]
     assert acc.get_epsilon(delta=tj["delta"]) == pytest.approx(tj["epsilon"], rel=1e-6)
     assert tj["epsilon"] <= 8.0 * 1.01  # the target epsilon, not exceeded
-    assert tj["delta"] < 1 / tj["n_train"]
+    assert tj["privacy_unit"] == "patient" and tj["delta"] < 1 / tj["n_units"]   # delta from training patients
 
 
 def test_predictions_follow_the_schema(study: Path):

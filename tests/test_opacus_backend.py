@@ -79,7 +79,7 @@ def test_one_dp_step_changes_the_weights_and_respects_the_clipping_norm():
 
 def _train(cohort: Path, tmp_path: Path, **kw) -> dict:
     dp = DPConfig(**{"epsilon": None, "noise_multiplier": 1.0, **kw.pop("dp", {})})
-    cfg = TrainConfig(**{"width": 4, "image_size": 32, "batch_size": 8, "physical_batch_size": 4, "dp": dp, **kw})
+    cfg = TrainConfig(**{"width": 4, "image_size": 32, "batch_size": 8, "physical_batch_size": 12, "dp": dp, **kw})
     manifest = load_manifest(cohort, task=CXR)
     out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
     return create_backend("opacus").train(manifest, cfg, out, quiet=True), out
@@ -103,8 +103,8 @@ def test_epsilon_grows_with_steps_and_matches_opacus_recomputed(cohort, tmp_path
 
 
 def test_physical_batches_do_not_change_the_accounting(cohort, tmp_path):
-    a, _ = _train(cohort, tmp_path, epochs=1, physical_batch_size=8)
-    b, _ = _train(cohort, tmp_path, epochs=1)  # physical 4 < logical 8
+    a, _ = _train(cohort, tmp_path, epochs=1, physical_batch_size=64)
+    b, _ = _train(cohort, tmp_path, epochs=1)  # physical 12 images < a step's ~8 patients x 3 images
     assert a["steps"] == b["steps"] and a["epsilon"] == pytest.approx(b["epsilon"])
 
 

@@ -420,6 +420,20 @@ def _check(config, gradient_canaries: int, confidence: float) -> None:
         raise ConfigError(f"confidence must lie in (0.5, 1), got {confidence}")
 
 
+# Each backend's gradient-canary instrument, by (module, class), imported when used (as the backend registry
+# does): the tf instrument builds on this module, so importing it here would tie the two modules into a loop.
+INSTRUMENTS = {"opacus": ("privaudit.backends.verify_dp", "GradientCanaries"),
+               "tf": ("privaudit.backends.verify_dp_tf", "TfGradientCanaries")}
+
+
+def instrument_class(backend: str):
+    """The gradient-canary instrument class of a backend."""
+    import importlib
+
+    module, name = INSTRUMENTS[backend]
+    return getattr(importlib.import_module(module), name)
+
+
 def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confidence: float = 0.99,
               fault: str | None = None, seed: int = 0, progress=None, ideal_reps: int = IDEAL_REPS) -> dict:
     """Train once with ``gradient_canaries`` gradient canaries, audit the run, write ``out_dir/verify.json``
@@ -448,12 +462,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
             raise OutputExistsError(f"{out_dir / name} already exists; choose another output directory")
     say = progress or (lambda message: None)
 
-    if config.backend == "tf":
-        from privaudit.backends.verify_dp_tf import TfGradientCanaries
-
-        inst = TfGradientCanaries(gradient_canaries, seed=seed, fault=parsed)
-    else:
-        inst = GradientCanaries(gradient_canaries, seed=seed, fault=parsed)
+    inst = instrument_class(config.backend)(gradient_canaries, seed=seed, fault=parsed)
     backend = create_backend(config.backend)
     say(f"training with {gradient_canaries} gradient canaries")
     t0 = time.perf_counter()
