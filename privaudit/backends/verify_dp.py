@@ -186,10 +186,10 @@ class GradientCanaries:
             if not (module.training and torch.is_grad_enabled()) or not args:
                 return
             xb = args[0]
-            flat = xb.detach().reshape(len(xb), -1)
-            if flat.shape[0] == 0:
+            if len(xb) == 0:   # an empty draw (a rank's shard under torchrun often has none): no canary rows
                 self._pending.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
                 return
+            flat = xb.detach().reshape(len(xb), -1)
             rows = torch.nonzero(flat[:, 0] < mark / 2).reshape(-1)
             ids = torch.round(flat[rows, 1] * PIXEL_STD + PIXEL_MEAN).long()
             if self._pending:
@@ -401,9 +401,6 @@ class GradientCanaries:
 def _check(config, gradient_canaries: int, confidence: float) -> None:
     if config.backend not in ("opacus", "tf"):
         raise ConfigError(f"verify-dp runs the opacus and tf backends; --backend {config.backend} is not supported")
-    if config.backend == "tf" and config.privacy_unit == "patient":
-        raise ConfigError("verify-dp tests the tf backend at privacy_unit 'image' so far; use privacy_unit 'image', "
-                          "or the opacus backend for a patient-level pipeline")
     if not config.dp.enabled:
         raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
     if config.dp.noise_multiplier == 0:
@@ -427,7 +424,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
 
     ``manifest``: a ``privaudit.data.manifest.Manifest``; ``config``: the ``TrainConfig`` of the pipeline to
     test (DP on, no input-space canaries; opacus with clipping hooks, ew or fast, or tf; the privacy unit as
-    ``train`` resolves it: patient-level on opacus with hooks or fast, image-level on tf). ``seed`` seeds the canaries
+    ``train`` resolves it: patient-level on opacus with hooks or fast and on tf). ``seed`` seeds the canaries
     (inclusion, directions) and the ideal simulation; training uses ``config.seed``. ``fault`` is for tests
     (see the module docstring); None reads ``PRIVAUDIT_TEST_FAULT``. ``progress(message)`` is told each stage.
     Under torchrun every process trains; only rank 0 scores and writes, and the others return
@@ -436,10 +433,6 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
-    if config.backend == "tf" and config.privacy_unit is None:   # the unit verify-dp tests on tf (see _check)
-        import dataclasses
-
-        config = dataclasses.replace(config, privacy_unit="image")
     spec = fault if fault is not None else os.environ.get(FAULT_ENV)
     parsed = parse_fault(spec)
     out_dir = Path(out_dir)

@@ -1,4 +1,4 @@
-"""verify-dp's instrument for the tf backend (``TfBackend.train(instrument=...)``), image-level DP.
+"""verify-dp's instrument for the tf backend (``TfBackend.train(instrument=...)``), image- and patient-level DP.
 
 The same gradient canaries as on the opacus backend (``verify_dp.GradientCanaries``: the same rows, inclusion
 and directions), reaching the tf pipeline at its own per-example gradients:
@@ -10,6 +10,13 @@ and directions), reaching the tf pipeline at its own per-example gradients:
   pixel) gets ``CANARY_NORM * C`` times its direction instead (its own loss gradient is zero: its labels are
   unknown); every other example's gradients pass unchanged. The marker is read from the image in graph, so the
   injection follows the sampler's draw, whatever it is.
+* **Patient-level DP** (``PatientDPStep``): each included canary is a patient of its own, one row with its own
+  unit id (``plan_training`` gives every extra row its own unit), drawn by the patient Poisson sampler at the
+  patient rate q. ``PatientDPStep`` hands each example's gradients to the same ``per_example`` *before* it sums
+  them by patient (``unsorted_segment_sum``) and the query clips each patient's sum, so a canary patient is
+  summed, clipped and noised like any other. A logical step may span several physical batches; the step adds
+  the noise once, after its last one, and the projection below is taken from that one noised sum, the tensor the
+  optimizer applies. Scoring uses the patient-level q, sigma, C and steps of the run, as the accountant does.
 * **Observation.** The optimizer's ``apply_gradients`` is wrapped (before the step is traced): in graph, the
   gradient it is about to apply (TF-Privacy's noised sum, divided by the expected batch size) is multiplied back
   by that constant, projected on every canary's direction in units of C and stored in a variable, which is read
@@ -45,9 +52,12 @@ class TfGradientCanaries(GradientCanaries):
         from privaudit.backends._tf_env import import_tf
         from privaudit.backends.tf_backend import PIXEL_MEAN, PIXEL_STD
 
+        from privaudit.backends.tf_backend import PatientDPStep
+
         tf = import_tf()
         if not dp.enabled or not hasattr(step, "query"):
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
+        self.privacy_unit = "patient" if isinstance(step, PatientDPStep) else "image"
         self.clip_norm = float(dp.max_grad_norm)   # the accounted C
         variables = list(step.variables)
         sizes = [int(np.prod(v.shape)) for v in variables]
@@ -65,6 +75,8 @@ class TfGradientCanaries(GradientCanaries):
         self._pixel = (PIXEL_MEAN, PIXEL_STD)
         self._variables = variables
         self._last = tf.Variable(tf.zeros([self.m], tf.float32), trainable=False, name="verify_dp_projections")
+        # how many times the optimizer applied a gradient: exactly once per DP step, the one projected
+        self._applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="verify_dp_applied")
         self._denominator = float(step.global_state.denominator)   # the expected batch size q N
         self._wrap_optimizer(optimizer)
         self._wrap_step(step)
@@ -104,7 +116,7 @@ class TfGradientCanaries(GradientCanaries):
                 raise RuntimeError("verify-dp expects the DP step to update every trainable variable, in order")
             g = tf.concat([tf.reshape(tf.convert_to_tensor(gr), [-1]) for gr, _ in pairs], axis=0) * factor
             proj = tf.math.unsorted_segment_sum(self._vals_flat * g, self._owner_flat, self.m)
-            with tf.control_dependencies([self._last.assign(proj)]):
+            with tf.control_dependencies([self._last.assign(proj), self._applied.assign_add(1)]):
                 pairs = [(tf.identity(gr), v) for gr, v in pairs]
             return apply(pairs, *args, **kwargs)
 
@@ -114,7 +126,10 @@ class TfGradientCanaries(GradientCanaries):
         apply = step._apply
 
         def observed_step(grad_sum):
+            before = int(self._applied.numpy())
             out = apply(grad_sum)
+            if int(self._applied.numpy()) != before + 1:   # the noised sum read is the one update applied
+                raise RuntimeError("verify-dp expects one optimizer update per DP step, the noised sum it reads")
             self.projections.append(self._last.numpy().copy())
             return out
 
