@@ -39,7 +39,10 @@ backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary 
 by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
 before that sum; the fast engine's canary share is laid on the canaries' patients through the engine's own unit
 index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
-q, sigma, C and steps, as the accountant does.
+q, sigma, C and steps, as the accountant does. Under torchrun each canary patient is dealt to one process by the
+patient shard (``distributed.patient_shard``), like a real patient, and drawn there at the global rate; a
+process whose draw is empty still steps (its forward pass sees no rows). Every process observes the all-reduced
+noised sum; rank 0 scores it. The tf backend's patient-level step is instrumented in ``verify_dp_tf``.
 
 **Faults, for tests only.** ``fault=`` (or the environment variable ``PRIVAUDIT_TEST_FAULT`` when ``fault`` is
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
