@@ -404,6 +404,12 @@ class GradientCanaries:
 def _check(config, gradient_canaries: int, confidence: float) -> None:
     if config.backend not in ("opacus", "tf"):
         raise ConfigError(f"verify-dp runs the opacus and tf backends; --backend {config.backend} is not supported")
+    if config.backend == "tf":
+        from privaudit.backends.distributed import launch_env
+
+        if launch_env() is not None:   # every process would train on its own and write alone
+            raise ConfigError("verify-dp runs the tf backend in one process (it trains on one device); run it "
+                              "without torchrun, or use --backend opacus under torchrun")
     if not config.dp.enabled:
         raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
     if config.dp.noise_multiplier == 0:

@@ -24,8 +24,10 @@ and directions), reaching the tf pipeline at its own per-example gradients:
 
 **Faults, for tests only** (``verify_dp.parse_fault``): ``no-clipping`` makes the query's ``preprocess_record``
 (the per-example clipping) return the gradients unclipped; ``low-noise:F`` gives ``get_noised_result`` a noise
-standard deviation F sigma C while it keeps reporting the accounted sigma to the accountant. ``double-rate`` and
-``rank-noise`` need a sampler or ranks this harness does not reach on tf and are refused.
+standard deviation F sigma C while it keeps reporting the accounted sigma to the accountant; ``double-rate``
+(patient level only) makes the patient sampler draw at twice the accounted rate. ``rank-noise``, and
+``double-rate`` at the image level (whose Poisson draws happen inside ``poisson_batches``), need ranks or a
+sampler this harness does not reach on tf and are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 from privaudit.backends.verify_dp import CANARY_NORM, MARK, GradientCanaries
 from privaudit.errors import ConfigError
 
-TF_FAULTS = ("no-clipping", "low-noise")
+TF_FAULTS = ("no-clipping", "low-noise", "double-rate")
 
 
 class TfGradientCanaries(GradientCanaries):
@@ -48,7 +50,9 @@ class TfGradientCanaries(GradientCanaries):
         super().__init__(m, seed=seed, fault=fault)
         self.grad_sample_mode = "tf.vectorized_map"
 
-    def attach(self, *, model, optimizer, step, dp) -> None:
+    def attach(self, *, model, optimizer, step, dp, sampler=None) -> None:
+        """Watch the DP ``step``; ``sampler``: the patient-level run's ``PatientSampler`` (None at the image
+        level), which only the ``double-rate`` fault touches."""
         from privaudit.backends._tf_env import import_tf
         from privaudit.backends.tf_backend import PIXEL_MEAN, PIXEL_STD
 
@@ -58,6 +62,11 @@ class TfGradientCanaries(GradientCanaries):
         if not dp.enabled or not hasattr(step, "query"):
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
         self.privacy_unit = "patient" if isinstance(step, PatientDPStep) else "image"
+        if self.fault is not None and self.fault[0] == "double-rate":
+            if sampler is None or self.privacy_unit != "patient":
+                raise ConfigError("fault double-rate on the tf backend needs privacy_unit 'patient' (the image-level "
+                                  "Poisson draws are not reachable); use no-clipping or low-noise")
+            sampler.sample_rate = min(1.0, 2 * sampler.sample_rate)   # the accountant keeps the accounted q
         self.clip_norm = float(dp.max_grad_norm)   # the accounted C
         variables = list(step.variables)
         sizes = [int(np.prod(v.shape)) for v in variables]
