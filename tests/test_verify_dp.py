@@ -2,7 +2,9 @@
 
 Configuration (documented in the README table): the synthetic CXR cohort at 16 px (120 images), resnet9-gn at
 width 4, batch 32, 2 epochs, noise multiplier 1.0 (epsilon about 1.4), 1000 gradient canaries, 99%; at the image
-level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping, each canary a patient).
+level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping; tf, 1 epoch, physical
+batches of 16; each canary a patient). Under torchrun (2 gloo processes): image level with per-rank noise, and a
+small CLI run at the patient level (the 60-image cohort, 200 canaries).
 """
 
 from __future__ import annotations
