@@ -133,15 +133,16 @@ def _main(ctx: typer.Context,
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False):
     """privaudit: private, fair and accurate medical-imaging models, and the evidence for it."""
-    if ctx.invoked_subcommand not in (None, "train"):
+    if ctx.invoked_subcommand not in (None, "train", "verify-dp"):
         from privaudit.backends.distributed import launch_env
 
         try:
             launched = launch_env() is not None
         except PrivauditError:
             launched = True
-        if launched:   # every torchrun process runs the command; only `train` knows how to share the work
-            print_error(err_console, f"under torchrun only 'privaudit train' runs data-parallel; run 'privaudit "
+        if launched:   # every torchrun process runs the command; only these two know how to share the work
+            print_error(err_console, f"under torchrun only 'privaudit train' and 'verify-dp' run data-parallel; "
+                                     f"run 'privaudit "
                                      f"{ctx.invoked_subcommand}' as a single process (train, then audit the run)")
             raise typer.Exit(2)
 

@@ -5,8 +5,8 @@ Proof: an image-level run's canaries are unchanged (a reference recomputation); 
 all trained on or none, share one unit of the plan and are drawn together by the patient sampler (in a real
 training run, every physical batch); canaries.csv holds one row per canary patient whose loss is the mean of
 its images' losses under the saved model; the one-run bound's m counts canary patients and the soundness check
-compares it with the patient-level epsilon; 3D canaries train and audit on a tiny pdac run on the opacus and
-the tf backends (one CLI run each).
+compares it with the patient-level epsilon; canary patients train and audit on the tf backend too (one CLI
+run); 3D canaries train and audit on a tiny pdac run on the opacus and the tf backends (one CLI run each).
 """
 
 from __future__ import annotations
@@ -286,8 +286,65 @@ def test_cli_pdac_canary_patients_on_opacus(tmp_path):
     assert "15 canary patients, each scored by the mean loss of its images" in (out / "report.html").read_text()
 
 
+def test_cli_cxr_canary_patients_on_tf(multi, tmp_path, monkeypatch):
+    """Canary patients on the tf backend: train-and-audit with --privacy-unit patient gives canary patients, drawn
+    whole by the patient sampler (every physical batch of the tf.data pipeline), counted as patients, scored by
+    the mean loss of their images under the saved Keras model, and audited per patient (m counts them)."""
+    pytest.importorskip("tensorflow")
+    from privaudit.backends import _units
+    from privaudit.backends.tf_backend import _prepare, load_keras_model, predict_arrays
+
+    seen = []
+    pack = _units.PatientSampler.pack
+
+    def spy(self, chosen):
+        batches = pack(self, chosen)
+        seen.extend(batches)
+        return batches
+
+    monkeypatch.setattr(_units.PatientSampler, "pack", spy)
+    out = tmp_path / "study"
+    res = invoke("train-and-audit", "cxr", "--backend", "tf", "--data", multi, "--image-size", "16", "--width", "4",
+                 "--epochs", "1", "--batch-size", "4", "--noise-multiplier", "1.0", "--privacy-unit", "patient",
+                 "--canaries", "30", "--no-baseline", "--n-boot", "50", "--quiet", "--out", out)
+    assert res.exit_code == 0, res.output + (res.stderr or "")
+    doc, tj, table = _audited(out)
+    manifest = load_manifest(multi, task=CXR)
+    cfg = _config(backend="tf", canaries=30, physical_batch_size=None)
+    plan = plan_training(manifest, cfg, CXR, 16)   # the same plan the run made: the same canaries
+    c, n_real = plan.canaries, int(plan.train_mask.sum())
+    assert tj["backend"] == "tf" and tj["privacy_unit"] == "patient" and tj["n_units"] == plan.n_units
+    block = tj["canaries"]
+    assert block["unit"] == "patient" and block["m"] == 30 and block["n_included"] == int(c.unit_included.sum())
+    assert block["n_images"] == len(c.images) > 30 and block["n_included_images"] == int(c.included.sum())
+    n_patients = manifest.frame.loc[plan.train_mask, "patient_id"].nunique()
+    assert tj["n_units"] == n_patients + block["n_included"] and tj["n_train"] == n_real + block["n_included_images"]
+    # every physical batch holds each included canary patient's images all together, or none of them
+    inc_owner, hits = c.owner[c.included], 0
+    for b in seen:
+        rows = b.items[b.items >= n_real] - n_real
+        for u in np.unique(inc_owner[rows]):
+            assert np.isin(np.flatnonzero(inc_owner == u), rows).all()
+            hits += 1
+    assert hits > 0
+    # canaries.csv: one row per canary patient, its loss the mean of its images' losses under the saved model
+    assert len(table) == 30 and table["n_images"].tolist() == c.n_images.tolist()
+    assert table["included"].tolist() == c.unit_included.astype(int).tolist() and (table["unit"] == "patient").all()
+    model = load_keras_model(out / "private" / "model" / "model.keras")
+    _, per_image = predict_arrays(model, _prepare(c.images), c.labels)
+    ref = pd.Series(per_image).groupby(c.owner).mean().to_numpy()
+    np.testing.assert_allclose(table["loss"].to_numpy(), ref, rtol=1e-4)
+    # the audit: per canary patient, against the patient-level epsilon
+    priv = doc["models"]["private"]["privacy"]
+    emp = priv["empirical_epsilon"]
+    assert emp["unit"] == "patient" and emp["fdp"]["m"] == 30 and emp["m"] == 15   # Steinke's: the held-out half
+    assert emp["n_images"] == block["n_images"]
+    assert 0 <= emp["estimate"] <= priv["accountant"]["epsilon"]
+    assert priv["soundness"]["violated"] is False and priv["soundness"]["unit"] == "patient"
+
+
 def test_cli_pdac_canary_volumes_on_tf(tmp_path):
-    """3D canaries on the tf backend (image level: patient-level DP is the opacus backend's so far)."""
+    """3D canaries on the tf backend (one scan per pdac patient, so the unit left unset is the image)."""
     pytest.importorskip("tensorflow")
     out = tmp_path / "study"
     res = invoke("train-and-audit", "pdac", "--backend", "tf", *PDAC_TINY, "--out", out)

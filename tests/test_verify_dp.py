@@ -2,7 +2,9 @@
 
 Configuration (documented in the README table): the synthetic CXR cohort at 16 px (120 images), resnet9-gn at
 width 4, batch 32, 2 epochs, noise multiplier 1.0 (epsilon about 1.4), 1000 gradient canaries, 99%; at the image
-level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping, each canary a patient).
+level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping; tf, 1 epoch, physical
+batches of 16; each canary a patient). Under torchrun (2 gloo processes): image level with per-rank noise, and a
+small CLI run at the patient level (the 60-image cohort, 200 canaries).
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ TF_LOW_NOISE = 0.95
 
 
 def _tf_config(**kw) -> TrainConfig:
-    return _config(backend="tf", epochs=1, privacy_unit=None, **kw)
+    return _config(backend="tf", epochs=1, **{"privacy_unit": "image", **kw})
 
 
 @needs_tf
@@ -256,13 +258,67 @@ def test_tf_backend_correct_passes_and_faults_are_violations(manifest, tmp_path,
 
 
 @needs_tf
-def test_tf_refusals(manifest, tmp_path):
+@pytest.mark.parametrize("fault,fires", [(None, set()), ("no-clipping", {"epsilon", "sampling"}),
+                                         (f"low-noise:{TF_LOW_NOISE}", {"noise"}), ("double-rate", {"sampling"})])
+def test_tf_backend_at_patient_level(manifest, tmp_path, monkeypatch, fault, fires):
+    """The tf backend's patient-level step (PatientDPStep): every canary is a patient of its own, its gradient set
+    at the per-example gradients before the per-patient sum, clipped as a patient; the noised sum read where the
+    optimizer applies it. Physical batches of 16 images make a logical step span several of them, and the noise
+    is still drawn, read and applied once per step."""
+    from privaudit.backends import tf_backend
     from privaudit.backends.verify_dp import verify_dp
 
-    with pytest.raises(ConfigError, match="tf backend"):   # the tf harness has no sampler fault
+    physical, applied = [], []
+    add, apply = tf_backend.PatientDPStep._add, tf_backend.PatientDPStep._noise_and_apply
+
+    def spy_add(self, x, *args):
+        physical.append(len(x))
+        return add(self, x, *args)
+
+    def spy_apply(self, grad_sum):   # traced once; the counter below counts the real updates
+        applied.append(1)
+        return apply(self, grad_sum)
+
+    monkeypatch.setattr(tf_backend.PatientDPStep, "_add", spy_add)
+    monkeypatch.setattr(tf_backend.PatientDPStep, "_noise_and_apply", spy_apply)
+    # unset, the unit on tf is the patient (several images per patient), as train resolves it
+    res = verify_dp(manifest, _tf_config(privacy_unit=None, physical_batch_size=16), tmp_path / "v",
+                    gradient_canaries=M, ideal_reps=1, fault=fault)
+    acc, tests = res["accountant"], res["tests"]
+    assert res["run"]["backend"] == "tf" and acc["privacy_unit"] == res["run"]["privacy_unit"] == "patient"
+    assert acc["n_units"] == _train_patients(manifest) + res["canaries"]["n_included"]
+    assert acc["sample_rate"] == pytest.approx(32 / acc["n_units"])
+    assert acc["steps"] == math.ceil(acc["n_units"] / 32)
+    # several physical batches per logical step, yet one noised update per step, each one read by the auditor
+    # (verify_dp checks that it observed exactly `steps` noised sums; the instrument that each was applied)
+    assert len(physical) > 1.5 * acc["steps"] and max(physical) <= 16
+    assert applied == [1]   # the noise-and-apply function was traced once: one graph, called once a step
+    assert set(res["fired"]) == fires, tests
+    if fault is None:
+        assert res["verdict"] == whitebox.NO_VIOLATION and res["fault"] is None
+        assert 0.97 < tests["noise"]["std_ratio"] < 1.05 and 0.6 < tests["sampling"]["rate_ratio"] < 1.4
+    else:
+        assert res["verdict"] == whitebox.VIOLATION and res["fault"]["name"] == fault.partition(":")[0]
+    if fault == "no-clipping":
+        assert tests["sampling"]["rate_ratio"] > 50
+    elif fault == "double-rate":   # the patient sampler drew at 2q; q, steps and the accountant stay
+        assert 1.5 < tests["sampling"]["rate_ratio"] < 2.5
+    elif fault:
+        assert tests["noise"]["std_ratio"] < 0.975
+
+
+@needs_tf
+def test_tf_refusals(manifest, tmp_path, monkeypatch):
+    from privaudit.backends.verify_dp import verify_dp
+
+    with pytest.raises(ConfigError, match="tf backend"):   # no sampler fault at the image level on tf
         verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="double-rate")
-    with pytest.raises(ConfigError, match="privacy_unit 'image'"):
-        verify_dp(manifest, _config(backend="tf", privacy_unit="patient"), tmp_path / "x", gradient_canaries=M)
+    with pytest.raises(ConfigError, match="tf backend"):
+        verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="rank-noise")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):   # as torchrun would set them
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="without torchrun"):   # tf trains in one process
+        verify_dp(manifest, _tf_config(privacy_unit=None), tmp_path / "x", gradient_canaries=M)
     assert not (tmp_path / "x" / "verify.json").exists()
 
 
@@ -299,6 +355,48 @@ def test_rank_noise_under_torchrun_is_a_violation(manifest, tmp_path):
     assert res["tests"]["noise"]["std_ratio"] == pytest.approx(2**-0.5, abs=0.02)
     # the sampler and clipping are right: only the noise is short
     assert 0.6 < res["tests"]["sampling"]["rate_ratio"] < 1.4
+
+
+def test_cli_patient_level_under_torchrun(cohort, tmp_path):
+    """`torchrun -m privaudit.cli verify-dp --privacy-unit patient` with 2 gloo processes: the canary patients are
+    sharded with the real ones (each on one rank, patient_shard), and rank 0 scores the all-reduced noised sums.
+    The correct pipeline exits 0; per-rank noise sigma / 2 (from the environment, as from outside) exits 1."""
+    pytest.importorskip("torch.distributed")
+    scratch, outs = tmp_path / "tmp", tmp_path / "out"   # the processes' scratch (TMPDIR), and --out's parent
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PRIVAUDIT_TEST_FAULT", None)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "privaudit.cli", "verify-dp", "cxr", "--data", str(cohort), "--image-size", "16", "--width", "4",
+            "--epochs", "1", "--batch-size", "16", "--noise-multiplier", "1.0", "--device", "cpu",
+            "--gradient-canaries", "200", "--privacy-unit", "patient", "--quiet"]
+    runs = {}
+    for name, fault in (("ok", None), ("rank-noise", "rank-noise")):
+        proc = subprocess.run([*args, "--out", str(outs / name)], capture_output=True, text=True, timeout=300,
+                              env={**env, "PRIVAUDIT_TEST_FAULT": fault} if fault else env)
+        runs[name] = proc, json.loads((outs / name / "verify.json").read_text())
+    proc, ok = runs["ok"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ok["verdict"] == whitebox.NO_VIOLATION and ok["fired"] == [] and ok["fault"] is None
+    assert ok["run"]["world_size"] == 2
+    assert ok["accountant"]["privacy_unit"] == ok["run"]["privacy_unit"] == "patient"
+    frame = pd.read_csv(cohort, dtype=str)
+    patients = frame.loc[frame["split"] == "train", "patient_id"].nunique()
+    assert ok["accountant"]["n_units"] == patients + ok["canaries"]["n_included"]
+    assert ok["accountant"]["sample_rate"] == pytest.approx(16 / ok["accountant"]["n_units"])
+    # each canary patient drawn on one rank at rate q (twice the hits if both ranks drew it, none if neither), and
+    # the noise of the all-reduced sum the accounted one (8 steps, about 100 excluded canaries: a few % each way)
+    assert 0.93 < ok["tests"]["noise"]["std_ratio"] < 1.07 and 0.5 < ok["tests"]["sampling"]["rate_ratio"] < 1.6
+    assert proc.stdout.count("written to") == 1   # rank 0 alone reports and writes
+    proc, bad = runs["rank-noise"]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert bad["verdict"] == whitebox.VIOLATION and "noise" in bad["fired"] and bad["fault"]["name"] == "rank-noise"
+    assert bad["tests"]["noise"]["std_ratio"] == pytest.approx(2**-0.5, abs=0.05)
+    # rank 0 wrote the two folders; neither rank left its scratch training run behind
+    assert sorted(p.name for p in outs.iterdir()) == ["ok", "rank-noise"]
+    assert sorted(p.name for p in (outs / "ok").iterdir()) == ["verify.json", "verify_scores.csv"]
+    assert not [p for p in scratch.iterdir() if p.name.startswith("privaudit-")]
 
 
 # ---- from the command line ------------------------------------------------------------------------------------

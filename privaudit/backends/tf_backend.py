@@ -546,7 +546,7 @@ class TfBackend:
             else:
                 step = PlainStep(model, optimizer)
             if instrument is not None:
-                instrument.attach(model=model, optimizer=optimizer, step=step, dp=dp)
+                instrument.attach(model=model, optimizer=optimizer, step=step, dp=dp, sampler=sampler)
             history, steps, train_seconds = self._fit(step, x_train=xt, y_train=y_train, x=x, y=y, frame=frame,
                                                       config=config, dp=dp, sample_rate=sample_rate, sampler=sampler,
                                                       steps_per_epoch=steps_per_epoch,

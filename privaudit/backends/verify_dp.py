@@ -39,7 +39,10 @@ backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary 
 by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
 before that sum; the fast engine's canary share is laid on the canaries' patients through the engine's own unit
 index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
-q, sigma, C and steps, as the accountant does.
+q, sigma, C and steps, as the accountant does. Under torchrun each canary patient is dealt to one process by the
+patient shard (``distributed.patient_shard``), like a real patient, and drawn there at the global rate; a
+process whose draw is empty still steps (its forward pass sees no rows). Every process observes the all-reduced
+noised sum; rank 0 scores it. The tf backend's patient-level step is instrumented in ``verify_dp_tf``.
 
 **Faults, for tests only.** ``fault=`` (or the environment variable ``PRIVAUDIT_TEST_FAULT`` when ``fault`` is
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
@@ -186,10 +189,10 @@ class GradientCanaries:
             if not (module.training and torch.is_grad_enabled()) or not args:
                 return
             xb = args[0]
-            flat = xb.detach().reshape(len(xb), -1)
-            if flat.shape[0] == 0:
+            if len(xb) == 0:   # an empty draw (a rank's shard under torchrun often has none): no canary rows
                 self._pending.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
                 return
+            flat = xb.detach().reshape(len(xb), -1)
             rows = torch.nonzero(flat[:, 0] < mark / 2).reshape(-1)
             ids = torch.round(flat[rows, 1] * PIXEL_STD + PIXEL_MEAN).long()
             if self._pending:
@@ -401,9 +404,12 @@ class GradientCanaries:
 def _check(config, gradient_canaries: int, confidence: float) -> None:
     if config.backend not in ("opacus", "tf"):
         raise ConfigError(f"verify-dp runs the opacus and tf backends; --backend {config.backend} is not supported")
-    if config.backend == "tf" and config.privacy_unit == "patient":
-        raise ConfigError("verify-dp tests the tf backend at privacy_unit 'image' so far; use privacy_unit 'image', "
-                          "or the opacus backend for a patient-level pipeline")
+    if config.backend == "tf":
+        from privaudit.backends.distributed import launch_env
+
+        if launch_env() is not None:   # every process would train on its own and write alone
+            raise ConfigError("verify-dp runs the tf backend in one process (it trains on one device); run it "
+                              "without torchrun, or use --backend opacus under torchrun")
     if not config.dp.enabled:
         raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
     if config.dp.noise_multiplier == 0:
@@ -441,7 +447,7 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
 
     ``manifest``: a ``privaudit.data.manifest.Manifest``; ``config``: the ``TrainConfig`` of the pipeline to
     test (DP on, no input-space canaries; opacus with clipping hooks, ew or fast, or tf; the privacy unit as
-    ``train`` resolves it: patient-level on opacus with hooks or fast, image-level on tf). ``seed`` seeds the canaries
+    ``train`` resolves it: patient-level on opacus with hooks or fast and on tf). ``seed`` seeds the canaries
     (inclusion, directions) and the ideal simulation; training uses ``config.seed``. ``fault`` is for tests
     (see the module docstring); None reads ``PRIVAUDIT_TEST_FAULT``. ``progress(message)`` is told each stage.
     Under torchrun every process trains; only rank 0 scores and writes, and the others return
@@ -450,10 +456,6 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     from privaudit.backends import create_backend
 
     _check(config, gradient_canaries, confidence)
-    if config.backend == "tf" and config.privacy_unit is None:   # the unit verify-dp tests on tf (see _check)
-        import dataclasses
-
-        config = dataclasses.replace(config, privacy_unit="image")
     spec = fault if fault is not None else os.environ.get(FAULT_ENV)
     parsed = parse_fault(spec)
     out_dir = Path(out_dir)

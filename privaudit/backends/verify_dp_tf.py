@@ -1,4 +1,4 @@
-"""verify-dp's instrument for the tf backend (``TfBackend.train(instrument=...)``), image-level DP.
+"""verify-dp's instrument for the tf backend (``TfBackend.train(instrument=...)``), image- and patient-level DP.
 
 The same gradient canaries as on the opacus backend (``verify_dp.GradientCanaries``: the same rows, inclusion
 and directions), reaching the tf pipeline at its own per-example gradients:
@@ -10,6 +10,13 @@ and directions), reaching the tf pipeline at its own per-example gradients:
   pixel) gets ``CANARY_NORM * C`` times its direction instead (its own loss gradient is zero: its labels are
   unknown); every other example's gradients pass unchanged. The marker is read from the image in graph, so the
   injection follows the sampler's draw, whatever it is.
+* **Patient-level DP** (``PatientDPStep``): each included canary is a patient of its own, one row with its own
+  unit id (``plan_training`` gives every extra row its own unit), drawn by the patient Poisson sampler at the
+  patient rate q. ``PatientDPStep`` hands each example's gradients to the same ``per_example`` *before* it sums
+  them by patient (``unsorted_segment_sum``) and the query clips each patient's sum, so a canary patient is
+  summed, clipped and noised like any other. A logical step may span several physical batches; the step adds
+  the noise once, after its last one, and the projection below is taken from that one noised sum, the tensor the
+  optimizer applies. Scoring uses the patient-level q, sigma, C and steps of the run, as the accountant does.
 * **Observation.** The optimizer's ``apply_gradients`` is wrapped (before the step is traced): in graph, the
   gradient it is about to apply (TF-Privacy's noised sum, divided by the expected batch size) is multiplied back
   by that constant, projected on every canary's direction in units of C and stored in a variable, which is read
@@ -17,8 +24,10 @@ and directions), reaching the tf pipeline at its own per-example gradients:
 
 **Faults, for tests only** (``verify_dp.parse_fault``): ``no-clipping`` makes the query's ``preprocess_record``
 (the per-example clipping) return the gradients unclipped; ``low-noise:F`` gives ``get_noised_result`` a noise
-standard deviation F sigma C while it keeps reporting the accounted sigma to the accountant. ``double-rate`` and
-``rank-noise`` need a sampler or ranks this harness does not reach on tf and are refused.
+standard deviation F sigma C while it keeps reporting the accounted sigma to the accountant; ``double-rate``
+(patient level only) makes the patient sampler draw at twice the accounted rate. ``rank-noise``, and
+``double-rate`` at the image level (whose Poisson draws happen inside ``poisson_batches``), need ranks or a
+sampler this harness does not reach on tf and are refused.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import numpy as np
 from privaudit.backends.verify_dp import CANARY_NORM, MARK, GradientCanaries
 from privaudit.errors import ConfigError
 
-TF_FAULTS = ("no-clipping", "low-noise")
+TF_FAULTS = ("no-clipping", "low-noise", "double-rate")
 
 
 class TfGradientCanaries(GradientCanaries):
@@ -41,13 +50,23 @@ class TfGradientCanaries(GradientCanaries):
         super().__init__(m, seed=seed, fault=fault)
         self.grad_sample_mode = "tf.vectorized_map"
 
-    def attach(self, *, model, optimizer, step, dp) -> None:
+    def attach(self, *, model, optimizer, step, dp, sampler=None) -> None:
+        """Watch the DP ``step``; ``sampler``: the patient-level run's ``PatientSampler`` (None at the image
+        level), which only the ``double-rate`` fault touches."""
         from privaudit.backends._tf_env import import_tf
         from privaudit.backends.tf_backend import PIXEL_MEAN, PIXEL_STD
+
+        from privaudit.backends.tf_backend import PatientDPStep
 
         tf = import_tf()
         if not dp.enabled or not hasattr(step, "query"):
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
+        self.privacy_unit = "patient" if isinstance(step, PatientDPStep) else "image"
+        if self.fault is not None and self.fault[0] == "double-rate":
+            if sampler is None or self.privacy_unit != "patient":
+                raise ConfigError("fault double-rate on the tf backend needs privacy_unit 'patient' (the image-level "
+                                  "Poisson draws are not reachable); use no-clipping or low-noise")
+            sampler.sample_rate = min(1.0, 2 * sampler.sample_rate)   # the accountant keeps the accounted q
         self.clip_norm = float(dp.max_grad_norm)   # the accounted C
         variables = list(step.variables)
         sizes = [int(np.prod(v.shape)) for v in variables]
@@ -65,6 +84,8 @@ class TfGradientCanaries(GradientCanaries):
         self._pixel = (PIXEL_MEAN, PIXEL_STD)
         self._variables = variables
         self._last = tf.Variable(tf.zeros([self.m], tf.float32), trainable=False, name="verify_dp_projections")
+        # how many times the optimizer applied a gradient: exactly once per DP step, the one projected
+        self._applied = tf.Variable(0, dtype=tf.int64, trainable=False, name="verify_dp_applied")
         self._denominator = float(step.global_state.denominator)   # the expected batch size q N
         self._wrap_optimizer(optimizer)
         self._wrap_step(step)
@@ -104,7 +125,7 @@ class TfGradientCanaries(GradientCanaries):
                 raise RuntimeError("verify-dp expects the DP step to update every trainable variable, in order")
             g = tf.concat([tf.reshape(tf.convert_to_tensor(gr), [-1]) for gr, _ in pairs], axis=0) * factor
             proj = tf.math.unsorted_segment_sum(self._vals_flat * g, self._owner_flat, self.m)
-            with tf.control_dependencies([self._last.assign(proj)]):
+            with tf.control_dependencies([self._last.assign(proj), self._applied.assign_add(1)]):
                 pairs = [(tf.identity(gr), v) for gr, v in pairs]
             return apply(pairs, *args, **kwargs)
 
@@ -114,7 +135,10 @@ class TfGradientCanaries(GradientCanaries):
         apply = step._apply
 
         def observed_step(grad_sum):
+            before = int(self._applied.numpy())
             out = apply(grad_sum)
+            if int(self._applied.numpy()) != before + 1:   # the noised sum read is the one update applied
+                raise RuntimeError("verify-dp expects one optimizer update per DP step, the noised sum it reads")
             self.projections.append(self._last.numpy().copy())
             return out
 

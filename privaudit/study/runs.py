@@ -281,7 +281,10 @@ def verify(config: TrainConfig, data: DataSpec, out: Path, *, gradient_canaries:
         raise ConfigError("verify-dp needs data (a manifest or a dataset folder); make a synthetic cohort with "
                           "'privaudit data synth' first")
     prepared = prepare_data(config.task, data, None)
-    private_mkdir(out)
+    from privaudit.backends.distributed import is_main_process
+
+    if is_main_process():   # under torchrun only rank 0 writes
+        private_mkdir(out)
     return verify_dp(prepared.manifest, config, Path(out), gradient_canaries=gradient_canaries,
                      confidence=confidence, seed=canary_seed,
                      progress=None if quiet else (lambda msg: say(console, quiet, msg)))
