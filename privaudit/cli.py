@@ -6,7 +6,6 @@ Bad input (any :class:`~privaudit.errors.PrivauditError`) prints one line on std
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import functools
 import os
 import re
@@ -23,7 +22,7 @@ from rich.text import Text
 
 from privaudit._console import plain, print_error, safe
 from privaudit._version import __version__
-from privaudit.config import AuditConfig, DPConfig, TrainConfig
+from privaudit.config import AuditConfig, TrainConfig
 from privaudit.errors import PrivauditError
 
 app = typer.Typer(

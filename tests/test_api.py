@@ -147,7 +147,7 @@ def test_cli_names_flags_where_the_library_names_parameters(tmp_path):
 def test_registries_for_attacks_and_executors():
     from privaudit.audit.attacks import create_attack, list_attacks
     from privaudit.errors import RegistryError
-    from privaudit.study.executors import create_executor, list_executors
+    from privaudit.study.executors import list_executors
 
     assert {"loss", "lira", "rmia"} <= set(list_attacks()) and set(list_attacks(trained=True)) == {"lira", "rmia"}
     with pytest.raises(RegistryError, match="valid attacks"):

@@ -9,7 +9,6 @@ the figure data that the audit keeps. Every value taken from data is autoescaped
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 

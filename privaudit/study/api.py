@@ -225,7 +225,7 @@ def attack(name: str, run, *, shadows: int | None = None, references: int | None
     kind = create_attack(name, **({"offline": offline} if name == "lira" else {})).models
     k = shadows if kind == "shadows" else references
     if kind is not None and k is None:
-        raise ConfigError(f"give the number of models: shadows=K for lira, references=K for rmia")
+        raise ConfigError("give the number of models: shadows=K for lira, references=K for rmia")
     if not Path(run).is_dir():
         raise ConfigError(f"{run}: not a run directory")
     console, quiet = _progress(progress)
