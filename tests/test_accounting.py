@@ -135,3 +135,17 @@ def test_the_tf_backend_accounts_through_the_registry():
     assert tf_backend.compute_epsilon("rdp", **{**args, "steps": 0}) == 0.0
     with pytest.raises(ConfigError, match="gdp.*not available in the tf backend"):
         tf_backend.compute_epsilon("gdp", **args)
+
+
+def test_the_pld_noise_search_prints_no_numpy_overflow_warning():
+    """dp_accounting's PLD overflows (a RuntimeWarning on the user's console) when the search tries a sigma far too
+    small for a tiny cohort's high sample rate; the accountant keeps that to itself and still meets the target."""
+    import warnings
+
+    from privaudit.audit.accounting import create_accountant
+
+    acc = create_accountant("dp_accounting_pld")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = acc.noise_multiplier(epsilon=8.0, sample_rate=8 / 46, steps=6, delta=0.01)
+    assert acc.epsilon(noise_multiplier=sigma, sample_rate=8 / 46, steps=6, delta=0.01) <= 8.0

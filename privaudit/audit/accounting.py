@@ -107,13 +107,20 @@ def _quiet_opacus():
 @contextlib.contextmanager
 def _quiet_absl():
     """dp_accounting logs (absl) each RDP order that fails to converge; those orders are dropped from the minimum,
-    which stays a valid bound, so the lines are noise on the user's console."""
+    which stays a valid bound, so the lines are noise on the user's console. Its PLD code also divides by a
+    vanishing probability mass when the noise search tries a sigma far too small (numpy's overflow
+    RuntimeWarning); the epsilon is then infinite, which the search reads as "too little noise", so that warning
+    is noise too. Only dp_accounting's own warnings are silenced."""
+    import warnings
+
     from absl import logging as absl_logging
 
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"dp_accounting(\..*)?$")
+            yield
     finally:
         absl_logging.set_verbosity(verbosity)
 
