@@ -1066,7 +1066,11 @@ def main() -> None:
 
     quiet_process()   # third-party start-up noise (TensorFlow's C++ notices, aif360's optional extras) stays off
     install_signal_handlers()   # SIGTERM (what a scheduler sends) is handled like Ctrl-C: nothing half-written
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:   # a signal that lands after the command's own handler, while typer is exiting
+        err_console.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
