@@ -38,7 +38,9 @@ class TrainingPlan:
     patient_ids: str = "given"  # "derived" when the preset invented them (one per file or case)
     images_left_out: int = 0    # training images that max_images_per_patient left out
     warnings: tuple[str, ...] = ()
-    extra_rows: tuple | None = None   # (images, labels) appended to the training set: verify-dp's gradient canaries
+    # (images, labels) appended to the training set (verify-dp's gradient canaries), as they train: under the image
+    # unit one row per owner when plan_training was given owners
+    extra_rows: tuple | None = None
     physical_batch_size: int = 64     # images per forward/backward pass: config.physical_batch_size, resolved
 
 
@@ -74,7 +76,9 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
 
     ``extra_rows`` = (images, labels) join the training set as ordinary units (each its own patient), counted in
     n_train and n_units (so in delta and the sample rate): ``privaudit verify-dp`` adds its gradient canaries
-    this way."""
+    this way. An optional third array, ``owner`` (one integer a row), groups them: under the patient unit the rows
+    of one owner are one patient (one unit, so one physical batch); under the image unit only each owner's first
+    row trains (the plan's ``extra_rows`` holds the rows kept)."""
     frame = manifest.frame
     train_mask = (frame["split"] == "train").to_numpy()
     pids = frame["patient_id"].astype(str).to_numpy()
@@ -97,11 +101,20 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
     canaries = _make_canaries(config, task, size, len(manifest.labels), unit, several)
     # Included canaries are training samples: their images count in n_train; under the patient unit each included
     # canary patient is one patient (verify-dp's extra rows one each), so the sample rate and delta count them.
+    extra_owner = None
+    if extra_rows is not None and len(extra_rows) > 2:
+        extra_owner = pd.factorize(np.asarray(extra_rows[2]))[0]   # 0 .. owners-1, in order of first row
+        if unit != "patient":   # each row would be a unit of its own: keep one row per owner
+            first = np.unique(extra_owner, return_index=True)[1]
+            extra_rows, extra_owner = (extra_rows[0][first], extra_rows[1][first]), None
+        else:
+            extra_rows = (extra_rows[0], extra_rows[1])
     extra = len(extra_rows[0]) if extra_rows is not None else 0
+    extra_units = int(extra_owner.max(initial=-1)) + 1 if extra_owner is not None else extra
     n_canary_images = int(canaries.included.sum()) if canaries is not None else 0
     n_canary_units = int(canaries.unit_included.sum()) if canaries is not None else 0
     n_train = int(train_mask.sum()) + n_canary_images + extra
-    n_units = len(uniq) + n_canary_units + extra if unit == "patient" else n_train
+    n_units = len(uniq) + n_canary_units + extra_units if unit == "patient" else n_train
     what = "patients" if unit == "patient" else "samples"
     if config.batch_size > n_units:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({n_units} {what}"
@@ -109,7 +122,9 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
                           + "); use a smaller batch size")
     units = None
     canary_sizes = np.bincount(_canary_units(canaries)) if n_canary_images else np.zeros(0, np.int64)
-    physical = physical_batch(config, unit, int(max(counts.max(initial=1), canary_sizes.max(initial=1))))
+    extra_sizes = np.bincount(extra_owner) if extra_owner is not None else np.zeros(0, np.int64)
+    physical = physical_batch(config, unit, int(max(counts.max(initial=1), canary_sizes.max(initial=1),
+                                                    extra_sizes.max(initial=1))))
     if unit == "patient":
         big = int(counts.argmax())
         if counts[big] > physical:
@@ -119,7 +134,7 @@ def plan_training(manifest, config: TrainConfig, task, size: int, *, extra_rows:
                 f"physical_batch_size to {counts.max()} or cap them with max_images_per_patient "
                 f"{config.physical_batch_size}")
         units = np.concatenate([codes, len(uniq) + _canary_units(canaries), len(uniq) + n_canary_units
-                                + np.arange(extra)]).astype(np.int64)
+                                + (np.arange(extra) if extra_owner is None else extra_owner)]).astype(np.int64)
     dp = config.dp.resolve_delta(n_units, what) if config.dp.enabled else config.dp
     sample_rate = config.batch_size / n_units
     if dp.enabled and sample_rate >= 1:

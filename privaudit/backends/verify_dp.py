@@ -69,9 +69,13 @@ from privaudit.audit import whitebox
 from privaudit.errors import ConfigError, OutputExistsError
 
 FAULT_ENV = "PRIVAUDIT_TEST_FAULT"
-FAULTS = ("no-clipping", "low-noise", "double-rate", "rank-noise")
+FAULTS = ("no-clipping", "low-noise", "double-rate", "rank-noise", "per-image-clipping")
 SCHEMA = "privaudit.verify/1"
 CANARY_NORM = 100.0     # the injected per-sample gradient norm, in units of the clipping norm C
+# Rows of one canary patient under patient-level DP: each row carries 1/ROWS_PER_CANARY of the canary's gradient, so
+# a pipeline that clips each image before the per-patient sum lets ROWS_PER_CANARY * C through (one row per canary
+# at the image level)
+ROWS_PER_CANARY = 2
 MARK = -1000.0          # first pixel of a canary row (raw scale; images hold [0, 1])
 MIN_CANARIES = 20
 IDEAL_REPS = 20
@@ -118,18 +122,21 @@ class GradientCanaries:
         self._pending: list = []
         self.rank, self.world_size, self.n_params, self.grad_sample_mode = 0, 1, None, None
         self.privacy_unit = "image"
+        self.rows_per_canary = 1   # rows a canary has in training: ROWS_PER_CANARY under the patient unit (attach)
 
     # ---- before training ----------------------------------------------------------------------------------
-    def rows(self, *, task, size: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
-        """The included canaries' rows (images, labels) for ``plan_training``'s ``extra_rows``."""
-        ids = np.flatnonzero(self.included)
+    def rows(self, *, task, size: int, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The included canaries' rows (images, labels, owner) for ``plan_training``'s ``extra_rows``:
+        ``ROWS_PER_CANARY`` identical rows per canary, its number the owner, so that under the patient unit a
+        canary is one patient of several rows (the plan keeps one row per canary under the image unit)."""
+        ids = np.repeat(np.flatnonzero(self.included), ROWS_PER_CANARY)
         shape = (task.in_channels,) + (size,) * task.spatial_dims
         x = np.zeros((len(ids), *shape), np.float32)
         flat = x.reshape(len(ids), -1)
         flat[:, 0] = MARK
         flat[:, 1] = ids
         y = np.full((len(ids), n_labels), np.nan, np.float32)
-        return x, y
+        return x, y, ids
 
     def directions(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         """The canaries' directions over ``d`` flat parameters: ``(owner, vals)``, canary ``owner[i]``'s direction
@@ -156,8 +163,12 @@ class GradientCanaries:
         from privaudit.backends.opacus_backend import _PatientLoader
 
         self.rank, self.world_size, self.device = ddp.rank, ddp.world_size, ddp.device
-        # patient-level DP: each canary is a patient of its own (one row), drawn by the patient sampler
+        # patient-level DP: each canary is a patient of its own (ROWS_PER_CANARY rows), drawn by the patient sampler
         self.privacy_unit = "patient" if isinstance(loader, _PatientLoader) else "image"
+        self.rows_per_canary = ROWS_PER_CANARY if self.privacy_unit == "patient" else 1
+        if self.fault and self.fault[0] == "per-image-clipping" and self.privacy_unit != "patient":
+            raise ConfigError("fault per-image-clipping needs privacy_unit 'patient' (at the image level it is the "
+                              "correct pipeline)")
         self.optimizer = optimizer
         self.clip_norm = float(optimizer.max_grad_norm)   # the accounted C (a fault may change the optimizer's)
         self.params = list(optimizer.params)
@@ -215,6 +226,8 @@ class GradientCanaries:
                 rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
                 if len(rows):
                     self._inject(rows, ids)
+                if fault == "per-image-clipping":
+                    self._clip_rows()
 
             def queue(grad):
                 Variable._execution_engine.queue_callback(inject_pending)
@@ -237,7 +250,9 @@ class GradientCanaries:
                 rows, ids = self._pending.pop() if self._pending else (np.zeros(0, np.int64), None)
                 if len(rows):
                     self._inject(rows, ids)
-            if fault == "no-clipping":
+            # per-image-clipping (hooks): each image was clipped before the per-patient sum (_clip_rows), which is
+            # then not clipped again; on the fast engine the units are dropped instead (below)
+            if fault == "no-clipping" or (fault == "per-image-clipping" and not fast):
                 c = optimizer.max_grad_norm
                 optimizer.max_grad_norm = float("inf")
                 try:
@@ -262,6 +277,10 @@ class GradientCanaries:
                 return clipped_sum(max_grad_norm)
 
             module.clipped_grad_sum = clipped_grad_sum
+            if fault == "per-image-clipping":
+                set_units = module.set_units
+                # the engine is told no units: it clips every image, and sums the clipped images (patients too)
+                module.set_units = lambda units: set_units(None)
 
         add_noise = optimizer.add_noise
         if fault == "low-noise":
@@ -330,17 +349,30 @@ class GradientCanaries:
 
     # ---- during training ----------------------------------------------------------------------------------
     def _inject(self, rows: np.ndarray, ids: np.ndarray) -> None:
-        """Replace the per-sample gradients of the canary rows by CANARY_NORM * C * their directions."""
+        """Replace the per-sample gradients of the canary rows by CANARY_NORM * C * their directions, divided among
+        the canary's rows (``rows_per_canary``): a canary patient's sum is CANARY_NORM * C along its direction."""
         import torch
 
         with torch.no_grad():
-            vec = self._canary_vectors(ids, self.clip_norm)
+            vec = self._canary_vectors(ids, self.clip_norm) / self.rows_per_canary
             rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
             for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
                 gs = p.grad_sample
                 if not isinstance(gs, torch.Tensor):
                     raise RuntimeError("verify-dp expects one per-sample gradient tensor per parameter and step")
                 gs[rows_t.to(gs.device)] = vec[:, a:b].reshape(len(rows), *p.shape).to(gs.device, gs.dtype)
+
+    def _clip_rows(self) -> None:
+        """Fault per-image-clipping (hooks): clip every row of ``p.grad_sample`` (one image each) to norm C, before
+        the per-patient sum, as a pipeline clipping images while accounting patients would."""
+        import torch
+
+        with torch.no_grad():
+            gs = [p.grad_sample for p in self.params]
+            norms = torch.sqrt(sum(g.reshape(len(g), -1).float().square().sum(dim=1) for g in gs))
+            factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            for p, g in zip(self.params, gs):
+                p.grad_sample = g * factor.to(g.device, g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
     def _fast_terms(self, rows: np.ndarray, ids: np.ndarray, n: int, loss_reduction: str, units=None):
         """The canary rows' share of a fast-engine batch: their squared per-unit norms and their clipped sum.
@@ -351,20 +383,23 @@ class GradientCanaries:
 
         Under patient-level DP (``units``, the batch's ``fastdp.Units``) the engine's norms and clip factors are
         per patient: each canary row's share goes to its patient's entry, looked up in the engine's own unit
-        index, and is summed there with that patient's other terms (a canary patient has this one row, whose own
-        loss gradient is zero), then clipped with the patient's clip factor.
+        index: the patient's rows are summed (their squared norm is the sum's), and that sum joins the patient's
+        other terms (a canary row's own loss gradient is zero), then is clipped with the patient's clip factor.
         """
         import torch
 
         from privaudit.backends.fastdp._layers import LayerTerms
 
         scale = float(n) if loss_reduction == "mean" else 1.0
-        vec = self._canary_vectors(ids, self.clip_norm) / scale
+        vec = self._canary_vectors(ids, self.clip_norm) / (scale * self.rows_per_canary)
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         if units is not None:
-            at = units.index.to(self.device)[rows_t]
+            # a canary patient's rows are summed first: its norm is that of the sum (CANARY_NORM * C), not the root
+            # of its rows' squared norms
+            at, inverse = torch.unique(units.index.to(self.device)[rows_t], return_inverse=True)
+            vec = torch.zeros((len(at), vec.shape[1]), dtype=vec.dtype, device=self.device).index_add_(0, inverse, vec)
             sq = torch.zeros(units.count, dtype=torch.float32, device=self.device)
-            sq.index_add_(0, at, vec.square().sum(dim=1))
+            sq[at] = vec.square().sum(dim=1)
         else:
             at = rows_t
             sq = torch.zeros(n, dtype=torch.float32, device=self.device)
@@ -510,6 +545,9 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
         "canaries": {
             "m": inst.m, "n_included": int(inst.included.sum()), "inclusion_probability": 0.5,
             "seed": seed + SEED_OFFSET, "norm_in_clipping_norms": CANARY_NORM, "n_parameters": inst.n_params,
+            # rows (images) of one canary unit, each with 1/rows_per_canary of its gradient: a canary patient has
+            # ROWS_PER_CANARY, so that clipping images instead of patients lets rows_per_canary * C through
+            "rows_per_canary": inst.rows_per_canary,
             "direction": "random unit vector on a random block of the parameters, one disjoint block per canary",
             "statistic": "sum over steps of log(1 - q + q exp((x - C/2) C / (sigma C)^2)), x the projection of "
                          "the step's noised gradient sum on the canary's direction",

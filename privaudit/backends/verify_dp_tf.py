@@ -10,9 +10,9 @@ and directions), reaching the tf pipeline at its own per-example gradients:
   pixel) gets ``CANARY_NORM * C`` times its direction instead (its own loss gradient is zero: its labels are
   unknown); every other example's gradients pass unchanged. The marker is read from the image in graph, so the
   injection follows the sampler's draw, whatever it is.
-* **Patient-level DP** (``PatientDPStep``): each included canary is a patient of its own, one row with its own
-  unit id (``plan_training`` gives every extra row its own unit), drawn by the patient Poisson sampler at the
-  patient rate q. ``PatientDPStep`` hands each example's gradients to the same ``per_example`` *before* it sums
+* **Patient-level DP** (``PatientDPStep``): each included canary is a patient of its own, ``ROWS_PER_CANARY``
+  rows sharing one unit id (``plan_training``'s extra-row owners), each row carrying 1/ROWS_PER_CANARY of the
+  canary's gradient, drawn by the patient Poisson sampler at the patient rate q. ``PatientDPStep`` hands each example's gradients to the same ``per_example`` *before* it sums
   them by patient (``unsorted_segment_sum``) and the query clips each patient's sum, so a canary patient is
   summed, clipped and noised like any other. A logical step may span several physical batches; the step adds
   the noise once, after its last one, and the projection below is taken from that one noised sum, the tensor the
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from privaudit.backends.verify_dp import CANARY_NORM, MARK, GradientCanaries
+from privaudit.backends.verify_dp import CANARY_NORM, MARK, ROWS_PER_CANARY, GradientCanaries
 from privaudit.errors import ConfigError
 
 TF_FAULTS = ("no-clipping", "low-noise", "double-rate")
@@ -62,6 +62,7 @@ class TfGradientCanaries(GradientCanaries):
         if not dp.enabled or not hasattr(step, "query"):
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
         self.privacy_unit = "patient" if isinstance(step, PatientDPStep) else "image"
+        self.rows_per_canary = ROWS_PER_CANARY if self.privacy_unit == "patient" else 1
         if self.fault is not None and self.fault[0] == "double-rate":
             if sampler is None or self.privacy_unit != "patient":
                 raise ConfigError("fault double-rate on the tf backend needs privacy_unit 'patient' (the image-level "
@@ -105,7 +106,7 @@ class TfGradientCanaries(GradientCanaries):
         mean, std = self._pixel
         is_canary = tf.cast(flat[0] < self._mark / 2, tf.float32)
         cid = tf.clip_by_value(tf.cast(tf.round(flat[channels] * std + mean), tf.int32), 0, self.m - 1)
-        scale = CANARY_NORM * self.clip_norm
+        scale = CANARY_NORM * self.clip_norm / self.rows_per_canary   # a canary patient's rows share its gradient
         out = []
         for g, own, val in zip(grads, self._owner, self._vals):
             vec = tf.where(tf.equal(own, cid), val * scale, tf.zeros_like(val))
