@@ -3,7 +3,7 @@
 Configuration (documented in the README table): the synthetic CXR cohort at 16 px (120 images), resnet9-gn at
 width 4, batch 32, 2 epochs, noise multiplier 1.0 (epsilon about 1.4), 1000 gradient canaries, 99%; at the image
 level (opacus and tf backends) and at the patient level (opacus, hooks and fast clipping; tf, 1 epoch, physical
-batches of 16; each canary a patient). Under torchrun (2 gloo processes): image level with per-rank noise, and a
+batches of 16; each canary a patient of 2 rows). Under torchrun (2 gloo processes): image level with per-rank noise, and a
 small CLI run at the patient level (the 60-image cohort, 200 canaries).
 """
 
@@ -64,6 +64,7 @@ def test_correct_pipeline_passes_and_verify_json_recomputes(manifest, tmp_path):
     acc, tests = res["accountant"], res["tests"]
     assert acc["steps"] > 20 and acc["noise_multiplier"] == 1.0
     assert acc["privacy_unit"] == res["run"]["privacy_unit"] == "image"
+    assert res["canaries"]["rows_per_canary"] == 1   # one image per canary at the image level
     # the canaries are training units: about M/2 of them joined the training images, and the sampler drew them
     assert res["run"]["n_train"] == res["canaries"]["n_included"] + int((manifest.frame["split"] == "train").sum())
     assert acc["sample_rate"] == pytest.approx(1 / np.ceil(res["run"]["n_train"] / 32))
@@ -144,26 +145,55 @@ def test_refusals_are_config_errors(manifest, tmp_path):
         parse_fault("low-noise")
     with pytest.raises(ConfigError, match="torchrun"):   # a per-rank fault needs ranks
         verify_dp(manifest, _config(), tmp_path / "x", gradient_canaries=M, fault="rank-noise")
+    with pytest.raises(ConfigError, match="privacy_unit 'patient'"):   # at the image level it is the correct pipeline
+        verify_dp(manifest, _config(), tmp_path / "x", gradient_canaries=M, fault="per-image-clipping")
     with pytest.raises(ConfigError, match="trainable parameters"):   # one parameter block per canary
         verify_dp(manifest, _config(), tmp_path / "x", gradient_canaries=30000)
     assert not (tmp_path / "x" / "verify.json").exists()
 
 
 # ---- patient-level DP (opacus): each canary is a patient of its own ----------------------------------------------
+def test_plan_groups_extra_rows_by_owner(manifest):
+    """plan_training's extra rows with owners: under the patient unit the rows of one owner are one unit (one
+    patient, counted once in n_units and the sample rate, its rows all in n_train); under the image unit each owner
+    keeps its first row only. Without owners every extra row is its own unit, as before."""
+    from privaudit.backends._plan import plan_training
+    from privaudit.tasks import create_task
+
+    task = create_task("cxr")
+    x = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1) * np.ones((1, 1, 16, 16), np.float32)
+    y = np.full((6, len(manifest.labels)), np.nan, np.float32)
+    owner = np.array([7, 7, 3, 3, 9, 9])
+    train = int((manifest.frame["split"] == "train").sum())
+    patients = _train_patients(manifest)
+    cfg = _config(privacy_unit="patient", batch_size=8)
+    plan = plan_training(manifest, cfg, task, 16, extra_rows=(x, y, owner))
+    assert plan.n_units == patients + 3 and plan.n_train == train + 6
+    assert plan.sample_rate == pytest.approx(8 / (patients + 3))
+    assert len(plan.extra_rows) == 2 and len(plan.extra_rows[0]) == 6
+    tail = plan.units[-6:]
+    assert list(tail - tail.min()) == [0, 0, 1, 1, 2, 2] and tail.min() == plan.units[:-6].max() + 1
+    image = plan_training(manifest, _config(batch_size=8), task, 16, extra_rows=(x, y, owner))
+    assert image.n_units == image.n_train == train + 3 and image.units is None
+    assert list(image.extra_rows[0][:, 0, 0, 0]) == [0, 2, 4]   # each owner's first row
+    single = plan_training(manifest, cfg, task, 16, extra_rows=(x, y))
+    assert single.n_units == patients + 6 and len(np.unique(single.units[-6:])) == 6
+
+
 def _train_patients(manifest) -> int:
     frame = manifest.frame
     return int(frame.loc[frame["split"] == "train", "patient_id"].nunique())
 
 
 def test_patient_unit_canaries_are_patients_clipped_as_patients(manifest, tmp_path, monkeypatch):
-    """Under privacy_unit 'patient' every canary is a patient with one row, drawn by the patient sampler at the
-    patient rate q. In hooks mode the canary row is set before the per-patient sum (a spy on that sum sees rows of
-    norm 100 C); the fast engine takes it in its per-patient book-keeping; both then clip it as a patient, and the
-    two see the same scores. The correct pipeline passes."""
+    """Under privacy_unit 'patient' every canary is a patient with ROWS_PER_CANARY (2) rows, drawn by the patient
+    sampler at the patient rate q. In hooks mode the canary rows are set before the per-patient sum (a spy on that
+    sum sees rows of norm 100 C / 2, in pairs); the fast engine sums them per patient in its book-keeping; both then
+    clip the patient's sum as one, and the two see the same scores. The correct pipeline passes."""
     import torch
 
     from privaudit.backends.fastdp import _opacus
-    from privaudit.backends.verify_dp import verify_dp
+    from privaudit.backends.verify_dp import ROWS_PER_CANARY, verify_dp
 
     big_rows = []
     summed = _opacus.sum_grad_samples
@@ -172,7 +202,7 @@ def test_patient_unit_canaries_are_patients_clipped_as_patients(manifest, tmp_pa
         rows = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in model.parameters()
                 if p.requires_grad and p.grad_sample is not None]
         norms = torch.sqrt(sum(r.square().sum(dim=1) for r in rows))
-        big_rows.append(int(torch.isclose(norms, torch.tensor(100.0), rtol=1e-4).sum()))
+        big_rows.append(int(torch.isclose(norms, torch.tensor(100.0 / ROWS_PER_CANARY), rtol=1e-4).sum()))
         return summed(model, units)
 
     monkeypatch.setattr(_opacus, "sum_grad_samples", spy)
@@ -185,13 +215,19 @@ def test_patient_unit_canaries_are_patients_clipped_as_patients(manifest, tmp_pa
     assert runs["fast"]["verdict"] == whitebox.NO_VIOLATION
     acc, tests = res["accountant"], res["tests"]
     assert acc["privacy_unit"] == res["run"]["privacy_unit"] == "patient"
-    # the units are the training patients plus the included canaries; q and the steps count patients
-    assert acc["n_units"] == _train_patients(manifest) + res["canaries"]["n_included"]
+    # the units are the training patients plus the included canaries (one patient of 2 rows each); q and the
+    # steps count patients, n_train the images
+    n_inc = res["canaries"]["n_included"]
+    assert ROWS_PER_CANARY == res["canaries"]["rows_per_canary"] == runs["fast"]["canaries"]["rows_per_canary"] == 2
+    assert acc["n_units"] == _train_patients(manifest) + n_inc
+    assert res["run"]["n_train"] == int((manifest.frame["split"] == "train").sum()) + 2 * n_inc
     assert acc["sample_rate"] == pytest.approx(32 / acc["n_units"])
     assert acc["steps"] == 2 * math.ceil(acc["n_units"] / 32)
     assert 0.97 < tests["noise"]["std_ratio"] < 1.05 and 0.6 < tests["sampling"]["rate_ratio"] < 1.4
-    # the canary rows held 100 C before the per-patient sum, about n_included * q * steps times over the run
-    expected = res["canaries"]["n_included"] * acc["sample_rate"] * acc["steps"]
+    # the canary rows held 100 C / 2 each before the per-patient sum, 2 rows for each canary patient drawn, about
+    # n_included * q * steps draws over the run
+    assert sum(big_rows) % 2 == 0
+    expected = 2 * n_inc * acc["sample_rate"] * acc["steps"]
     assert 0.7 * expected < sum(big_rows) < 1.3 * expected
     hooks, fast = (pd.read_csv(tmp_path / c / "verify_scores.csv")["score"].to_numpy() for c in ("hooks", "fast"))
     assert np.abs(hooks - fast).max() < 1e-3 * max(1.0, np.abs(hooks).max())
@@ -200,9 +236,12 @@ def test_patient_unit_canaries_are_patients_clipped_as_patients(manifest, tmp_pa
 @pytest.mark.parametrize("clipping", ["hooks", "fast"])
 @pytest.mark.parametrize("fault,fires", [("no-clipping", {"epsilon", "sampling"}),
                                          (f"low-noise:{LOW_NOISE}", {"noise"}),
-                                         ("double-rate", {"sampling"})])
+                                         ("double-rate", {"sampling"}),
+                                         ("per-image-clipping", {"epsilon", "sampling"})])
 def test_each_fault_is_a_violation_at_patient_level(manifest, tmp_path, clipping, fault, fires):
-    """The same faults, the same size, with patients as the unit: double-rate doubles the patient sampler's rate."""
+    """The same faults, the same size, with patients as the unit: double-rate doubles the patient sampler's rate;
+    per-image-clipping clips each image (each of a canary patient's 2 rows) instead of the patient's sum, so a
+    canary patient reaches the noised sum with 2 C: the included canaries' signal is about twice q."""
     from privaudit.backends.verify_dp import verify_dp
 
     res = verify_dp(manifest, _config(privacy_unit="patient", clipping=clipping), tmp_path / "v",
@@ -212,7 +251,7 @@ def test_each_fault_is_a_violation_at_patient_level(manifest, tmp_path, clipping
     tests = res["tests"]
     if fault == "no-clipping":
         assert tests["sampling"]["rate_ratio"] > 50
-    elif fault == "double-rate":
+    elif fault in ("double-rate", "per-image-clipping"):
         assert 1.5 < tests["sampling"]["rate_ratio"] < 2.5
     else:
         assert tests["noise"]["std_ratio"] == pytest.approx(LOW_NOISE, abs=0.01)
@@ -287,6 +326,7 @@ def test_tf_backend_at_patient_level(manifest, tmp_path, monkeypatch, fault, fir
     acc, tests = res["accountant"], res["tests"]
     assert res["run"]["backend"] == "tf" and acc["privacy_unit"] == res["run"]["privacy_unit"] == "patient"
     assert acc["n_units"] == _train_patients(manifest) + res["canaries"]["n_included"]
+    assert res["canaries"]["rows_per_canary"] == 2   # a canary patient's 2 rows share its gradient
     assert acc["sample_rate"] == pytest.approx(32 / acc["n_units"])
     assert acc["steps"] == math.ceil(acc["n_units"] / 32)
     # several physical batches per logical step, yet one noised update per step, each one read by the auditor
@@ -315,6 +355,9 @@ def test_tf_refusals(manifest, tmp_path, monkeypatch):
         verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="double-rate")
     with pytest.raises(ConfigError, match="tf backend"):
         verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="rank-noise")
+    with pytest.raises(ConfigError, match="tf backend"):   # the per-image-clipping fault is opacus-only
+        verify_dp(manifest, _tf_config(privacy_unit=None), tmp_path / "x", gradient_canaries=M,
+                  fault="per-image-clipping")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):   # as torchrun would set them
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="without torchrun"):   # tf trains in one process

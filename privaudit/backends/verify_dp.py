@@ -33,11 +33,13 @@ clipping handles them. Ghost clipping keeps no per-sample state that could take 
 (a canary injected after its clipping would bypass it).
 
 **Patient-level DP** (``privacy_unit="patient"``, hooks or fast clipping): each included canary is a patient of
-its own, one row with its own unit id (``plan_training`` appends one unit per extra row), drawn by the patient
-Poisson sampler at the patient rate q. Its gradient must be set before the per-patient sum: in hooks mode the
+its own, ``ROWS_PER_CANARY`` (2) rows sharing one unit id (``plan_training``'s extra-row owners), drawn by the
+patient Poisson sampler at the patient rate q. Each row carries 1/ROWS_PER_CANARY of the canary's gradient: a
+correct pipeline sums the patient's rows (CANARY_NORM * C along the direction) and clips the sum to C, while one
+that clips each image first lets ROWS_PER_CANARY * C through, which the sampling check and the epsilon see. Its gradient must be set before the per-patient sum: in hooks mode the
 backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary rows of ``p.grad_sample`` are set
 by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
-before that sum; the fast engine's canary share is laid on the canaries' patients through the engine's own unit
+before that sum; the fast engine's canary share is summed per canary patient and laid on it through the engine's own unit
 index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
 q, sigma, C and steps, as the accountant does. Under torchrun each canary patient is dealt to one process by the
 patient shard (``distributed.patient_shard``), like a real patient, and drawn there at the global rate; a
@@ -48,8 +50,11 @@ noised sum; rank 0 scores it. The tf backend's patient-level step is instrumente
 None) breaks the pipeline on purpose, each fault making it less private than its accountant says:
 ``no-clipping`` (per-sample gradients are not clipped), ``low-noise:F`` (noise multiplied by F < 1 while the
 accountant counts the full noise), ``double-rate`` (the sampler draws with twice the accounted sample rate)
-and ``rank-noise`` (under torchrun every process adds its own noise with sigma / world_size, as a naive
-data-parallel port would; the all-reduced sum then holds sigma / sqrt(world_size)). ``verify.json`` names the
+``rank-noise`` (under torchrun every process adds its own noise with sigma / world_size, as a naive
+data-parallel port would; the all-reduced sum then holds sigma / sqrt(world_size)) and ``per-image-clipping``
+(patient level only: each image is clipped to C before the per-patient sum, which is not clipped again, while the
+accountant counts patients; hooks: every row of ``p.grad_sample`` is clipped before ``sum_grad_samples``; fast:
+the engine is given no units, so it clips images). ``verify.json`` names the
 fault, so a faulted result is never mistaken for a real one.
 """
 
