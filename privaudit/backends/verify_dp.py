@@ -36,11 +36,11 @@ clipping handles them. Ghost clipping keeps no per-sample state that could take 
 its own, ``ROWS_PER_CANARY`` (2) rows sharing one unit id (``plan_training``'s extra-row owners), drawn by the
 patient Poisson sampler at the patient rate q. Each row carries 1/ROWS_PER_CANARY of the canary's gradient: a
 correct pipeline sums the patient's rows (CANARY_NORM * C along the direction) and clips the sum to C, while one
-that clips each image first lets ROWS_PER_CANARY * C through, which the sampling check and the epsilon see. Its gradient must be set before the per-patient sum: in hooks mode the
-backward pass is followed at once by ``fastdp.sum_grad_samples``, so the canary rows of ``p.grad_sample`` are set
-by a callback that autograd runs when the backward pass ends (queued from a gradient hook on the model's output),
-before that sum; the fast engine's canary share is summed per canary patient and laid on it through the engine's own unit
-index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
+that clips each image first lets ROWS_PER_CANARY * C through, which the sampling check and the epsilon see. The
+gradient must be set before the per-patient sum: in hooks mode the backward pass is followed at once by
+``fastdp.sum_grad_samples``, so the canary rows of ``p.grad_sample`` are set by a callback that autograd runs when
+the backward pass ends (queued from a gradient hook on the model's output), before that sum; the fast engine's
+canary share is summed per canary patient and laid on it through the engine's own unit index. From there the patient is summed, clipped and noised like any other. Scoring uses the run's patient-level
 q, sigma, C and steps, as the accountant does. Under torchrun each canary patient is dealt to one process by the
 patient shard (``distributed.patient_shard``), like a real patient, and drawn there at the global rate; a
 process whose draw is empty still steps (its forward pass sees no rows). Every process observes the all-reduced
@@ -54,8 +54,8 @@ accountant counts the full noise), ``double-rate`` (the sampler draws with twice
 data-parallel port would; the all-reduced sum then holds sigma / sqrt(world_size)) and ``per-image-clipping``
 (patient level only: each image is clipped to C before the per-patient sum, which is not clipped again, while the
 accountant counts patients; hooks: every row of ``p.grad_sample`` is clipped before ``sum_grad_samples``; fast:
-the engine is given no units, so it clips images). ``verify.json`` names the
-fault, so a faulted result is never mistaken for a real one.
+the engine is given no units, so it clips images). ``verify.json`` names the fault, so a faulted result is never
+mistaken for a real one.
 """
 
 from __future__ import annotations
@@ -374,6 +374,8 @@ class GradientCanaries:
 
         with torch.no_grad():
             gs = [p.grad_sample for p in self.params]
+            if not all(isinstance(g, torch.Tensor) for g in gs) or not len(gs[0]):   # an empty draw: no images
+                return
             norms = torch.sqrt(sum(g.reshape(len(g), -1).float().square().sum(dim=1) for g in gs))
             factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
             for p, g in zip(self.params, gs):
