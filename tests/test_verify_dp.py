@@ -298,7 +298,8 @@ def test_tf_backend_correct_passes_and_faults_are_violations(manifest, tmp_path,
 
 @needs_tf
 @pytest.mark.parametrize("fault,fires", [(None, set()), ("no-clipping", {"epsilon", "sampling"}),
-                                         (f"low-noise:{TF_LOW_NOISE}", {"noise"}), ("double-rate", {"sampling"})])
+                                         (f"low-noise:{TF_LOW_NOISE}", {"noise"}), ("double-rate", {"sampling"}),
+                                         ("per-image-clipping", {"sampling"})])
 def test_tf_backend_at_patient_level(manifest, tmp_path, monkeypatch, fault, fires):
     """The tf backend's patient-level step (PatientDPStep): every canary is a patient of its own, its gradient set
     at the per-example gradients before the per-patient sum, clipped as a patient; the noised sum read where the
@@ -341,7 +342,8 @@ def test_tf_backend_at_patient_level(manifest, tmp_path, monkeypatch, fault, fir
         assert res["verdict"] == whitebox.VIOLATION and res["fault"]["name"] == fault.partition(":")[0]
     if fault == "no-clipping":
         assert tests["sampling"]["rate_ratio"] > 50
-    elif fault == "double-rate":   # the patient sampler drew at 2q; q, steps and the accountant stay
+    elif fault in ("double-rate", "per-image-clipping"):   # the patient sampler drew at 2q; q, steps and the
+        # accountant stay / each of a canary patient's 2 images clipped to C, so 2 C reached the sum
         assert 1.5 < tests["sampling"]["rate_ratio"] < 2.5
     elif fault:
         assert tests["noise"]["std_ratio"] < 0.975
@@ -355,9 +357,8 @@ def test_tf_refusals(manifest, tmp_path, monkeypatch):
         verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="double-rate")
     with pytest.raises(ConfigError, match="tf backend"):
         verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="rank-noise")
-    with pytest.raises(ConfigError, match="tf backend"):   # the per-image-clipping fault is opacus-only
-        verify_dp(manifest, _tf_config(privacy_unit=None), tmp_path / "x", gradient_canaries=M,
-                  fault="per-image-clipping")
+    with pytest.raises(ConfigError, match="privacy_unit 'patient'"):   # at the image level, the correct pipeline
+        verify_dp(manifest, _tf_config(), tmp_path / "x", gradient_canaries=M, fault="per-image-clipping")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):   # as torchrun would set them
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="without torchrun"):   # tf trains in one process

@@ -23,7 +23,9 @@ and directions), reaching the tf pipeline at its own per-example gradients:
   after each step. Scoring is ``whitebox``'s, as on the opacus backend.
 
 **Faults, for tests only** (``verify_dp.parse_fault``): ``no-clipping`` makes the query's ``preprocess_record``
-(the per-example clipping) return the gradients unclipped; ``low-noise:F`` gives ``get_noised_result`` a noise
+(the per-example clipping) return the gradients unclipped; ``per-image-clipping`` (patient level) clips each
+example's gradients to C in ``per_example``, before the per-patient sum, and the query then leaves the patient's
+sum unclipped; ``low-noise:F`` gives ``get_noised_result`` a noise
 standard deviation F sigma C while it keeps reporting the accounted sigma to the accountant; ``double-rate``
 (patient level only) makes the patient sampler draw at twice the accounted rate. ``rank-noise``, and
 ``double-rate`` at the image level (whose Poisson draws happen inside ``poisson_batches``), need ranks or a
@@ -37,7 +39,7 @@ import numpy as np
 from privaudit.backends.verify_dp import CANARY_NORM, MARK, ROWS_PER_CANARY, GradientCanaries
 from privaudit.errors import ConfigError
 
-TF_FAULTS = ("no-clipping", "low-noise", "double-rate")
+TF_FAULTS = ("no-clipping", "low-noise", "double-rate", "per-image-clipping")
 
 
 class TfGradientCanaries(GradientCanaries):
@@ -63,6 +65,9 @@ class TfGradientCanaries(GradientCanaries):
             raise ConfigError("verify-dp tests a DP training run; it needs DP (leave out --no-dp)")
         self.privacy_unit = "patient" if isinstance(step, PatientDPStep) else "image"
         self.rows_per_canary = ROWS_PER_CANARY if self.privacy_unit == "patient" else 1
+        if self.fault is not None and self.fault[0] == "per-image-clipping" and self.privacy_unit != "patient":
+            raise ConfigError("fault per-image-clipping needs privacy_unit 'patient' (at the image level it is the "
+                              "correct pipeline)")
         if self.fault is not None and self.fault[0] == "double-rate":
             if sampler is None or self.privacy_unit != "patient":
                 raise ConfigError("fault double-rate on the tf backend needs privacy_unit 'patient' (the image-level "
@@ -111,6 +116,8 @@ class TfGradientCanaries(GradientCanaries):
         for g, own, val in zip(grads, self._owner, self._vals):
             vec = tf.where(tf.equal(own, cid), val * scale, tf.zeros_like(val))
             out.append(g * (1.0 - is_canary) + vec * is_canary)
+        if self.fault is not None and self.fault[0] == "per-image-clipping":   # each image clipped before the sum
+            out = tf.clip_by_global_norm(out, self.clip_norm)[0]
         return out
 
     def _wrap_optimizer(self, optimizer) -> None:
@@ -150,7 +157,7 @@ class TfGradientCanaries(GradientCanaries):
             return
         query = step.query
         name, factor = self.fault
-        if name == "no-clipping":
+        if name in ("no-clipping", "per-image-clipping"):   # the latter clipped each image in per_example
             query.preprocess_record = lambda params, record: record
         elif name == "low-noise":
             noised = query.get_noised_result
