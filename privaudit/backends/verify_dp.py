@@ -570,14 +570,13 @@ def verify_dp(manifest, config, out_dir, *, gradient_canaries: int = 1000, confi
     }
     import pandas as pd
 
-    from privaudit._fs import private_mkdir
+    from privaudit._fs import atomic_write_csv, private_mkdir
 
     private_mkdir(out_dir)
     table = pd.DataFrame({"canary_id": [f"gcanary{i:05d}" for i in range(inst.m)],
                           "included": inst.included.astype(int), "score": scores})
-    tmp_csv = out_dir / ".verify_scores.csv.tmp"
-    table.to_csv(tmp_csv, index=False, lineterminator="\n", float_format="%.17g")
-    os.replace(tmp_csv, out_dir / "verify_scores.csv")
+    atomic_write_csv(out_dir / "verify_scores.csv", table, mode=None, index=False, lineterminator="\n",
+                     float_format="%.17g")
     write_json(out_dir / "verify.json", result)
     say(f"{result['verdict']}: f-DP empirical epsilon {fdp:.3g} vs the accountant's {eps:.3g}; noise "
         f"{res['tests']['noise']['std_ratio']:.3g} and sample rate {res['tests']['sampling']['rate_ratio']:.3g} "
