@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two xdist workers on two cores: one thread each
 
-TINY = ["--n-samples", "60", "--image-size", "32", "--epochs", "1", "--width", "4", "--batch-size", "4", "--physical-batch-size", "32",
-        "--n-boot", "100", "--quiet"]
+TINY = ["--n-samples", "60", "--image-size", "32", "--epochs", "1", "--width", "4", "--batch-size", "4",
+        "--physical-batch-size", "32", "--n-boot", "100", "--quiet"]
 
 
 def invoke(*args):
@@ -40,4 +40,30 @@ def study(tmp_path_factory) -> Path:
     # a larger cohort than TINY's 60, so that the test split holds both classes of every label
     res = invoke("train-and-audit", "cxr", "--backend", "opacus", *TINY, "--n-samples", "160", "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
+    return out
+
+
+@pytest.fixture(scope="session")
+def patient_cohort(tmp_path_factory) -> Path:
+    """A 120-image synthetic CXR cohort at 16x16 whose patients (re-assigned within each split) have 1 to 6
+    images, about 3 on average; returns its manifest.csv."""
+    import numpy as np
+    import pandas as pd
+
+    from privaudit.data.synth_cxr import synthesize_cxr
+
+    src = synthesize_cxr(tmp_path_factory.mktemp("patient-cohort"), n=120, image_size=16, seed=4)
+    frame = pd.read_csv(src, dtype=str)
+    ids = np.empty(len(frame), dtype=object)
+    cycle = [3, 1, 5, 2, 6, 4, 2, 3]
+    for split in ("train", "val", "test"):
+        rows = np.flatnonzero(frame["split"].to_numpy() == split)
+        start, j = 0, 0
+        while start < len(rows):
+            k = cycle[j % len(cycle)]
+            ids[rows[start:start + k]] = f"{split}-p{j:03d}"
+            start, j = start + k, j + 1
+    frame["patient_id"] = ids
+    out = src.parent / "patients.csv"
+    frame.to_csv(out, index=False)
     return out

@@ -18,7 +18,6 @@ import math
 import types
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -280,30 +279,7 @@ def test_poisson_sampling_of_patients_includes_each_with_probability_q_and_all_i
     assert len(sampler.pack(np.array([], dtype=np.int64))) == 1    # an empty draw is one empty physical batch
 
 
-# ---- a cohort with several images per patient --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory) -> Path:
-    """A 120-image synthetic CXR cohort at 16x16 whose patients (re-assigned within each split) have 1 to 6
-    images, about 3 on average; returns its manifest.csv."""
-    from privaudit.data.synth_cxr import synthesize_cxr
-
-    src = synthesize_cxr(tmp_path_factory.mktemp("multi"), n=120, image_size=16, seed=4)
-    frame = pd.read_csv(src, dtype=str)
-    ids = np.empty(len(frame), dtype=object)
-    cycle = [3, 1, 5, 2, 6, 4, 2, 3]
-    for split in ("train", "val", "test"):
-        rows = np.flatnonzero(frame["split"].to_numpy() == split)
-        start, j = 0, 0
-        while start < len(rows):
-            k = cycle[j % len(cycle)]
-            ids[rows[start:start + k]] = f"{split}-p{j:03d}"
-            start, j = start + k, j + 1
-    frame["patient_id"] = ids
-    out = src.parent / "patients.csv"
-    frame.to_csv(out, index=False)
-    return out
-
-
+# ---- training on a cohort with several images per patient (conftest's patient_cohort) --------------------------
 def _train(manifest_path, tmp_path, **kw):
     dp = DPConfig(**{"epsilon": None, "noise_multiplier": 1.0, "accountant": "rdp", **kw.pop("dp", {})})
     cfg = TrainConfig(**{"width": 4, "image_size": 16, "batch_size": 6, "physical_batch_size": 8, "epochs": 1,
@@ -318,11 +294,11 @@ def _train_patients(path):
     return frame.loc[frame["split"] == "train", "patient_id"]
 
 
-def test_patient_run_counts_patients_and_matches_opacus_accountant(multi, tmp_path):
+def test_patient_run_counts_patients_and_matches_opacus_accountant(patient_cohort, tmp_path):
     from opacus.accountants import create_accountant
 
-    tj, run = _train(multi, tmp_path)
-    pids = _train_patients(multi)
+    tj, run = _train(patient_cohort, tmp_path)
+    pids = _train_patients(patient_cohort)
     n_patients, n_images = pids.nunique(), len(pids)
     assert n_images > n_patients * 2
     q, steps, delta = 6 / n_patients, math.ceil(n_patients / 6), default_delta(n_patients)
@@ -338,16 +314,16 @@ def test_patient_run_counts_patients_and_matches_opacus_accountant(multi, tmp_pa
     assert json.loads((run / "train.json").read_text())["privacy_unit"] == "patient"
 
 
-def test_patient_target_epsilon_is_met_not_exceeded(multi, tmp_path):
-    tj, _ = _train(multi, tmp_path, dp={"noise_multiplier": None, "epsilon": 3.0})
+def test_patient_target_epsilon_is_met_not_exceeded(patient_cohort, tmp_path):
+    tj, _ = _train(patient_cohort, tmp_path, dp={"noise_multiplier": None, "epsilon": 3.0})
     assert tj["privacy_unit"] == "patient" and 2.7 <= tj["epsilon"] <= 3.0 + 1e-6
 
 
-def test_hooks_and_fast_train_the_same_patient_level_model(multi, tmp_path):
+def test_hooks_and_fast_train_the_same_patient_level_model(patient_cohort, tmp_path):
     """Same patient batches, same per-patient clipping and noise draws: the same weights and epsilon."""
     from privaudit.backends.opacus_backend import load_state_dict
 
-    runs = {m: _train(multi, tmp_path, clipping=m, physical_batch_size=7) for m in ("hooks", "fast")}
+    runs = {m: _train(patient_cohort, tmp_path, clipping=m, physical_batch_size=7) for m in ("hooks", "fast")}
     (h, hdir), (f, fdir) = runs["hooks"], runs["fast"]
     assert h["steps"] == f["steps"] > 0 and h["epsilon"] == f["epsilon"]
     a, b = load_state_dict(hdir / "model" / "weights.pt"), load_state_dict(fdir / "model" / "weights.pt")
@@ -355,9 +331,9 @@ def test_hooks_and_fast_train_the_same_patient_level_model(multi, tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
 
 
-def test_image_level_run_reports_group_privacy_and_no_guarantee(multi, tmp_path):
-    tj, _ = _train(multi, tmp_path, privacy_unit="image", dp={"noise_multiplier": 0.4})
-    n_images = len(_train_patients(multi))
+def test_image_level_run_reports_group_privacy_and_no_guarantee(patient_cohort, tmp_path):
+    tj, _ = _train(patient_cohort, tmp_path, privacy_unit="image", dp={"noise_multiplier": 0.4})
+    n_images = len(_train_patients(patient_cohort))
     assert tj["privacy_unit"] == "image" and tj["n_units"] == n_images == tj["n_train"]
     assert tj["sample_rate"] == pytest.approx(6 / n_images, rel=0.2) and tj["delta"] == default_delta(n_images)
     gp = tj["group_privacy"]
@@ -388,33 +364,33 @@ def test_group_privacy_closed_form():
             group_privacy(*bad)
 
 
-def test_cap_is_seeded_model_free_and_recorded(multi, tmp_path):
+def test_cap_is_seeded_model_free_and_recorded(patient_cohort, tmp_path):
     from privaudit.backends._plan import plan_training
 
-    manifest = load_manifest(multi, task=CXR)
+    manifest = load_manifest(patient_cohort, task=CXR)
     cfg = TrainConfig(width=4, image_size=16, batch_size=6, max_images_per_patient=2,
                       dp=DPConfig(epsilon=None, noise_multiplier=1.0))
     plan = plan_training(manifest, cfg, CXR, 16)
     kept = manifest.frame[plan.train_mask]
     assert kept.groupby("patient_id").size().max() == 2 and plan.images_per_patient["max"] == 2
-    sizes = _train_patients(multi).value_counts()
+    sizes = _train_patients(patient_cohort).value_counts()
     assert plan.images_left_out == int((sizes - 2).clip(lower=0).sum()) > 0
     assert plan.n_units == len(sizes)                        # every patient keeps at least one image
     again = plan_training(manifest, cfg, CXR, 16)
     assert np.array_equal(again.train_mask, plan.train_mask)   # fixed before training: same seed, same images
     other = plan_training(manifest, TrainConfig(**{**cfg.to_dict(), "dp": cfg.dp, "seed": 1}), CXR, 16)
     assert not np.array_equal(other.train_mask, plan.train_mask)
-    tj, _ = _train(multi, tmp_path, max_images_per_patient=2)
+    tj, _ = _train(patient_cohort, tmp_path, max_images_per_patient=2)
     assert tj["max_images_per_patient"] == 2 and tj["images_left_out"] == plan.images_left_out
     assert tj["n_train"] == int(plan.train_mask.sum())
 
 
-def test_audit_copies_the_unit_into_the_accountant_block(multi, tmp_path):
+def test_audit_copies_the_unit_into_the_accountant_block(patient_cohort, tmp_path):
     from privaudit.audit.engine import run_audit
     from privaudit.config import AuditConfig
     from privaudit.predictions import read_predictions
 
-    tj, run = _train(multi, tmp_path, privacy_unit="image", dp={"noise_multiplier": 0.4})
+    tj, run = _train(patient_cohort, tmp_path, privacy_unit="image", dp={"noise_multiplier": 0.4})
     rep = run_audit({"private": read_predictions(run / "predictions.csv")}, runs={"private": tj},
                     config=AuditConfig(n_boot=10))
     rep.validate()
@@ -425,13 +401,13 @@ def test_audit_copies_the_unit_into_the_accountant_block(multi, tmp_path):
 
 
 # ---- where patient-level DP does not run, and bad input -------------------------------------------------------
-def test_auto_unit_falls_back_to_image_with_a_warning_where_patient_level_cannot_run(multi, tmp_path):
+def test_auto_unit_falls_back_to_image_with_a_warning_where_patient_level_cannot_run(patient_cohort, tmp_path):
     from privaudit.backends._plan import plan_training
 
-    tj, _ = _train(multi, tmp_path, clipping="ghost")
+    tj, _ = _train(patient_cohort, tmp_path, clipping="ghost")
     assert tj["privacy_unit"] == "image" and tj["group_privacy"] is not None
     assert any("patient-level DP needs a patient's image gradients summed" in w for w in tj["warnings"])
-    plan = plan_training(load_manifest(multi, task=CXR), TrainConfig(backend="tf", batch_size=6), CXR, 16)
+    plan = plan_training(load_manifest(patient_cohort, task=CXR), TrainConfig(backend="tf", batch_size=6), CXR, 16)
     assert plan.privacy_unit == "patient" and plan.warnings == ()   # the tf backend does patient-level DP too
 
 
@@ -461,13 +437,13 @@ def test_bad_unit_options_are_one_line_config_errors(kw, needle):
     ({"batch_size": 500}, "batch_size 500 is larger than the training set"),
     ({"physical_batch_size": 4}, "raise physical_batch_size to 6 or cap them with max_images_per_patient 4"),
 ])
-def test_bad_batches_are_refused_before_anything_is_written(multi, tmp_path, kw, needle):
+def test_bad_batches_are_refused_before_anything_is_written(patient_cohort, tmp_path, kw, needle):
     with pytest.raises(ConfigError) as e:
-        _train(multi, tmp_path, **kw)
+        _train(patient_cohort, tmp_path, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
     if "batch_size" in kw:
-        assert f"({_train_patients(multi).nunique()} patients;" in str(e.value)
+        assert f"({_train_patients(patient_cohort).nunique()} patients;" in str(e.value)
 
 
 def test_msd_case_ids_are_recorded_as_derived(tmp_path):
@@ -496,17 +472,17 @@ def test_msd_case_ids_are_recorded_as_derived(tmp_path):
     (["--max-images-per-patient", "0"], "--max-images-per-patient must be at least 1"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the training set"),
 ])
-def test_cli_bad_unit_options_are_one_line_and_write_nothing(multi, tmp_path, args, needle):
+def test_cli_bad_unit_options_are_one_line_and_write_nothing(patient_cohort, tmp_path, args, needle):
     from conftest import invoke
 
     out = tmp_path / "run"
-    res = invoke("train", "cxr", "--data", multi, "--image-size", "16", "--width", "4", "--epochs", "1", *args,
+    res = invoke("train", "cxr", "--data", patient_cohort, "--image-size", "16", "--width", "4", "--epochs", "1", *args,
                  "--quiet", "--out", out)
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert needle in res.stderr and not out.exists()
 
 
-def test_cli_patient_run_epsilon_is_the_accountant_at_the_patient_rate(multi, tmp_path):
+def test_cli_patient_run_epsilon_is_the_accountant_at_the_patient_rate(patient_cohort, tmp_path):
     import json
 
     from opacus.accountants import RDPAccountant
@@ -514,12 +490,12 @@ def test_cli_patient_run_epsilon_is_the_accountant_at_the_patient_rate(multi, tm
     from conftest import invoke
 
     out = tmp_path / "run"
-    res = invoke("train", "cxr", "--data", multi, "--image-size", "16", "--width", "4", "--epochs", "1",
+    res = invoke("train", "cxr", "--data", patient_cohort, "--image-size", "16", "--width", "4", "--epochs", "1",
                  "--batch-size", "6", "--physical-batch-size", "8", "--noise-multiplier", "1.0", "--accountant", "rdp",
                  "--privacy-unit", "patient", "--quiet", "--out", out)
     assert res.exit_code == 0, res.stderr
     tj = json.loads((out / "train.json").read_text())
-    n_patients = _train_patients(multi).nunique()
+    n_patients = _train_patients(patient_cohort).nunique()
     assert tj["privacy_unit"] == "patient" and tj["n_units"] == n_patients
     assert tj["sample_rate"] == pytest.approx(6 / n_patients)
     acc = RDPAccountant()

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import math
 import types
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -212,35 +211,13 @@ def test_pipeline_draws_each_patient_with_probability_q_with_all_its_images_as_o
     assert stats.chi2.sf(chi2, df=40) > 0.01, chi2
 
 
-# ---- runs ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def multi(tmp_path_factory) -> Path:
-    """A 120-image synthetic CXR cohort at 16x16 whose patients have 1 to 6 images (about 3); its manifest."""
-    from privaudit.data.synth_cxr import synthesize_cxr
-
-    src = synthesize_cxr(tmp_path_factory.mktemp("multi"), n=120, image_size=16, seed=4)
-    frame = pd.read_csv(src, dtype=str)
-    ids = np.empty(len(frame), dtype=object)
-    cycle = [3, 1, 5, 2, 6, 4, 2, 3]
-    for split in ("train", "val", "test"):
-        rows = np.flatnonzero(frame["split"].to_numpy() == split)
-        start, j = 0, 0
-        while start < len(rows):
-            k = cycle[j % len(cycle)]
-            ids[rows[start:start + k]] = f"{split}-p{j:03d}"
-            start, j = start + k, j + 1
-    frame["patient_id"] = ids
-    out = src.parent / "patients.csv"
-    frame.to_csv(out, index=False)
-    return out
-
-
+# ---- runs (on conftest's patient_cohort) --------------------------------------------------------------------------
 def _train_patients(path) -> pd.Series:
     frame = pd.read_csv(path, dtype=str)
     return frame.loc[frame["split"] == "train", "patient_id"]
 
 
-def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi, tmp_path):
+def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, patient_cohort, tmp_path):
     """One tiny CLI run (the default accountant, a target epsilon): its epsilon recomputed at the patient rate
     from the data, and its train.json against an opacus patient-level run's on the same cohort."""
     from conftest import invoke
@@ -250,12 +227,12 @@ def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi,
     from privaudit.backends.tf_backend import compute_epsilon
 
     out = tmp_path / "run"
-    res = invoke("train", "cxr", "--backend", "tf", "--data", multi, "--image-size", "16", "--width", "4",
+    res = invoke("train", "cxr", "--backend", "tf", "--data", patient_cohort, "--image-size", "16", "--width", "4",
                  "--epochs", "1", "--batch-size", "6", "--physical-batch-size", "8", "--privacy-unit", "patient",
                  "--quiet", "--out", out)
     assert res.exit_code == 0, res.output + (res.stderr or "")
     tj = json.loads((out / "train.json").read_text())
-    pids = _train_patients(multi)
+    pids = _train_patients(patient_cohort)
     n_patients, n_images = pids.nunique(), len(pids)
     q, steps, delta = 6 / n_patients, math.ceil(n_patients / 6), default_delta(n_patients)
     assert tj["privacy_unit"] == tj["privacy"]["privacy_unit"] == "patient" and tj["backend"] == "tf"
@@ -275,7 +252,7 @@ def test_cli_tf_patient_run_accounts_patients_with_the_opacus_records(tf, multi,
     # the opacus backend's patient-level run: the same records (tf has a few more), the same accounting inputs
     cfg = TrainConfig(width=4, image_size=16, batch_size=6, physical_batch_size=8, epochs=1,
                       dp=DPConfig(epsilon=None, noise_multiplier=1.0))
-    op = create_backend("opacus").train(load_manifest(multi, task=CXR), cfg, tmp_path / "op", quiet=True)
+    op = create_backend("opacus").train(load_manifest(patient_cohort, task=CXR), cfg, tmp_path / "op", quiet=True)
     assert set(op) <= set(tj) and set(op["privacy"]) <= set(tj["privacy"])
     for k in ("privacy_unit", "n_units", "sample_rate", "steps", "delta", "images_per_patient", "unit_gradient",
               "group_privacy", "n_train", "patient_ids", "max_images_per_patient", "images_left_out"):
